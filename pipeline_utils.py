@@ -1,0 +1,96 @@
+"""Small helpers every stage shares: one-line errors, atomic writes, JSON, checksums.
+
+Not a stage of its own; the six scripts import it. Nothing here touches TensorFlow.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+
+class PipelineError(Exception):
+    """A user-facing error: the message is one line saying what went wrong and where."""
+
+
+def run_cli(main_fn, argv=None):
+    """Run a script's main(); turn user errors into one `error: ...` line and a non-zero exit.
+
+    Exit codes: what main returns (0 = success), 1 for a PipelineError or a missing file,
+    130 for Ctrl-C (the shell's convention for SIGINT). Programming errors still show their
+    traceback, because hiding those would hide bugs.
+    """
+    try:
+        return main_fn(argv)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"error: file not found ({exc.filename or exc})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished work was kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w", **open_kwargs):
+    """Open `path` for writing so that readers only ever see the old or the complete new file.
+
+    Writes go to a temporary file beside it (same filesystem, so the rename is atomic), which
+    replaces `path` only when the block finishes without an exception; on any error or Ctrl-C
+    the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+        open_kwargs.setdefault("newline", "\n")
+    try:
+        with open(tmp, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj):
+    """Write `obj` as indented, key-sorted JSON, atomically (diff-friendly, human-readable)."""
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True, ensure_ascii=False)
+        handle.write("\n")
+
+
+def read_json(path):
+    """Read a JSON file; a missing or malformed file is a one-line PipelineError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"missing file {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc})") from None
+
+
+def sha256_file(path, chunk_bytes=1 << 20):
+    """Hex SHA-256 of a file, read in 1 MiB chunks so large files do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_settings(path, args, **extra):
+    """Save a run's final settings (argparse values plus anything derived) beside its outputs."""
+    settings = {key: (str(value) if isinstance(value, Path) else value)
+                for key, value in vars(args).items()}
+    settings.update(extra)
+    write_json(path, settings)
