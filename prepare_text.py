@@ -1,7 +1,7 @@
 """Stage 3: clean the Flickr8k captions, build the vocabulary, splits and startseq/endseq sequences.
 
 Usage:
-    python prepare_text.py --text-dir ../shared/flickr8k/Flickr8k_text --output-dir data/
+    python prepare_text.py --text-dir data/flickr8k/Flickr8k_text --output-dir data/
     python prepare_text.py --text-dir DIR --output-dir /tmp/x --cleaning tutorial   # 7579 / 34
     python prepare_text.py --text-dir DIR --cleaning default --min-count 5 --oov unk
 
@@ -66,7 +66,7 @@ from pipeline_utils import (PipelineError, atomic_write, read_json, run_cli, sha
                             write_json)
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
-TEXT_DIR = "../shared/flickr8k/Flickr8k_text"
+TEXT_DIR = "data/flickr8k/Flickr8k_text"        # where download_flickr8k.py unpacks it
 OUTPUT_DIR = "data"
 CLEANING = "default"                        # default | tutorial
 MIN_COUNT = {"default": 5, "tutorial": 1}   # per cleaning mode, unless --min-count is given
