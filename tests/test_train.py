@@ -1,0 +1,255 @@
+"""Tests for train.py on tiny fixtures (a dozen images with random features, a 20-word vocabulary).
+
+The whole file runs in well under 90 s on a 2-core CPU: models are 8 units wide and every run
+is one or two epochs over ~60 captions.
+"""
+import csv
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+import train
+from pipeline_utils import PipelineError, run_cli, sha256_file, write_json
+
+WORDS = "a dog cat runs sits on the grass red ball man rides bike in water jumps over".split()
+TINY = ["--embed-dim", "8", "--units", "8", "--batch-size", "4", "--verbose", "0", "--seed", "3"]
+
+
+def make_fixture(root, n_train=10, n_dev=3, n_test=2, dim=6, seed=0):
+    """Contract-format data folder + features pickle. Returns (features_path, data_dir)."""
+    rng = np.random.default_rng(seed)
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    ids = [f"img{i:03d}" for i in range(n_train + n_dev + n_test)]
+    splits = {"train": ids[:n_train], "dev": ids[n_train:n_train + n_dev], "test": ids[n_train + n_dev:]}
+    with open(data / "descriptions.txt", "w", encoding="utf-8") as handle:
+        for image_id in ids:
+            for _ in range(5):
+                n = int(rng.integers(2, 9))
+                handle.write(image_id + " " + " ".join(rng.choice(WORDS, n)) + "\n")
+    vocab = ["startseq", "endseq", "<unk>"] + WORDS
+    write_json(data / "tokenizer.json", {"word_index": {w: i + 1 for i, w in enumerate(vocab)},
+                                         "oov_token": "<unk>", "start_token": "startseq",
+                                         "end_token": "endseq", "pad_id": 0})
+    write_json(data / "splits.json", splits)
+    write_json(data / "meta.json", {"vocab_size": len(vocab) + 1, "max_length": 10,
+                                    "start_token": "startseq", "end_token": "endseq", "pad_id": 0,
+                                    "oov_token": "<unk>", "tokenizer_sha256": sha256_file(data / "tokenizer.json")})
+    # float16, some (1, D) and some (D,): both layouts load_features accepts
+    features = {i: rng.normal(size=(1, dim) if k % 2 else (dim,)).astype(np.float16) for k, i in enumerate(ids)}
+    path = root / "features.pkl"
+    with open(path, "wb") as handle:
+        pickle.dump(features, handle)
+    return path, data
+
+
+def run(root, *extra, name="run"):
+    features, data = root / "features.pkl", root / "data"
+    return train.main(["--features", str(features), "--data-dir", str(data),
+                       "--output-dir", str(root / "models"), "--name", name, *TINY, *extra])
+
+
+@pytest.fixture()
+def fixture_dir(tmp_path):
+    make_fixture(tmp_path)
+    return tmp_path
+
+
+def tiny_examples(n=6, seed=1):
+    rng = np.random.default_rng(seed)
+    examples = [(i % 3, np.array([1] + list(rng.integers(4, 20, int(rng.integers(1, 8)))) + [2], np.int32))
+                for i in range(n)]
+    return examples, rng.normal(size=(3, 5)).astype(np.float32)
+
+
+def test_build_model_names_shapes_and_variable_length():
+    merge = train.build_model("merge", 5, 20, 10, embed_dim=8, units=8)
+    names = {layer.name for layer in merge.layers}
+    assert {"image_input", "caption_input", "image_dropout", "image_dense", "embedding", "embed_dropout",
+            "lstm", "image_expand", "add", "decoder_dense", "output"} <= names
+    x = {"image_input": np.zeros((2, 5), np.float32), "caption_input": np.ones((2, 7), np.int32)}
+    probs = np.asarray(merge(x))
+    assert probs.shape == (2, 7, 20)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    x["caption_input"] = np.ones((2, 3), np.int32)          # any length: batches are trimmed
+    assert np.asarray(merge(x)).shape == (2, 3, 20)
+    inject = train.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
+    assert "add" not in {layer.name for layer in inject.layers}
+    pairs = train.build_model("merge", 5, 20, 10, embed_dim=8, units=8, mode="pairs")
+    assert pairs.output.shape == (None, 20)
+    with pytest.raises(PipelineError):
+        train.build_model("transformer", 5, 20, 10)
+
+
+def test_inject_uses_image_as_initial_state():
+    model = train.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
+    image = np.random.default_rng(0).normal(size=(1, 5)).astype(np.float32)
+    tokens = np.array([[1, 5, 6]], np.int32)
+    # the LSTM's first output with h0 = c0 = image_dense(image), computed by hand
+    h0 = np.maximum(image @ model.get_layer("image_dense").get_weights()[0]
+                    + model.get_layer("image_dense").get_weights()[1], 0)
+    kernel, recurrent, bias = model.get_layer("lstm").get_weights()
+    z = model.get_layer("embedding").get_weights()[0][1] @ kernel + h0 @ recurrent + bias
+    i, f, g, o = np.split(z[0], 4)
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    h1 = sig(o) * np.tanh(sig(f) * h0[0] + sig(i) * np.tanh(g))
+    import keras
+    lstm_out = keras.Model(model.inputs, model.get_layer("lstm").output)(
+        {"image_input": image, "caption_input": tokens})
+    np.testing.assert_allclose(np.asarray(lstm_out)[0, 0], h1, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["merge", "inject"])
+def test_sequence_and_pairs_modes_compute_the_same_loss(variant):
+    examples, features = tiny_examples()
+    config = {"variant": variant, "feature_dim": 5, "vocab_size": 20, "max_length": 10,
+              "embed_dim": 8, "units": 8, "dropout": 0.5}
+    seq = train.build_model(variant, 5, 20, 10, 8, 8, 0.5, "sequence")
+    train.compile_model(seq)
+    pairs = train.rebuild_for_mode(seq, config, "pairs")
+    train.compile_model(pairs)
+    everything = np.arange(len(examples))
+    x_seq, y_seq = train.sequence_batch(examples, everything, features)       # post-padded
+    x_pairs, y_pairs = train.pair_batch(examples, everything, features, 10)   # pre-padded prefixes
+    n_words = sum(len(ids) - 1 for _, ids in examples)
+    assert y_pairs.shape == (n_words,) and (y_seq > 0).sum() == n_words
+    # evaluate() runs without dropout; one batch each, so the loss is the mean over all words
+    loss_seq = seq.evaluate(x_seq, y_seq, batch_size=len(examples), verbose=0)
+    loss_pairs = pairs.evaluate(x_pairs, y_pairs, batch_size=n_words, verbose=0)
+    probs = np.asarray(seq.predict(x_seq, verbose=0))
+    by_hand = -np.mean(np.log(np.take_along_axis(probs, y_seq[..., None], -1)[..., 0][y_seq > 0]))
+    assert loss_seq == pytest.approx(by_hand, rel=1e-5)
+    assert loss_pairs == pytest.approx(loss_seq, rel=1e-5)
+    assert 2.0 < loss_seq < 4.0   # ~log(20) for an untrained model: a real number was compared
+    # padding does not change the loss: add 5 empty columns
+    x_wide = dict(x_seq, caption_input=np.pad(x_seq["caption_input"], ((0, 0), (0, 5))))
+    loss_wide = seq.evaluate(x_wide, np.pad(y_seq, ((0, 0), (0, 5))), batch_size=len(examples), verbose=0)
+    assert loss_wide == pytest.approx(loss_seq, rel=1e-5)
+
+
+def test_plan_batches_buckets_and_covers_every_caption_once():
+    lengths = np.random.default_rng(0).integers(3, 30, 500)
+    batches = train.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(500))
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    shuffled = np.random.default_rng(1).permutation(500)
+    padded_random = sum(16 * lengths[shuffled[i:i + 16]].max() for i in range(0, 500, 16))
+    assert padded < 0.75 * padded_random          # bucketing removes most of the padding
+    again = train.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    assert all((a == b).all() for a, b in zip(batches, again))
+    ordered = train.plan_batches(lengths, 16)
+    assert lengths[np.concatenate(ordered)].tolist() == sorted(lengths.tolist())
+
+
+def test_sequence_batch_is_trimmed_and_shifted():
+    examples = [(0, np.array([1, 5, 6, 2], np.int32)), (1, np.array([1, 7, 2], np.int32))]
+    x, y = train.sequence_batch(examples, [0, 1], np.eye(2, dtype=np.float32))
+    assert x["caption_input"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert y.tolist() == [[5, 6, 2], [7, 2, 0]]
+    assert x["image_input"].tolist() == [[1, 0], [0, 1]]
+    xp, yp = train.pair_batch(examples, [1], np.eye(2, dtype=np.float32), 4)
+    assert xp["caption_input"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 7]] and yp.tolist() == [7, 2]
+
+
+def test_run_folder_same_seed_same_weights_resume_and_load_captioner(fixture_dir):
+    import keras
+    assert run(fixture_dir, "--epochs", "1", name="a") == 0
+    assert run(fixture_dir, "--epochs", "1", name="b") == 0
+    folder = fixture_dir / "models" / "a"
+    a = keras.models.load_model(folder / "last.keras", compile=False).get_weights()
+    b = keras.models.load_model(fixture_dir / "models" / "b" / "last.keras", compile=False).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))      # same seed, same weights
+    # rerunning with more epochs resumes run "a" from its last checkpoint
+    assert run(fixture_dir, "--epochs", "2", name="a") == 0
+    state = json.loads((folder / "state.json").read_text())
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    resumed = keras.models.load_model(folder / "last.keras", compile=False).get_weights()
+    assert not all(np.array_equal(x, y) for x, y in zip(a, resumed))
+    for name in ("model.keras", "last.keras", "state.json", "history.csv", "loss.png", "settings.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((folder / "model.json").read_text())
+    assert config["feature_dim"] == 6 and config["vocab_size"] == 21 and config["max_length"] == 10
+    assert config["epochs_trained"] == 2 and config["variant"] == "merge" and config["mode"] == "sequence"
+    assert config["start_id"] == 1 and config["end_id"] == 2
+    rows = list(csv.DictReader(open(folder / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert config["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows), rel=1e-4)
+    # a third rerun has nothing to do; a changed setting is refused instead of mixing runs
+    assert run(fixture_dir, "--epochs", "2", name="a") == 0
+    assert json.loads((folder / "state.json").read_text()) == state
+    with pytest.raises(PipelineError, match="another units"):
+        train.main(["--features", str(fixture_dir / "features.pkl"), "--data-dir", str(fixture_dir / "data"),
+                    "--output-dir", str(fixture_dir / "models"), "--name", "a", "--units", "16",
+                    "--embed-dim", "8", "--batch-size", "4", "--verbose", "0", "--seed", "3"])
+    # the decoder's loader: checks the vocabulary by checksum
+    model, loaded = train.load_captioner(folder, fixture_dir / "data")
+    assert loaded == config and model.get_layer("output").output.shape[-1] == 21
+    tok = json.loads((fixture_dir / "data" / "tokenizer.json").read_text())
+    tok["word_index"]["dog"], tok["word_index"]["cat"] = tok["word_index"]["cat"], tok["word_index"]["dog"]
+    other = fixture_dir / "other_tokenizer.json"
+    other.write_text(json.dumps(tok))
+    with pytest.raises(PipelineError, match="not the one"):
+        train.load_captioner(folder, other)
+
+
+def test_missing_features_reported_and_thresholded(fixture_dir, capsys):
+    path = fixture_dir / "features.pkl"
+    features = pickle.loads(path.read_bytes())
+    del features["img001"]                                  # 1 of 13 train+dev images
+    path.write_bytes(pickle.dumps(features))
+    with pytest.raises(PipelineError, match="1 of 13 split images have no features"):
+        run(fixture_dir, "--epochs", "1")
+    args = train.parse_args(["--features", str(path), "--data-dir", str(fixture_dir / "data"),
+                             "--max-missing", "0.1"])
+    matrix, examples, dev, config = train.prepare_inputs(args)       # continues, without img001
+    assert "1 of 13 train/dev images have no features" in capsys.readouterr().err
+    assert matrix.shape == (12, 6) and len(examples) == 45 and len(dev) == 15
+    with pytest.raises(PipelineError, match="no features"):
+        run(fixture_dir, "--epochs", "1", "--max-missing", "0.1", "--fail-on-missing")
+
+
+@pytest.mark.parametrize("bad", ["ragged", "matrix"])
+def test_bad_feature_shapes_are_one_line_errors(fixture_dir, bad, capsys):
+    path = fixture_dir / "features.pkl"
+    features = pickle.loads(path.read_bytes())
+    features["img004"] = np.zeros(7 if bad == "ragged" else (2, 6), np.float32)
+    path.write_bytes(pickle.dumps(features))
+    argv = ["--features", str(path), "--data-dir", str(fixture_dir / "data"),
+            "--output-dir", str(fixture_dir / "models"), *TINY]
+    assert run_cli(train.main, argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and ("ragged" in err or "shape" in err)
+    assert not (fixture_dir / "models").exists()            # nothing half-written
+
+
+def test_tokenizer_not_matching_meta_is_an_error(fixture_dir, capsys):
+    tok_path = fixture_dir / "data" / "tokenizer.json"
+    tok = json.loads(tok_path.read_text())
+    tok["word_index"]["zebra"] = 21
+    tok_path.write_text(json.dumps(tok))
+    argv = ["--features", str(fixture_dir / "features.pkl"), "--data-dir", str(fixture_dir / "data"),
+            "--output-dir", str(fixture_dir / "models"), *TINY]
+    assert run_cli(train.main, argv) == 1
+    assert "tokenizer" in capsys.readouterr().err
+    # consistent checksum but vocab_size disagreeing with the ids: caught by train.py itself
+    meta = json.loads((fixture_dir / "data" / "meta.json").read_text())
+    meta["tokenizer_sha256"] = sha256_file(tok_path)
+    write_json(fixture_dir / "data" / "meta.json", meta)
+    with pytest.raises(PipelineError, match="vocab_size"):
+        train.main(argv)
+
+
+def test_cross_validation_writes_table(fixture_dir, capsys):
+    assert run(fixture_dir, "--cv", "2", "--variants", "merge,inject", "--cv-epochs", "1", name="cv") == 0
+    rows = list(csv.DictReader(open(fixture_dir / "models" / "cv" / "cv.csv")))
+    assert [(r["variant"], r["fold"]) for r in rows] == [
+        ("merge", "0"), ("merge", "1"), ("inject", "0"), ("inject", "1"),
+        ("merge", "mean"), ("merge", "std"), ("inject", "mean"), ("inject", "std")]
+    merge_losses = [float(r["val_loss"]) for r in rows[:2]]
+    assert float(rows[4]["val_loss"]) == pytest.approx(np.mean(merge_losses), rel=1e-4)
+    assert all(2.0 < v < 4.0 for v in merge_losses)
+    assert "±" in capsys.readouterr().out
