@@ -1,0 +1,157 @@
+"""Benchmark of extract_features.py against the course's per-image loop and the compute ceiling.
+
+Usage (from the repo root):
+    python benchmarks/bench_extract.py                       # 256 shared images, batch 32
+    python benchmarks/bench_extract.py --images DIR --n-images 128 --rounds 4 --compare-calls
+
+Measures, on the same images and the same (random, seeded) VGG16 fc2 weights:
+  (a) per_image: the course notes' way: keras.utils.load_img + img_to_array + preprocess_input,
+      then model.predict on a batch of one, image after image;
+  (b) ours: extract_features.extract (threaded decoding overlapped with batched forward passes);
+  (c) ceiling: the same forward pass in a tight loop on already-decoded tensors at our batch size.
+The images are split into --rounds chunks and the three methods take turns on each chunk, so a
+machine shared with other jobs slows all three alike and the ratios stay meaningful.
+Prints a table; the last line is
+    speedup_vs_per_image: <b/a>  fraction_of_compute_ceiling: <b/c>
+Reads the images only; writes nothing.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are top-level modules
+
+import numpy as np  # noqa: E402
+
+import extract_features  # noqa: E402
+from pipeline_utils import PipelineError, run_cli  # noqa: E402
+
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
+N_IMAGES = 256
+ROUNDS = 4              # chunks; the three methods alternate chunk by chunk
+BATCH_SIZE = extract_features.BATCH_SIZE
+WORKERS = extract_features.WORKERS
+SEED = 0
+
+
+def per_image(model, paths):
+    """(a) the course notes' loop: one load_img and one model.predict per image."""
+    import keras
+    from keras.applications.vgg16 import preprocess_input
+    from vgg16_build import IMAGE_SIZE
+    features = {}
+    for path in paths:
+        image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=IMAGE_SIZE))
+        image = preprocess_input(image.reshape((1, *image.shape)))
+        features[path.stem] = model.predict(image, verbose=0)
+    return features
+
+
+def ours(model, paths, batch_size, workers):
+    """(b) extract_features.extract, exactly as the CLI runs it (without the progress bar)."""
+    features, failures = extract_features.extract(model, paths, batch_size=batch_size,
+                                                  workers=workers)
+    return features
+
+
+def ceiling(predict, tensors, batch_size):
+    """(c) forward passes only, on tensors decoded beforehand, in full batches of batch_size."""
+    for start in range(0, len(tensors), batch_size):
+        batch = tensors[start:start + batch_size]
+        if len(batch) < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
+                                                    batch.dtype)])
+        predict(batch)
+
+
+def call_variants(model):
+    """The ways to run one batch through a Keras model, for --compare-calls."""
+    import tensorflow as tf
+    graph = tf.function(lambda x: model(x, training=False))
+    jit = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    return {
+        "model(x) [ours]": extract_features.make_predict_fn(model),
+        "predict_on_batch": model.predict_on_batch,
+        "tf.function": lambda x: graph(x).numpy(),
+        "tf.function jit": lambda x: jit(x).numpy(),
+    }
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--images", default=str(IMAGES), help="folder of images")
+    parser.add_argument("--n-images", type=int, default=N_IMAGES, help="images to time (first N)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating chunks")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="ours and ceiling")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="decoding threads (ours)")
+    parser.add_argument("--intra-op", type=int, default=0, help="TF intra-op threads (0 = TF default)")
+    parser.add_argument("--inter-op", type=int, default=0, help="TF inter-op threads (0 = TF default)")
+    parser.add_argument("--compare-calls", action="store_true",
+                        help="also time model(x), predict_on_batch, tf.function and jit")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+    if args.intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
+    if args.inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+    from vgg16_build import build_feature_extractor
+
+    paths = extract_features.list_images(args.images)[:args.n_images]
+    if len(paths) < args.rounds:
+        raise PipelineError(f"need at least {args.rounds} images in {args.images}")
+    model = build_feature_extractor(weights=None, seed=SEED, quiet=True)
+    chunks = np.array_split(np.arange(len(paths)), args.rounds)
+    tensors = np.stack([extract_features.load_image(p) for p in paths])  # (c)'s input
+    variants = call_variants(model) if args.compare_calls else {}
+
+    # warm-up: each method once on a few images, so tracing is not timed
+    warm = paths[:min(args.batch_size, len(paths))]
+    per_image(model, warm[:2]), ours(model, warm, args.batch_size, args.workers)
+    predict = extract_features.make_predict_fn(model)
+    ceiling(predict, tensors[:args.batch_size], args.batch_size)
+    for fn in variants.values():
+        ceiling(fn, tensors[:args.batch_size], args.batch_size)
+
+    seconds = {"a": 0.0, "b": 0.0, "c": 0.0, **{name: 0.0 for name in variants}}
+    for index, chunk in enumerate(chunks, 1):
+        chunk_paths = [paths[i] for i in chunk]
+        seconds["a"] += timed(per_image, model, chunk_paths)
+        seconds["b"] += timed(ours, model, chunk_paths, args.batch_size, args.workers)
+        seconds["c"] += timed(ceiling, predict, tensors[chunk], args.batch_size)
+        for name, fn in variants.items():
+            seconds[name] += timed(ceiling, fn, tensors[chunk], args.batch_size)
+        print(f"round {index}/{args.rounds}: {len(chunk)} images", file=sys.stderr)
+
+    n = len(paths)
+    rate = {key: n / value for key, value in seconds.items()}
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, TF {tf.__version__}; {n} images from {args.images}; "
+          f"batch {args.batch_size}, {args.workers} decode threads, {args.rounds} rounds")
+    print("| method | seconds | img/s |")
+    print("| --- | ---: | ---: |")
+    labels = {"a": "(a) per-image load + model.predict(batch of 1)",
+              "b": f"(b) ours: extract(), batch {args.batch_size}",
+              "c": f"(c) compute ceiling, pre-decoded, batch {args.batch_size}"}
+    for key, label in labels.items():
+        print(f"| {label} | {seconds[key]:.1f} | {rate[key]:.2f} |")
+    for name in variants:
+        print(f"| (c) with {name} | {seconds[name]:.1f} | {rate[name]:.2f} |")
+    print(f"speedup_vs_per_image: {rate['b'] / rate['a']:.2f}  "
+          f"fraction_of_compute_ceiling: {rate['b'] / rate['c']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
