@@ -80,7 +80,7 @@ from pipeline_utils import (PipelineError, atomic_write, read_json, run_cli, sav
                             sha256_file, write_json)
 
 # ---- settings (argparse defaults) ----
-FEATURES = "features.pkl"       # extract_features.py's output; ../shared/... for real features
+FEATURES = "data/features.pkl"  # extract_features.py default output; ../shared/... for real features
 DATA_DIR = "data"               # prepare_text.py's output folder
 OUTPUT_DIR = "models"           # run folders go here
 VARIANT = "merge"               # merge | inject
