@@ -46,15 +46,12 @@ import sys
 import time
 from pathlib import Path
 
+from generate_caption import ALPHA, BEAM, DATA_DIR, MODEL_DIR  # decoding defaults: one place
 from pipeline_utils import PipelineError, atomic_write, run_cli, write_json
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
-DATA_DIR = "data"
 FEATURES = "data/features.pkl"
-MODEL_DIR = "models/merge"
 SPLIT = "test"
-BEAM = 1
-ALPHA = 0.0
 OUTPUT_DIR = "results"
 GALLERY_IMAGES = 100       # images shown in gallery.html (inline thumbnails, ~10 KB each)
 THUMBNAIL_PIXELS = 224     # longest side of a gallery thumbnail

@@ -101,7 +101,7 @@ def main(argv=None):
     load_args = argparse.Namespace(features=args.features, data_dir=args.data_dir, max_missing=train.MAX_MISSING,
                                    fail_on_missing=False, variant="merge", mode="sequence",
                                    embed_dim=train.EMBED_DIM, units=train.UNITS, dropout=train.DROPOUT)
-    matrix, examples, _, config = train.prepare_inputs(load_args)
+    matrix, examples, _, config, _ = train.prepare_inputs(load_args)
     epoch_captions = len(examples)
     words_per_caption = np.mean([len(ids) - 1 for _, ids in examples])
     samples = {"pairs": photo_sample(examples, args.pairs_photos, args.seed),

@@ -205,7 +205,7 @@ def test_missing_features_reported_and_thresholded(fixture_dir, capsys):
         run(fixture_dir, "--epochs", "1")
     args = train.parse_args(["--features", str(path), "--data-dir", str(fixture_dir / "data"),
                              "--max-missing", "0.1"])
-    matrix, examples, dev, config = train.prepare_inputs(args)       # continues, without img001
+    matrix, examples, dev, config, _ = train.prepare_inputs(args)       # continues, without img001
     assert "1 of 13 train/dev images have no features" in capsys.readouterr().err
     assert matrix.shape == (12, 6) and len(examples) == 45 and len(dev) == 15
     with pytest.raises(PipelineError, match="no features"):
@@ -253,3 +253,28 @@ def test_cross_validation_writes_table(fixture_dir, capsys):
     assert float(rows[4]["val_loss"]) == pytest.approx(np.mean(merge_losses), rel=1e-4)
     assert all(2.0 < v < 4.0 for v in merge_losses)
     assert "±" in capsys.readouterr().out
+
+
+def test_select_by_bleu_keeps_the_epoch_with_the_best_dev_bleu(fixture_dir):
+    import evaluate_bleu
+    data = fixture_dir / "data"
+    references = {}
+    for line in (data / "descriptions.txt").read_text().splitlines():
+        image_id, caption = line.split(" ", 1)
+        references.setdefault(image_id, []).append(caption)
+    write_json(data / "references.json", references)
+    assert run(fixture_dir, "--epochs", "3", "--patience", "5", "--select-by", "bleu",
+               name="bleu") == 0
+    folder = fixture_dir / "models" / "bleu"
+    scores = [float(r["dev_bleu4"]) for r in csv.DictReader(open(folder / "history.csv"))]
+    assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
+    config = json.loads((folder / "model.json").read_text())
+    assert config["best_epoch"] == 1 + scores.index(max(scores))   # first of equals wins
+    assert config["best_dev_bleu4"] == pytest.approx(max(scores), abs=1e-6)
+    # evaluate_bleu.py on the dev split scores the kept model.keras exactly as training did
+    out = fixture_dir / "eval"
+    assert evaluate_bleu.main(["--features", str(fixture_dir / "features.pkl"), "--data-dir",
+                               str(data), "--model", str(folder), "--split", "dev",
+                               "--output", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["bleu"]["standard"]["bleu4"] == pytest.approx(config["best_dev_bleu4"], abs=1e-6)
