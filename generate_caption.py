@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_utils import PipelineError, read_json, run_cli, sha256_file
+from pipeline_utils import PipelineError, read_json, run_cli
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
 MODEL_DIR = "models/merge"
@@ -310,11 +310,7 @@ def load_captioner(model_dir, data_dir):
         raise PipelineError(f"model vocabulary ({config.get('vocab_size')} ids) does not match the "
                             f"tokenizer ({tok_vocab} ids); use the data dir the model was trained "
                             f"with ({model_dir / 'model.json'})")
-    tok_sha = sha256_file(data_dir / "tokenizer.json")
-    if config.get("tokenizer_sha256") not in (None, tok_sha):
-        raise PipelineError(f"model was trained with another tokenizer.json (sha256 differs); use "
-                            f"the data dir it was trained with ({model_dir / 'model.json'})")
-    model, config = train.load_captioner(model_dir, data_dir / "tokenizer.json")
+    model, config = train.load_captioner(model_dir, data_dir / "tokenizer.json")  # checks sha256
     out_width = model.get_layer("output").get_weights()[1].shape[0]
     if out_width != tok_vocab:
         raise PipelineError(f"model outputs {out_width} words but the tokenizer has {tok_vocab} "
