@@ -1,0 +1,116 @@
+"""A local web page: caption photos, browse evaluate_bleu.py results, search images.
+
+Usage:
+    python serve.py --model models/RUN                      # http://127.0.0.1:8000
+    python serve.py --model models/RUN --results results/ --images ../shared/flickr8k/Flicker8k_Dataset
+    python serve.py --model models/ls-bleu --features ../shared/flickr8k/features_efficientnet_lite0.pkl \\
+        --images ../shared/flickr8k/Flicker8k_Dataset      # a model trained on cached features
+    python serve.py --results results/ --port 8080          # browse results only, no model
+
+The page has three views: (1) photos dropped or picked -> the greedy caption and the beam-search
+alternatives with their scores (attention maps for models that have them); (2) a results folder
+from evaluate_bleu.py -> its scores and diagnostics, then each caption beside its five
+references, filterable by sentence BLEU and by words; (3) a text query -> images, when a
+retrieval model is loaded (none can be loaded yet: the view says so).
+
+Reads:
+    --model DIR       train.py run folder (model.keras, model.json), loaded once. If the default
+                      folder does not exist the page runs without captioning and says so.
+    --data-dir DIR    prepare_text.py's tokenizer.json (must be the model's vocabulary).
+    --weights W       VGG16 weights for new photos (imagenet | none | PATH), used when the model
+                      was trained on VGG16 fc2 features (4096-d).
+    --features FILE   optional features.pkl of the --images folder: a photo whose bytes equal one
+                      of those images is captioned from its cached vector (how a model trained on
+                      the shared 1280-d EfficientNet-Lite0 features captions dataset photos).
+    --images DIR      the dataset images (thumbnails in the results view, cached features).
+    --results DIR     evaluate_bleu.py output: a folder with results.json + captions.tsv, or a
+                      folder of such folders (one run each).
+Writes: nothing (the server's log goes to stderr).
+Binds to 127.0.0.1 by default, so only this machine can open the page; the page has no login,
+so think twice before --host 0.0.0.0.
+"""
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from captioning.captioner import Captioner
+from captioning.webapp import MB, Limits, create_app
+from generate_caption import ALPHA, DATA_DIR, MODEL_DIR, WEIGHTS
+from pipeline_utils import PipelineError, run_cli
+
+HOST = "127.0.0.1"
+PORT = 8000
+
+
+def parse_args(argv):
+    limits = Limits()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder")
+    parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
+    parser.add_argument("--weights", default=WEIGHTS, help="VGG16 weights: imagenet | none | PATH")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="beam length normalisation exponent")
+    parser.add_argument("--features", default=None, help="cached features.pkl of --images")
+    parser.add_argument("--images", default=None, help="dataset image folder")
+    parser.add_argument("--results", default=None, help="evaluate_bleu.py output folder")
+    parser.add_argument("--host", default=HOST, help="address to listen on")
+    parser.add_argument("--port", type=int, default=PORT, help="port to listen on")
+    parser.add_argument("--max-image-mb", type=float, default=limits.max_image_bytes / MB,
+                        help="largest accepted upload per image, MB")
+    parser.add_argument("--max-images", type=int, default=limits.max_images,
+                        help="most photos per request")
+    args = parser.parse_args(argv)
+    if args.features and not args.images:
+        parser.error("--features needs --images (the folder the features were computed from)")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be 0..65535")
+    return args
+
+
+def bind(host, port):
+    """A listening socket, bound before the slow model load so a taken port fails at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise PipelineError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                            f"pick another with --port") from None
+    return sock
+
+
+def load_captioner(args):
+    """The Captioner, or None when --model is the default and that folder does not exist."""
+    if args.model == MODEL_DIR and not Path(args.model).exists():
+        print(f"no model at {args.model}: the page runs without captioning (pass --model DIR)",
+              file=sys.stderr)
+        return None
+    return Captioner(args.model, args.data_dir, weights=args.weights, alpha=args.alpha,
+                     features=args.features, images=args.images)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import uvicorn
+    sock = bind(args.host, args.port)
+    limits = Limits(max_image_bytes=int(args.max_image_mb * MB), max_images=args.max_images,
+                    max_request_bytes=max(Limits().max_request_bytes,
+                                          int(args.max_images * args.max_image_mb * MB) + MB))
+    app = create_app(load_captioner(args), results_dir=args.results, images_dir=args.images,
+                     limits=limits)
+    host, port = sock.getsockname()[:2]
+    if host not in ("127.0.0.1", "::1"):
+        print(f"warning: listening on {host}, reachable from other machines; the page has no "
+              f"login", file=sys.stderr)
+    print(f"serving on http://{args.host}:{port}/ (Ctrl-C stops)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
