@@ -48,7 +48,8 @@ def parse_args(argv):
     limits = Limits()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder")
+    parser.add_argument("--model", default=MODEL_DIR,
+                        help="train.py run folder; if the default is missing, no captioning")
     parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
     parser.add_argument("--weights", default=WEIGHTS, help="VGG16 weights: imagenet | none | PATH")
     parser.add_argument("--alpha", type=float, default=ALPHA, help="beam length normalisation exponent")
@@ -108,7 +109,11 @@ def main(argv=None):
               f"login", file=sys.stderr)
     print(f"serving on http://{args.host}:{port}/ (Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:      # uvicorn shuts down cleanly on Ctrl-C, then re-raises it
+        pass
+    print("stopped", file=sys.stderr)
     return 0
 
 
