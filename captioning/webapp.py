@@ -71,11 +71,13 @@ log = logging.getLogger("captioning.webapp")
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for. Memory: a decoded RGB image takes 3 bytes per pixel, so
-    max_pixels = 40 M is at most 120 MB per image (PIL's own bomb limit is 89 M pixels)."""
+    max_pixels = 40 M is at most 120 MB per image (PIL's own bomb limit is 89 M pixels), and
+    max_request_pixels = 100 M bounds one request's decoded photos to 300 MB."""
     max_image_bytes: int = 8 * MB       # one uploaded file
     max_images: int = 12                # files per request
     max_request_bytes: int = 40 * MB    # the whole request body
-    max_pixels: int = 40_000_000        # width * height, checked before decoding
+    max_pixels: int = 40_000_000        # width * height of one image, checked before decoding
+    max_request_pixels: int = 100_000_000   # all images of one request together
     max_beam: int = 10
     max_query_chars: int = 200
     max_search_top: int = 50
@@ -140,6 +142,11 @@ def size_text(n):
     return f"{n / MB:.1f}".removesuffix(".0") + " MB"
 
 
+def pixels_text(n):
+    """Pixel count -> "64 M pixels" / "2500 pixels" for messages."""
+    return f"{n / 1e6:.0f} M pixels" if n >= 1e6 else f"{n} pixels"
+
+
 def error(status, message):
     return JSONResponse({"error": message}, status_code=status)
 
@@ -158,8 +165,10 @@ def safe_name(name):
     return name if len(name) <= 80 else name[:77] + "..."
 
 
-def open_upload(data, name, limits):
-    """Bytes of one uploaded file -> a fully decoded PIL image, or Refusal saying why not."""
+def open_upload(data, name, limits, pixels_left=None):
+    """Bytes of one uploaded file -> a fully decoded PIL image, or Refusal saying why not.
+
+    pixels_left: what is left of the request's pixel budget (None = no request budget)."""
     if not data:
         raise Refusal(400, f"{name} is empty")
     if len(data) > limits.max_image_bytes:
@@ -170,9 +179,13 @@ def open_upload(data, name, limits):
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
             width, height = probe.size
             if width * height > limits.max_pixels:
-                raise Refusal(413, f"{name} is {width}x{height} = {width * height / 1e6:.0f} M "
-                                   f"pixels; the limit is {limits.max_pixels / 1e6:.0f} M pixels "
+                raise Refusal(413, f"{name} is {width}x{height} = {pixels_text(width * height)}; "
+                                   f"the limit is {pixels_text(limits.max_pixels)} "
                                    f"(decompression-bomb guard)")
+            if pixels_left is not None and width * height > pixels_left:
+                raise Refusal(413, f"{name} ({width}x{height}) would take this request over "
+                                   f"{pixels_text(limits.max_request_pixels)} in all; send "
+                                   f"fewer large photos at a time")
             probe.verify()                 # structure and checksums, without decoding pixels
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         image.load()                       # full decode: truncated pixel data fails here
@@ -382,10 +395,11 @@ def create_app(captioner, results_dir=None, retrieval=None, images_dir=None, lim
 
     def open_all(files, limits):
         """[(name, bytes)] -> (one result dict per file, [(index, PIL image)] of the good ones)."""
-        out, opened = [], []
+        out, opened, pixels_left = [], [], limits.max_request_pixels
         for index, (name, data) in enumerate(files):
             try:
-                image = open_upload(data, name, limits)
+                image = open_upload(data, name, limits, pixels_left)
+                pixels_left -= image.size[0] * image.size[1]
                 opened.append((index, image))
                 out.append({"name": name, "width": image.size[0], "height": image.size[1]})
             except Refusal as exc:

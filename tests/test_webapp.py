@@ -305,6 +305,16 @@ def test_decompression_bombs_are_refused_before_decoding(client, fake):
     assert_still_serving(client)
 
 
+def test_a_request_has_a_pixel_budget(fake):
+    client = TestClient(create_app(fake, limits=Limits(max_request_pixels=2500)))
+    response = upload(client, ("a.png", png_bytes((40, 40))), ("b.png", png_bytes((31, 31))),
+                      ("c.png", png_bytes((30, 30))))
+    a, b, c = response.json()["results"]
+    assert a["greedy"] == c["greedy"] == "a red square"            # 1600 + 900 = 2500 pixels fit
+    assert b["error"] == ("b.png (31x31) would take this request over 2500 pixels in all; "
+                          "send fewer large photos at a time")
+
+
 def test_corrupt_images_are_refused(client, fake):
     photo = PHOTO.read_bytes()
     response = upload(client, ("half.jpg", photo[:len(photo) // 2]))
