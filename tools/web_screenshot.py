@@ -75,8 +75,9 @@ def main(argv=None):
             else:
                 driver.find_element(By.CSS_SELECTOR, "[data-view=results]").click()
                 wait.until(seen.visibility_of_element_located((By.CSS_SELECTOR, ".row img")))
-            wait.until(lambda d: d.execute_script(
-                "return [...document.images].every(i => i.complete)"))
+            wait.until(lambda d: d.execute_script(      # the images in view (others load lazily)
+                "return [...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
+                ".every(i => i.complete)"))
             png = driver.get_screenshot_as_png()
             with atomic_write(args.output, "wb") as handle:
                 handle.write(png)

@@ -38,7 +38,7 @@ async function call(url, options) {
 }
 
 const mb = (bytes) => bytes ? (bytes / 1048576).toFixed(0) + " MB" : "?";
-const fmt = (x, digits = 3) => (typeof x === "number" ? x.toFixed(digits) : String(x));
+const fmt = (x, digits = 3) => (typeof x !== "number" ? String(x) : Number.isInteger(x) ? String(x) : x.toFixed(digits));
 
 // ---- tabs ------------------------------------------------------------------------------------
 for (const tab of document.querySelectorAll(".tab")) {
