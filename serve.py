@@ -71,12 +71,13 @@ def parse_args(argv):
 
 
 def bind(host, port):
-    """A listening socket, bound before the slow model load so a taken port fails at once."""
+    """A listening socket, made before the slow model load so a taken port fails at once."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(128)        # from here on, connections wait in the backlog until served
     except OSError as exc:
         raise PipelineError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
                             f"pick another with --port") from None

@@ -20,6 +20,7 @@ The web app (captioning/webapp.py) records each upload's SHA-256 in image.info[D
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 import extract_features
 import generate_caption as gc
@@ -27,6 +28,9 @@ import vgg16_build
 from pipeline_utils import PipelineError, sha256_file
 
 DIGEST_KEY = "sha256"    # image.info key holding the SHA-256 of the uploaded file's bytes
+DECODE_BLAS_THREADS = 1  # a few images' decoding multiplies tiny matrices (beam x 256 by 256 x
+                         # vocab); OpenBLAS's thread team costs more than it saves there: one
+                         # thread used 10x less CPU per caption on a busy 2-core machine
 
 
 # ---- encoders ---------------------------------------------------------------------------------
@@ -206,6 +210,12 @@ class Captioner:
         out = [{"error": errors[i]} if i in errors else None for i in range(len(images))]
         if matrix is None:
             return out
+        with threadpool_limits(limits=DECODE_BLAS_THREADS, user_api="blas"):
+            self.decode(matrix, order, sources, beam, out)
+        return out
+
+    def decode(self, matrix, order, sources, beam, out):
+        """Fill out[i] for the images i of `order` (rows of `matrix`)."""
         max_length = self.config["max_length"]
         greedy = gc.greedy_decode(self.step_fn, self.init_fn(matrix), self.start_id, self.end_id,
                                   max_length, self.banned)
@@ -217,4 +227,3 @@ class Captioner:
                       "beams": [(self.words(ids), score) for ids, score, _ in alternatives],
                       "finished": [done for _, _, done in alternatives],
                       "features": sources[i], "attention": None}
-        return out

@@ -597,7 +597,9 @@ def test_real_browser_uploads_a_photo_and_sees_its_caption(vgg_run, tmp_path):
             greedy = wait.until(seen.visibility_of_element_located((By.CSS_SELECTOR, ".card .greedy")))
             assert greedy.text == expected["greedy"]
             rows = driver.find_elements(By.CSS_SELECTOR, ".card table tr td:nth-child(2)")
-            assert [r.text for r in rows] == [c for c, _ in expected["beams"]]
+            cut = " … (cut at the length limit)"       # how the page marks an unfinished caption
+            assert [r.text for r in rows] == [c + ("" if done else cut) for (c, _), done
+                                              in zip(expected["beams"], expected["finished"])]
             shot = tmp_path / "web.png"
             assert driver.save_screenshot(str(shot))
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
