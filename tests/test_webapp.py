@@ -616,3 +616,61 @@ def test_real_browser_uploads_a_photo_and_sees_its_caption(vgg_run, tmp_path):
             assert driver.find_element(By.CSS_SELECTOR, ".card .greedy").text == expected["greedy"]
     finally:
         driver.quit()
+
+
+def test_real_browser_draws_attention_browses_results_and_searches(tmp_path):
+    # the three views with stand-ins for the models: the fake captioner's attention puts all of
+    # word 1's weight on the top-left cell of a 2x2 grid and word 2's on the bottom-right
+    driver = browser(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+    photo = tmp_path / "red.png"
+    photo.write_bytes(png_bytes((64, 64)))
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(PHOTO, images / "img1.jpg")
+    app = create_app(FakeCaptioner(), results_dir=results_folder(tmp_path / "results"),
+                     retrieval=FakeRetrieval(), images_dir=images)
+    try:
+        with running(app) as url:
+            driver.get(url)
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.ID, "model-info").text.startswith("Model "))
+            driver.find_element(By.ID, "files").send_keys(str(photo))
+            wait.until(seen.visibility_of_element_located((By.CSS_SELECTOR, ".attention canvas")))
+            words = [f.text for f in driver.find_elements(By.CSS_SELECTOR, ".attention figcaption")]
+            assert words == ["a", "red"]
+            # pixel (10, 10) is in the top-left cell, (70, 70) in the bottom-right one
+            pixels = wait.until(lambda d: d.execute_script("""
+                const maps = [...document.querySelectorAll('.attention canvas')].map(c => c.getContext('2d'));
+                const at = (ctx, x, y) => Array.from(ctx.getImageData(x, y, 1, 1).data);
+                const out = maps.map(ctx => [at(ctx, 10, 10), at(ctx, 70, 70)]);
+                return out.every(p => p[0][3] === 255) ? out : null;"""))
+            (a_lit, a_dark), (red_dark, red_lit) = pixels
+            assert a_lit[0] > 200 and red_lit[0] > 200          # the photo's red, not darkened
+            assert a_dark[0] < 60 and red_dark[0] < 60          # darkened by 80%
+            driver.find_element(By.CSS_SELECTOR, "[data-view=results]").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".row")) == 3)
+            min_bleu = driver.find_element(By.ID, "min-bleu")
+            min_bleu.clear()
+            min_bleu.send_keys("0.99")
+            driver.find_element(By.ID, "show").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".row")) == 1)
+            assert driver.find_element(By.CSS_SELECTOR, ".row b").text == "two cats sleep on a sofa"
+            assert "bleu (standard)" in driver.find_element(By.ID, "summary").text
+            driver.find_element(By.CSS_SELECTOR, "[data-view=search]").click()
+            driver.find_element(By.ID, "query").send_keys("zzz")
+            driver.find_element(By.ID, "search-go").click()
+            error = wait.until(seen.visibility_of_element_located((By.ID, "search-error")))
+            assert error.text == "no known words in the query (unknown: zzz)"
+            driver.find_element(By.ID, "query").clear()
+            driver.find_element(By.ID, "query").send_keys("two cats")
+            driver.find_element(By.ID, "search-go").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".hit")) == 2)
+            assert not driver.find_element(By.ID, "search-error").is_displayed()
+            loaded = driver.execute_script("const i = document.querySelector('.hit img');"
+                                           "return i && i.complete && i.naturalWidth;")
+            assert loaded == Image.open(PHOTO).size[0]
+    finally:
+        driver.quit()
