@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline_utils import PipelineError, run_cli
+from captioning.utils import PipelineError, run_cli
 
 DEFAULT_DATA_DIR = Path("data/flickr8k")
 BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"

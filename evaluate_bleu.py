@@ -21,7 +21,7 @@ used, share of generated captions that are copied verbatim from a training capti
 text), mean caption length, share that never produced endseq (truncated at max_length).
 
 Reads:
-    --features FILE   {image_id: vector} pickle (extract_features.load_features); its width must
+    --features FILE   {image_id: vector} pickle (load_features); its width must
                       equal the model's feature_dim.
     --data-dir DIR    prepare_text.py outputs: meta.json, tokenizer.json, splits.json,
                       descriptions.txt, references.json.
@@ -47,7 +47,9 @@ import time
 from pathlib import Path
 
 from generate_caption import ALPHA, BEAM, DATA_DIR, MODEL_DIR  # decoding defaults: one place
-from pipeline_utils import PipelineError, atomic_write, run_cli, write_json
+from captioning import text
+from captioning.features import load_features
+from captioning.utils import PipelineError, atomic_write, run_cli, write_json
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
 FEATURES = "data/features.pkl"
@@ -191,16 +193,14 @@ def main(argv=None):
     started = time.time()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
-    import extract_features
     import generate_caption as gc
-    import prepare_text
     data_dir = Path(args.data_dir)
-    meta = prepare_text.load_meta(data_dir)
-    splits = prepare_text.load_splits(data_dir)
-    descriptions = prepare_text.load_descriptions(data_dir / "descriptions.txt")
-    references = prepare_text.load_references(data_dir)
+    meta = text.load_meta(data_dir)
+    splits = text.load_splits(data_dir)
+    descriptions = text.load_descriptions(data_dir / "descriptions.txt")
+    references = text.load_references(data_dir)
     model, config, tokenizer = gc.load_captioner(args.model, data_dir)
-    features = extract_features.load_features(args.features)
+    features = load_features(args.features)
 
     ids = list(splits[args.split])[:args.limit]
     for image_id in ids:

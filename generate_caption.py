@@ -45,7 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_utils import PipelineError, read_json, run_cli
+import extract_features
+from captioning import text
+from captioning.features import load_features
+from captioning.images import list_images
+from captioning.utils import PipelineError, read_json, run_cli
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
 MODEL_DIR = "models/merge"
@@ -300,10 +304,9 @@ def ids_to_words(id_to_word, ids, end_id):
 
 def load_captioner(model_dir, data_dir):
     """(keras model, model.json config, tokenizer) with the vocabulary checked against data_dir."""
-    import prepare_text
     import train
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    tokenizer = prepare_text.load_tokenizer(data_dir / "tokenizer.json")
+    tokenizer = text.load_tokenizer(data_dir / "tokenizer.json")
     tok_vocab = max(tokenizer["word_index"].values()) + 1
     config = read_json(model_dir / "model.json")
     if config.get("vocab_size") != tok_vocab:
@@ -350,11 +353,10 @@ def generate_caption(model, tokenizer, photo, max_length, beam=BEAM, alpha=ALPHA
 # ---- command line -----------------------------------------------------------------------------
 def expand_inputs(paths):
     """Files and folders -> (image paths, [(path, reason)] for the ones that do not exist)."""
-    import extract_features
     images, missing = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            found = extract_features.list_images(path)
+            found = list_images(path)
             images.extend(found)
             if not found:
                 missing.append((path, "no images in folder"))
@@ -367,7 +369,6 @@ def expand_inputs(paths):
 
 def features_for_images(paths, weights, feature_dim):
     """fc2 features of image files -> ({id: vec}, [(path, reason)]); checks the width first."""
-    import extract_features
     import vgg16_build
     extractor = vgg16_build.build_feature_extractor(weights=None if weights == "none" else weights)
     width = int(extractor.outputs[0].shape[-1])
@@ -408,8 +409,7 @@ def main(argv=None):
     failures = []
     names, vectors = [], []
     if args.ids:
-        import extract_features
-        cached = extract_features.load_features(args.features)
+        cached = load_features(args.features)
         for image_id in args.ids:
             if image_id in cached:
                 names.append(image_id)

@@ -33,8 +33,9 @@ import evaluate_bleu  # noqa: E402
 import extract_features  # noqa: E402
 import generate_caption  # noqa: E402
 import prepare_text  # noqa: E402
+from captioning import text  # noqa: E402
 import train  # noqa: E402
-from pipeline_utils import PipelineError, read_json, run_cli, write_json  # noqa: E402
+from captioning.utils import PipelineError, read_json, run_cli, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 SAMPLE_DIR = REPO / "data" / "sample"
@@ -190,7 +191,7 @@ def main(argv=None):
               [run_dir / "model.keras", run_dir / "model.json"], state_dir, "train" in forced)
 
     # Stage 5: caption a few test images, from the cached features.
-    test_ids = prepare_text.load_splits(work)["test"][:CAPTION_EXAMPLES]
+    test_ids = text.load_splits(work)["test"][:CAPTION_EXAMPLES]
     print(f"[5/6] caption: {len(test_ids)} test images")
     code = run_cli(generate_caption.main, ["--model", str(run_dir), "--features", str(features),
                                            "--data-dir", str(work), "--ids", *test_ids])

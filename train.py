@@ -76,7 +76,9 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline_utils import (PipelineError, atomic_write, read_json, run_cli, save_settings,
+from captioning import text
+from captioning.features import load_features
+from captioning.utils import (PipelineError, atomic_write, read_json, run_cli, save_settings,
                             sha256_file, write_json)
 
 # ---- settings (argparse defaults) ----
@@ -112,8 +114,7 @@ RESUME_KEYS = ("variant", "mode", "embed_dim", "units", "dropout", "batch_size",
 # ---------------------------------------------------------------- inputs
 
 def load_feature_dict(path):
-    """{image_id: float32 (D,)} via extract_features.load_features (validates (D,)/(1, D))."""
-    from extract_features import load_features
+    """{image_id: float32 (D,)} via load_features (validates (D,)/(1, D))."""
     return load_features(path)
 
 
@@ -150,10 +151,9 @@ def feature_matrix(features, ids, max_missing, where):
 
 def load_text(data_dir):
     """meta, tokenizer, descriptions, splits from prepare_text's folder, cross-checked."""
-    import prepare_text
     data_dir = Path(data_dir)
-    meta = prepare_text.load_meta(data_dir)  # checks tokenizer.json's sha256 against meta.json
-    tokenizer = prepare_text.load_tokenizer(data_dir / "tokenizer.json")
+    meta = text.load_meta(data_dir)  # checks tokenizer.json's sha256 against meta.json
+    tokenizer = text.load_tokenizer(data_dir / "tokenizer.json")
     ids = tokenizer["word_index"].values()
     if max(ids) + 1 != meta["vocab_size"]:
         raise PipelineError(f"tokenizer.json has ids up to {max(ids)} but meta.json says "
@@ -161,8 +161,8 @@ def load_text(data_dir):
     for key in ("start_token", "end_token"):
         if meta[key] not in tokenizer["word_index"]:
             raise PipelineError(f"{key} {meta[key]!r} of meta.json is not in tokenizer.json ({data_dir})")
-    descriptions = prepare_text.load_descriptions(data_dir / "descriptions.txt")
-    splits = prepare_text.load_splits(data_dir)
+    descriptions = text.load_descriptions(data_dir / "descriptions.txt")
+    splits = text.load_splits(data_dir)
     return meta, tokenizer, descriptions, splits
 
 
@@ -171,13 +171,12 @@ def encode_split(image_ids, row_of_id, descriptions, tokenizer, max_length):
 
     Captions longer than max_length (possible on dev/test) are cut to max_length tokens.
     """
-    import prepare_text
     examples = []
     for image_id in image_ids:
         if image_id not in row_of_id:
             continue
         for caption in descriptions.get(image_id, []):
-            ids = prepare_text.encode_caption(tokenizer, caption)[:max_length]
+            ids = text.encode_caption(tokenizer, caption)[:max_length]
             examples.append((row_of_id[image_id], np.asarray(ids, dtype=np.int32)))
     return examples
 
@@ -533,10 +532,9 @@ def dev_bleu_scorer(args, matrix, row_of_id):
     """
     import evaluate_bleu
     import generate_caption
-    import prepare_text
-    tokenizer = prepare_text.load_tokenizer(Path(args.data_dir) / "tokenizer.json")
-    references = prepare_text.load_references(args.data_dir)
-    ids = [i for i in prepare_text.load_splits(args.data_dir)["dev"] if i in row_of_id]
+    tokenizer = text.load_tokenizer(Path(args.data_dir) / "tokenizer.json")
+    references = text.load_references(args.data_dir)
+    ids = [i for i in text.load_splits(args.data_dir)["dev"] if i in row_of_id]
     dev_matrix = matrix[[row_of_id[i] for i in ids]]
     id_to_word, _, end_id, _ = generate_caption.vocabulary(tokenizer)
 

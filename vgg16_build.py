@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline_utils import PipelineError, atomic_write, run_cli
+from captioning.utils import PipelineError, atomic_write, run_cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

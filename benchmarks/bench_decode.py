@@ -24,7 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are top-level modules
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from captioning import text  # noqa: E402
+from captioning.features import load_features  # noqa: E402
+from captioning.utils import PipelineError, run_cli  # noqa: E402
 
 MODEL_DIR = "models/merge"
 DATA_DIR = "data"
@@ -49,13 +51,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     import numpy as np
-    import extract_features
     import generate_caption as gc
-    import prepare_text
     import train
     model, config, tokenizer = gc.load_captioner(args.model, args.data_dir)
-    features = extract_features.load_features(args.features)
-    ids = prepare_text.load_splits(args.data_dir)[args.split]
+    features = load_features(args.features)
+    ids = text.load_splits(args.data_dir)[args.split]
     missing = [i for i in ids if i not in features]
     if missing:
         raise PipelineError(f"{len(missing)} {args.split} images lack features, first {missing[0]} ({args.features})")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are t
 import numpy as np  # noqa: E402
 
 import extract_features  # noqa: E402
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from captioning.utils import PipelineError, run_cli  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
 N_IMAGES = 256

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 import train  # noqa: E402
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from captioning.utils import PipelineError, run_cli  # noqa: E402
 
 FEATURES = REPO.parent / "shared" / "flickr8k" / "features_efficientnet_lite0.pkl"
 DATA_DIR = REPO / "data"

@@ -207,12 +207,13 @@ def make_tiny_run(root, feature_dim=16):
     features for every captioned image. Returns (data_dir, model_dir, features_path, ids)."""
     import extract_features
     import prepare_text
+    from captioning import text
     import train
-    from pipeline_utils import sha256_file, write_json
+    from captioning.utils import sha256_file, write_json
     data_dir, model_dir = root / "data", root / "model"
     assert prepare_text.main(["--text-dir", str(SAMPLE / "Flickr8k_text"),
                               "--output-dir", str(data_dir)]) == 0
-    meta = prepare_text.load_meta(data_dir)
+    meta = text.load_meta(data_dir)
     model = random_captioner("merge", "sequence", feature_dim, meta["vocab_size"], meta["max_length"])
     model_dir.mkdir()
     model.save(model_dir / train.MODEL_FILE)
@@ -222,7 +223,7 @@ def make_tiny_run(root, feature_dim=16):
         "units": 8, "dropout": 0.5, "start_token": meta["start_token"],
         "end_token": meta["end_token"], "pad_id": 0,
         "tokenizer_sha256": sha256_file(data_dir / "tokenizer.json"), "data_dir": str(data_dir)})
-    splits = prepare_text.load_splits(data_dir)
+    splits = text.load_splits(data_dir)
     ids = sorted(i for part in splits.values() for i in part)
     rng = np.random.default_rng(0)
     features = root / "features.pkl"
@@ -253,7 +254,7 @@ def test_cli_cached_features_and_unknown_id(tiny_run, capsys):
 
 def test_cli_vocabulary_mismatch_is_one_line(tiny_run, tmp_path, capsys):
     import shutil
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     data_dir, model_dir, features, ids = tiny_run
     bad = tmp_path / "bad_model"
     shutil.copytree(model_dir, bad)
@@ -269,7 +270,7 @@ def test_cli_vocabulary_mismatch_is_one_line(tiny_run, tmp_path, capsys):
 
 def test_cli_images_bad_ones_named_others_captioned(tmp_path, capsys):
     # a model trained on 4096-d features, so the (random-weight) VGG16 fc2 extractor fits
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path, feature_dim=4096)
     capsys.readouterr()                                    # prepare_text's summary lines
     import shutil
@@ -294,7 +295,7 @@ def test_cli_images_bad_ones_named_others_captioned(tmp_path, capsys):
 
 
 def test_cli_lite0_model_on_raw_images_says_use_features(tiny_run, capsys):
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     data_dir, model_dir, features, ids = tiny_run          # a 16-d model, like a 1280-d Lite0 one
     image = sorted((SAMPLE / "Flicker8k_Dataset").glob("*.jpg"))[0]
     rc = run_cli(gc.main, ["--model", str(model_dir), "--data-dir", str(data_dir),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import run_pipeline
-from pipeline_utils import PipelineError
+from captioning.utils import PipelineError
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import train
-from pipeline_utils import PipelineError, run_cli, sha256_file, write_json
+from captioning.utils import PipelineError, run_cli, sha256_file, write_json
 
 WORDS = "a dog cat runs sits on the grass red ball man rides bike in water jumps over".split()
 TINY = ["--embed-dim", "8", "--units", "8", "--batch-size", "4", "--verbose", "0", "--seed", "3"]

@@ -1,8 +1,9 @@
-"""Small helpers every stage shares: one-line errors, atomic writes, JSON, checksums.
+"""Small helpers every stage shares: one-line errors, atomic writes, JSON, checksums, logs, progress.
 
-Not a stage of its own; the six scripts import it. Nothing here touches TensorFlow.
+Not a stage of its own; every script and module imports it. Nothing here imports TensorFlow.
 """
 import contextlib
+import logging
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ def run_cli(main_fn, argv=None):
     130 for Ctrl-C (the shell's convention for SIGINT). Programming errors still show their
     traceback, because hiding those would hide bugs.
     """
+    quiet_logs()
     try:
         return main_fn(argv)
     except PipelineError as exc:
@@ -94,3 +96,40 @@ def save_settings(path, args, **extra):
                 for key, value in vars(args).items()}
     settings.update(extra)
     write_json(path, settings)
+
+
+def quiet_logs():
+    """Silence TensorFlow's C++ and absl start-up chatter (CUDA probing on a CPU machine, oneDNN
+    notices) so it does not interleave with the one-line errors. Called once, by run_cli, before
+    any stage imports TensorFlow; the env vars must be set before that import to take effect.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")     # C++ INFO/WARNING/ERROR lines
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")    # keep oneDNN, but its notice is INFO
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        import absl.logging  # present wherever TensorFlow is; its handler prints before main()
+        absl.logging.set_verbosity(absl.logging.ERROR)
+        absl.logging.set_stderrthreshold("error")
+    except ImportError:
+        pass
+
+
+def on_terminal(stream=None):
+    """True when progress bars can redraw in place: `stream` (stderr) is an interactive terminal."""
+    stream = stream or sys.stderr
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on a terminal; in a log file or CI output, no bar at all (a redrawn bar
+    writes ANSI codes and a line every 0.05 s there). Stages print their own summary lines."""
+    from tqdm import tqdm
+    kwargs.setdefault("disable", not on_terminal())
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def keras_verbose():
+    """Keras fit/predict verbosity: 1 (a live bar) on a terminal, 2 (one line per epoch) otherwise."""
+    return 1 if on_terminal(sys.stdout) else 2
