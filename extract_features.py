@@ -42,8 +42,9 @@ import numpy as np
 
 from captioning.features import load_features, load_pickle, save_features  # noqa: F401 (re-exported)
 from captioning.images import IMAGE_EXTENSIONS, list_images, load_rgb
-from captioning.utils import (PipelineError, atomic_write, on_terminal, progress as progress_bar,
-                              read_json, run_cli, save_settings, sha256_file)
+from captioning.utils import (HelpFormatter, PipelineError, atomic_write, on_terminal, read_json,
+                              run_cli, save_settings, sha256_file)
+from captioning.utils import progress as progress_bar
 from vgg16_build import IMAGE_SIZE
 
 # -- settings ---------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def sigterm_as_interrupt():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--images", required=True, help="folder of image files")
     parser.add_argument("--output", default="data/features.pkl", help="features pickle to write")
     parser.add_argument("--weights", default=WEIGHTS, help="imagenet | none | PATH (vgg16_build.py)")

@@ -59,17 +59,17 @@ import sys
 from captioning.text import (CLEANING, MIN_COUNT, OOV, OUTPUT_DIR, TEXT_DIR,  # noqa: F401
                              create_input_data_for_one_image, create_tokenizer, prepare,
                              summary_line, write_outputs)
-from captioning.utils import run_cli
+from captioning.utils import HelpFormatter, run_cli
 
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--text-dir", default=TEXT_DIR, help="folder of the official text files")
     parser.add_argument("--output-dir", default=OUTPUT_DIR, help="where the five files go")
     parser.add_argument("--cleaning", default=CLEANING, choices=sorted(MIN_COUNT),
-                        help="tutorial = Brownlee's rules (7579/34); default = see docstring")
+                        help="tutorial = Brownlee's rules (7579/34); default = ours, see the docstring")
     parser.add_argument("--min-count", type=int, default=None,
                         help=f"keep words seen at least this often in training; "
                              f"None = per cleaning {MIN_COUNT}")
@@ -88,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, tensorflow=False))
