@@ -22,7 +22,7 @@ SPLITS = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt"
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", type=Path, default=Path("../shared/flickr8k"))
     parser.add_argument("--output", type=Path, default=Path("data/sample"))
     parser.add_argument("--train", type=int, default=240)

@@ -19,7 +19,7 @@ LINE_HEIGHT = 18
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--captions", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--id", required=True)
