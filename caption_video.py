@@ -1,0 +1,182 @@
+"""Caption a video: subtitles (SRT, WebVTT) from its scenes, optionally burnt into an MP4.
+
+Usage:
+    python caption_video.py clip.mp4 --model models/RUN --srt out.srt
+    python caption_video.py clip.mp4 --model models/RUN --beam 3 --vtt out.vtt --burn out.mp4
+    python caption_video.py clip.mov --model models/RUN --every 5 --srt out.srt
+
+Scenes are found by an HSV-histogram test (--threshold), or segments are cut every --every
+seconds; the frame in the middle of each scene goes through the same feature extractor and
+decoder as photos (generate_caption.py); neighbouring segments with the same caption merge and
+a caption stays at least --min-duration seconds. Timestamps are the stream's own (variable
+frame rate included); phone rotation is honoured. The details are in captioning/video.py.
+
+Reads:
+    clip              any video file FFmpeg decodes (PyAV's wheels carry FFmpeg).
+    --model DIR       train.py's run folder (model.keras + model.json).
+    --data-dir DIR    prepare_text.py's tokenizer.json + meta.json the model was trained with.
+    --weights         the VGG16 fc2 extractor's weights: imagenet | none | PATH (vgg16_build.py).
+Writes (each atomically: a temporary file renamed when complete, so an error or Ctrl-C leaves
+no half-written file; nothing is written unless captioning succeeded):
+    --srt FILE, --vtt FILE   subtitles; --burn FILE  H.264 MP4 with the captions drawn on the
+    frames and the original audio (copied, or re-encoded to AAC if MP4 cannot hold it).
+    <first output's stem>.settings.json   the settings, counts and timings of the run.
+At least one of --srt, --vtt, --burn is needed. Prints one `summary:` line.
+"""
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+import extract_features
+import generate_caption
+import vgg16_build
+from captioning import video
+from pipeline_utils import PipelineError, run_cli, save_settings
+
+
+def photo_captioner(model_dir, data_dir, beam, alpha, weights):
+    """caption_images(list of PIL RGB images) -> captions, through the photo path.
+
+    The one place that ties videos to the photo captioner (rewire it when the extractor
+    changes): generate_caption's model loading and decoder, the VGG16 fc2 extractor that
+    generate_caption builds for photos, and extract_features.load_image's preprocessing.
+    """
+    model, config, tokenizer = generate_caption.load_captioner(model_dir, data_dir)
+    extractor = vgg16_build.build_feature_extractor(weights=None if weights == "none" else weights)
+    width = int(extractor.outputs[0].shape[-1])
+    if width != config["feature_dim"]:
+        raise PipelineError(f"the model was trained on {config['feature_dim']}-d features but the "
+                            f"VGG16 fc2 extractor gives {width}-d ({model_dir})")
+    predict = extract_features.make_predict_fn(extractor)
+    id_to_word, _, end_id, _ = generate_caption.vocabulary(tokenizer)
+
+    def as_file(image):
+        # load_image reads files; a lossless in-memory BMP makes it see the frame exactly, so
+        # frames and photos share one preprocessing function (~1 ms per frame)
+        buffer = BytesIO()
+        image.save(buffer, format="BMP")
+        buffer.seek(0)
+        return buffer
+
+    def caption_images(images):
+        if not images:
+            return []
+        batch = np.stack([extract_features.load_image(as_file(image)) for image in images])
+        features = predict(batch).reshape(len(images), -1)
+        ids = generate_caption.caption_features(model, config, tokenizer, features, beam, alpha)
+        return [" ".join(generate_caption.ids_to_words(id_to_word, row, end_id)) for row in ids]
+
+    return caption_images
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("clip", help="video file")
+    parser.add_argument("--model", default=generate_caption.MODEL_DIR, help="train.py run folder")
+    parser.add_argument("--data-dir", default=generate_caption.DATA_DIR,
+                        help="prepare_text.py output folder")
+    parser.add_argument("--beam", type=int, default=generate_caption.BEAM, help="beam width (1 = greedy)")
+    parser.add_argument("--alpha", type=float, default=generate_caption.ALPHA,
+                        help="beam length normalisation exponent")
+    parser.add_argument("--weights", default=generate_caption.WEIGHTS,
+                        help="VGG16 weights: imagenet | none | PATH")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--scenes", action="store_true",
+                      help="one caption per detected scene (what happens without --every)")
+    mode.add_argument("--every", type=float, default=None, metavar="SECONDS",
+                      help="one caption per fixed interval instead of per scene")
+    parser.add_argument("--threshold", type=float, default=video.SCENE_THRESHOLD,
+                        help="scene cut: HSV histogram distance between consecutive frames (0..1)")
+    parser.add_argument("--per-scene", type=int, default=video.PER_SCENE,
+                        help="frames captioned per scene (the most frequent caption wins)")
+    parser.add_argument("--min-duration", type=float, default=video.MIN_DURATION,
+                        help="seconds a caption stays on screen at least")
+    parser.add_argument("--srt", type=Path, default=None, help="SubRip subtitles to write")
+    parser.add_argument("--vtt", type=Path, default=None, help="WebVTT subtitles to write")
+    parser.add_argument("--burn", type=Path, default=None, help="MP4 with the captions drawn on")
+    args = parser.parse_args(argv)
+    if not (args.srt or args.vtt or args.burn):
+        parser.error("give at least one output: --srt FILE, --vtt FILE or --burn FILE")
+    if args.beam < 1:
+        parser.error("--beam must be >= 1")
+    if args.every is not None and args.every <= 0:
+        parser.error("--every must be > 0 seconds")
+    if not 1 <= args.per_scene <= video.CANDIDATES:
+        parser.error(f"--per-scene must be 1..{video.CANDIDATES}")
+    if args.min_duration < 0:
+        parser.error("--min-duration must be >= 0")
+    outputs = [p.resolve() for p in (args.srt, args.vtt, args.burn) if p]
+    if Path(args.clip).resolve() in outputs or len(set(outputs)) < len(outputs):
+        parser.error("the outputs must be different files, and not the input clip")
+    return args
+
+
+def run(args, caption_images, written=None):
+    """Caption args.clip and write the outputs; returns (segments, stats). Testable without TF.
+
+    The MP4 (slow) is written first, then the subtitles; each finished output's path is
+    appended to `written`, so an interruption can say exactly what exists.
+    """
+    written = [] if written is None else written
+    interactive = sys.stderr.isatty()
+    start = time.perf_counter()
+    segments, stats = video.caption_video(args.clip, caption_images, every=args.every,
+                                          threshold=args.threshold, per_scene=args.per_scene,
+                                          min_duration=args.min_duration, progress=interactive)
+    stats["caption_seconds"] = round(time.perf_counter() - start, 3)
+    if args.burn:
+        start = time.perf_counter()
+        video.burn(args.clip, args.burn, segments, progress=interactive)
+        stats["burn_seconds"] = round(time.perf_counter() - start, 3)
+        written.append(args.burn)
+    if args.srt:
+        video.write_text(args.srt, video.format_srt(segments))
+        written.append(args.srt)
+    if args.vtt:
+        video.write_text(args.vtt, video.format_vtt(segments))
+        written.append(args.vtt)
+    first = next(p for p in (args.srt, args.vtt, args.burn) if p)
+    save_settings(first.with_name(first.stem + ".settings.json"), args, segments=len(segments),
+                  **stats)
+    return segments, stats
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    previous, written = None, []
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)   # kill = Ctrl-C: clean up
+    try:
+        video.open_video(args.clip).close()        # a bad clip fails before the model loads
+        caption_images = photo_captioner(args.model, args.data_dir, args.beam, args.alpha,
+                                         args.weights)
+        segments, stats = run(args, caption_images, written)
+    except KeyboardInterrupt:
+        done = ", ".join(map(str, written)) or "nothing"
+        print(f"interrupted: no half-written file; complete outputs: {done}", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    speed = stats["duration"] / stats["caption_seconds"] if stats["caption_seconds"] else 0.0
+    print(f"summary: {stats['frames']} frames, {stats['duration']:.1f} s of video, "
+          f"{stats['scenes']} scenes -> {len(segments)} captions in {stats['caption_seconds']:.1f} s "
+          f"({speed:.1f}x real time); wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

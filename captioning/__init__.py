@@ -1,0 +1,1 @@
+"""The Flickr8k captioning library behind the top-level stage scripts."""
