@@ -27,7 +27,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import time
 from io import BytesIO
 from pathlib import Path
@@ -50,16 +49,23 @@ def photo_captioner(model_dir, data_dir, beam, alpha, weights):
     """
     model, config, tokenizer = generate_caption.load_captioner(model_dir, data_dir)
     extractor = vgg16_build.build_feature_extractor(weights=None if weights == "none" else weights)
+    return captioner(model, config, tokenizer, extractor, extract_features.load_image, beam, alpha)
+
+
+def captioner(model, config, tokenizer, extractor, load_image, beam, alpha):
+    """caption_images from a loaded captioner, a feature extractor and its image loader.
+
+    load_image(file) -> the extractor's input array; frames reach it as in-memory BMP files, a
+    lossless copy, so frames and photos share one preprocessing function (~1 ms a frame).
+    """
     width = int(extractor.outputs[0].shape[-1])
     if width != config["feature_dim"]:
         raise PipelineError(f"the model was trained on {config['feature_dim']}-d features but the "
-                            f"VGG16 fc2 extractor gives {width}-d ({model_dir})")
+                            f"feature extractor gives {width}-d")
     predict = extract_features.make_predict_fn(extractor)
     id_to_word, _, end_id, _ = generate_caption.vocabulary(tokenizer)
 
     def as_file(image):
-        # load_image reads files; a lossless in-memory BMP makes it see the frame exactly, so
-        # frames and photos share one preprocessing function (~1 ms per frame)
         buffer = BytesIO()
         image.save(buffer, format="BMP")
         buffer.seek(0)
@@ -68,7 +74,7 @@ def photo_captioner(model_dir, data_dir, beam, alpha, weights):
     def caption_images(images):
         if not images:
             return []
-        batch = np.stack([extract_features.load_image(as_file(image)) for image in images])
+        batch = np.stack([load_image(as_file(image)) for image in images])
         features = predict(batch).reshape(len(images), -1)
         ids = generate_caption.caption_features(model, config, tokenizer, features, beam, alpha)
         return [" ".join(generate_caption.ids_to_words(id_to_word, row, end_id)) for row in ids]
@@ -89,8 +95,8 @@ def parse_args(argv):
     parser.add_argument("--weights", default=generate_caption.WEIGHTS,
                         help="VGG16 weights: imagenet | none | PATH")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--scenes", action="store_true",
-                      help="one caption per detected scene (what happens without --every)")
+    mode.add_argument("--scenes", action="store_true", default=argparse.SUPPRESS,
+                      help="one caption per detected scene: the default mode")
     mode.add_argument("--every", type=float, default=None, metavar="SECONDS",
                       help="one caption per fixed interval instead of per scene")
     parser.add_argument("--threshold", type=float, default=video.SCENE_THRESHOLD,
@@ -152,9 +158,8 @@ def run(args, caption_images, written=None):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    previous, written = None, []
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)   # kill = Ctrl-C: clean up
+    written = []
+    previous = extract_features.sigterm_as_interrupt()    # kill = Ctrl-C: temporary files go
     try:
         video.open_video(args.clip).close()        # a bad clip fails before the model loads
         caption_images = photo_captioner(args.model, args.data_dir, args.beam, args.alpha,
@@ -172,10 +177,6 @@ def main(argv=None):
           f"{stats['scenes']} scenes -> {len(segments)} captions in {stats['caption_seconds']:.1f} s "
           f"({speed:.1f}x real time); wrote {', '.join(map(str, written))}")
     return 0
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -149,10 +149,13 @@ def test_variable_frame_rate_uses_real_timestamps(images, tmp_path):
     frames = ([(t, first) for t in times_a] + [(t, second) for t in times_b]
               + [(t, third) for t in times_c])
     clip = write_clip(tmp_path / "vfr.mp4", frames, rate=25)
-    segments, stats = video.caption_video(clip, FakeCaptioner(images))
+    segments, stats = cv.run(args_for(clip, tmp_path, "--burn", str(tmp_path / "b.mp4")),
+                             FakeCaptioner(images))
     assert stats["frames"] == 30
     assert [round(s.start, 3) for s in segments] == [0.0, 2.0, 4.0]
     assert [s.caption for s in segments] == [f"a picture of {n}" for n in IMAGE_NAMES]
+    with av.open(str(tmp_path / "b.mp4")) as out:                # --burn keeps the timing
+        assert [round(f.time, 3) for f in out.decode(video=0)] == [round(t, 3) for t, _ in frames]
 
 
 def test_representative_frame_is_the_middle_one_by_time(images, tmp_path):
@@ -451,6 +454,12 @@ def tiny_extractor(weights=None, **kwargs):
     return model
 
 
+def mean_colour_extractor(weights=None, **kwargs):
+    """A 3-d "extractor" (the mean colour), for a model trained on 16-d features."""
+    import keras
+    return keras.Sequential([keras.Input((224, 224, 3)), keras.layers.GlobalAveragePooling2D()])
+
+
 def test_real_captioner_matches_photo_captions(three_clip, flickr8k_dir, tmp_path, capsys,
                                                monkeypatch):
     import generate_caption as gc
@@ -470,3 +479,9 @@ def test_real_captioner_matches_photo_captions(three_clip, flickr8k_dir, tmp_pat
     assert [text for _, _, text in cues] == photo_captions
     assert [start for start, _, _ in cues] == [0.0, 2.0, 4.0]
     assert "3 scenes -> 3 captions" in capsys.readouterr().out
+    # an extractor of another width than the model's features: one line, nothing written
+    monkeypatch.setattr(vgg16_build, "build_feature_extractor", mean_colour_extractor)
+    rc = run_cli(cv.main, [str(three_clip), "--vtt", str(tmp_path / "x.vtt")] + common)
+    err = capsys.readouterr().err
+    assert rc == 1 and not (tmp_path / "x.vtt").exists()
+    assert err.count("\n") == 1 and "16-d features but the feature extractor gives 3-d" in err

