@@ -513,8 +513,8 @@ def _burn_frames(container, v_in, a_in, out, v_out, a_out, a_copy, segments, siz
     """The demux loop of burn(): video frames decoded, captioned, encoded; audio copied/encoded."""
     font, cache = _font(size[1]), {}
     streams = [v_in] + ([a_in] if a_in is not None else [])
-    zero = container.start_time / 1e6 if container.start_time is not None else 0.0
-    at, written, last_pts = 0, 0, None
+    zero = stream_info(container)[2]          # as decode_frames: the container's start, else
+    at, written, last_pts = 0, 0, None        # the first frame's time
     try:
         for packet in container.demux(*streams):
             if packet.stream is a_in:
@@ -527,7 +527,9 @@ def _burn_frames(container, v_in, a_in, out, v_out, a_out, a_copy, segments, siz
                         out.mux(a_out.encode(audio))
                 continue
             for frame in packet.decode():
-                time = (frame.time if frame.time is not None else 0.0) - zero
+                if zero is None:
+                    zero = frame.time or 0.0
+                time = (frame.time if frame.time is not None else zero) - zero
                 while at + 1 < len(segments) and time >= segments[at + 1].start:
                     at += 1
                 image = upright(frame.to_image(), frame.rotation)
