@@ -52,17 +52,18 @@ def photo_captioner(model_dir, data_dir, beam, alpha, weights):
     return captioner(model, config, tokenizer, extractor, extract_features.load_image, beam, alpha)
 
 
-def captioner(model, config, tokenizer, extractor, load_image, beam, alpha):
+def captioner(model, config, tokenizer, extractor, load_image, beam, alpha, predict=None):
     """caption_images from a loaded captioner, a feature extractor and its image loader.
 
     load_image(file) -> the extractor's input array; frames reach it as in-memory BMP files, a
     lossless copy, so frames and photos share one preprocessing function (~1 ms a frame).
+    predict(batch) -> features defaults to the photo path's extract_features.make_predict_fn.
     """
     width = int(extractor.outputs[0].shape[-1])
     if width != config["feature_dim"]:
         raise PipelineError(f"the model was trained on {config['feature_dim']}-d features but the "
                             f"feature extractor gives {width}-d")
-    predict = extract_features.make_predict_fn(extractor)
+    predict = predict or extract_features.make_predict_fn(extractor)
     id_to_word, _, end_id, _ = generate_caption.vocabulary(tokenizer)
 
     def as_file(image):

@@ -17,6 +17,10 @@ module is in this checkout; otherwise its row says so). The decoder is a train.b
 of the default size (256 units) with random weights over the vocabulary prepare_text.py builds
 from the shared captions (2532 words): decoding speed does not depend on the weights.
 Model building and loading is reported apart ("startup") and not counted in the real-time factor.
+With --compiled, each backbone gets a second row, "<backbone> tf.function": the extractor called
+through tf.function (shapes generalised) instead of extract_features.make_predict_fn's eager call,
+which costs a many-layer network like Lite0 a lot of per-op overhead; caption_video.py does NOT
+do this today (it shares the photo path's predict function).
 
 Reads: the shared Flickr8k images and captions. Writes: only temporary files (removed).
 Last line: `rtf_<row>: <x> ...` where rtf = seconds of video / seconds of processing.
@@ -113,6 +117,13 @@ def backbone(name):
     raise PipelineError(f"unknown backbone {name!r} (vgg16, lite0)")
 
 
+def compiled(extractor):
+    """predict(batch) -> numpy features through one tf.function (batch size generalised)."""
+    import tensorflow as tf
+    call = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+    return lambda batch: np.asarray(call(batch))
+
+
 def timed(clip, caption_images, repeat):
     """Best of `repeat` runs of caption_video -> (seconds, stats)."""
     from captioning import video
@@ -133,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--per-image", type=float, default=PER_IMAGE, help="seconds per image")
     parser.add_argument("--backbones", default=BACKBONES, help="comma-separated: vgg16, lite0")
     parser.add_argument("--repeat", type=int, default=REPEAT, help="runs per row (best is kept)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time each backbone called through tf.function")
     args = parser.parse_args(argv)
     import caption_video
     data = flickr8k_dir()
@@ -157,19 +170,24 @@ def main(argv=None):
                 continue
             extractor, load_image = built
             model, config, tokenizer = decoder_run(root, data, int(extractor.outputs[0].shape[-1]))
-            caption_images = caption_video.captioner(model, config, tokenizer, extractor,
-                                                     load_image, beam=1, alpha=0.0)
-            caption_images(images[:1])                 # first call builds TF's kernels
-            startup = f"{time.perf_counter() - start:.1f} s"
-            seconds, stats = timed(clip, caption_images, args.repeat)
-            rows.append((name, startup, seconds, stats))
+            variants = [(name, None)]
+            if args.compiled:
+                variants.append((f"{name} tf.function", compiled(extractor)))
+            for label, predict in variants:
+                caption_images = caption_video.captioner(model, config, tokenizer, extractor,
+                                                         load_image, 1, 0.0, predict)
+                caption_images(images[:1])              # first call builds TF's kernels
+                startup = f"{time.perf_counter() - start:.1f} s"
+                seconds, stats = timed(clip, caption_images, args.repeat)
+                rows.append((label, startup, seconds, stats))
+                start = time.perf_counter()
     print(f"\n{'row':<16} {'startup':>10} {'seconds':>8} {'frames':>7} {'scenes':>7} {'x real time':>12}")
     for name, startup, seconds, stats in rows:
         if seconds is None:
             print(f"{name:<16} {startup}")
             continue
         ratio = stats["duration"] / seconds
-        ratios[name.split()[0] if name != "decode + scenes" else "decode_scenes"] = ratio
+        ratios[name.replace(" + ", "_").replace(" ", "_").replace(".", "")] = ratio
         print(f"{name:<16} {startup:>10} {seconds:>8.2f} {stats['frames']:>7} {stats['scenes']:>7} "
               f"{ratio:>11.1f}x")
     if "lite0" in ratios:
