@@ -434,15 +434,33 @@ def _layout(caption, width, height, font):
     return placed
 
 
+def _overlay(caption, size, font):
+    """(RGBA picture of the caption's lines, white with a black outline, and its top-left
+    corner) for a frame of `size`, or None for an empty caption."""
+    placed = _layout(caption, *size, font)
+    if not placed:
+        return None
+    canvas = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for xy, line in placed:
+        draw.text(xy, line, font=font, fill=(255, 255, 255, 255),
+                  stroke_width=max(1, font.size // 12), stroke_fill=(0, 0, 0, 255))
+    box = canvas.getbbox()
+    return canvas.crop(box), box[:2]
+
+
 def draw_caption(image, caption, font, cache):
-    """Draw `caption` in white with a black outline at the bottom of a PIL image, in place."""
+    """Draw `caption` at the bottom of a PIL RGB image, in place.
+
+    Each caption is rendered once into a transparent overlay (kept in `cache`) and pasted on
+    every frame: FreeType rendering with an outline costs ~8 ms a 640x360 frame, pasting ~0.3.
+    """
     key = (caption, image.size)
     if key not in cache:
-        cache[key] = _layout(caption, *image.size, font)
-    draw = ImageDraw.Draw(image)
-    for xy, line in cache[key]:
-        draw.text(xy, line, font=font, fill="white", stroke_width=max(1, font.size // 12),
-                  stroke_fill="black")
+        cache[key] = _overlay(caption, image.size, font)
+    if cache[key] is not None:
+        overlay, corner = cache[key]
+        image.paste(overlay, corner, overlay)
 
 
 def _first_frame(path):
