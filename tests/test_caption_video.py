@@ -5,7 +5,6 @@ captioner stack (a tiny model) against the photo path's captions of the same ima
 import math
 import re
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
