@@ -25,29 +25,53 @@ from captioning.utils import PipelineError
 WEIGHTS = "imagenet"    # VGG16 weights of the default encoder: imagenet | none | path to .h5/.keras
 
 
-def vgg16_encoder(weights=WEIGHTS, batch_size=extract_features.BATCH_SIZE):
-    """encode(list of PIL RGB images) -> float32 (N, 4096): VGG16 fc2 as extract_features.py computes it.
+class KerasEncoder:
+    """encode(list of PIL RGB images) -> float32 (N, D) through a Keras feature extractor.
 
-    The same resize and preprocessing as extract_features.load_image; the network is built on
-    the first call (tens of seconds), so making an encoder costs nothing until it is used.
-    Batches hold at most batch_size images (fewer for a short list: a few photos need not
-    cost a full batch).
+    build() -> the Keras model (built on first use: tens of seconds for VGG16, so making an
+    encoder costs nothing until it is used); size = its (height, width) input; preprocess(uint8
+    array (N, H, W, 3)) -> its input scaling. `width` (D) is read from the built model, so a
+    model/encoder mismatch is found before any image is encoded. Batches hold at most
+    batch_size images (fewer for a short list: a few photos need not cost a full batch).
     """
-    state = {}
 
-    def encode(images):
+    def __init__(self, build, size, preprocess, batch_size=extract_features.BATCH_SIZE):
+        self.build, self.size, self.preprocess, self.batch_size = build, size, preprocess, batch_size
+        self._predict = self._width = None
+
+    def _ready(self):
+        if self._predict is None:
+            extractor = self.build()
+            self._width = int(extractor.outputs[0].shape[-1])
+            self._predict = extract_features.make_predict_fn(extractor)
+        return self._predict
+
+    @property
+    def width(self):
+        self._ready()
+        return self._width
+
+    def __call__(self, images):
+        predict = self._ready()
+        arrays = np.stack([resize_rgb(img, self.size) for img in images]) if images else None
+        if arrays is None:
+            return np.zeros((0, self._width), np.float32)
+        x = self.preprocess(arrays.astype(np.float32))
+        step = max(1, min(len(x), self.batch_size))
+        out = [predict(x[i:i + step]).reshape(len(x[i:i + step]), -1) for i in range(0, len(x), step)]
+        return np.concatenate(out).astype(np.float32)
+
+
+def vgg16_encoder(weights=WEIGHTS):
+    """The VGG16 fc2 encoder, with extract_features.load_image's resize and preprocessing."""
+    def build():
+        return vgg16_build.build_feature_extractor(weights=None if weights == "none" else weights)
+
+    def preprocess(x):
         from keras.applications.vgg16 import preprocess_input
-        if "predict" not in state:
-            extractor = vgg16_build.build_feature_extractor(weights=None if weights == "none" else weights)
-            state["predict"] = extract_features.make_predict_fn(extractor)
-        arrays = [preprocess_input(resize_rgb(img, vgg16_build.IMAGE_SIZE).astype(np.float32))
-                  for img in images]
-        step = max(1, min(len(arrays), batch_size))
-        out = [state["predict"](np.stack(arrays[i:i + step])) for i in range(0, len(arrays), step)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, encode.width), np.float32)
+        return preprocess_input(x)
 
-    encode.width = vgg16_build.FC_UNITS
-    return encode
+    return KerasEncoder(build, vgg16_build.IMAGE_SIZE, preprocess)
 
 
 class Captioner:

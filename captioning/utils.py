@@ -133,7 +133,10 @@ def quiet_logs(tensorflow=True):
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
             try:
-                import tensorflow  # noqa: F401  (the import is the point: its C++ logs go nowhere)
+                import tensorflow
+                # Device discovery prints "failed call to cuInit" on a machine without a GPU at
+                # the first operation; run it here, inside the silenced window.
+                tensorflow.config.list_physical_devices()
             except ImportError:
                 pass
     finally:

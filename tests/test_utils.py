@@ -12,6 +12,7 @@ def test_importing_tensorflow_through_run_cli_prints_nothing_on_stderr():
               "from captioning.utils import run_cli\n"
               "def main(argv):\n"
               "    import keras\n"
+              "    keras.ops.ones((2,)).numpy()\n"          # first op: device discovery (cuInit)
               "    print('ok')\n"
               "    return 0\n"
               "sys.exit(run_cli(main))\n") % str(REPO)
