@@ -35,10 +35,12 @@ import socket
 import sys
 from pathlib import Path
 
-from captioning.captioner import Captioner
+from captioning.captioner import WEIGHTS
+from captioning.decoding import ALPHA
+from captioning.utils import HelpFormatter, PipelineError, run_cli
+from captioning.web_captioner import WebCaptioner
 from captioning.webapp import MB, Limits, create_app
-from generate_caption import ALPHA, DATA_DIR, MODEL_DIR, WEIGHTS
-from pipeline_utils import PipelineError, run_cli
+from generate_caption import DATA_DIR, MODEL_DIR
 
 HOST = "127.0.0.1"
 PORT = 8000
@@ -47,7 +49,7 @@ PORT = 8000
 def parse_args(argv):
     limits = Limits()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default=MODEL_DIR,
                         help="train.py run folder; if the default is missing, no captioning")
     parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
@@ -85,13 +87,13 @@ def bind(host, port):
 
 
 def load_captioner(args):
-    """The Captioner, or None when --model is the default and that folder does not exist."""
+    """The WebCaptioner, or None when --model is the default and that folder does not exist."""
     if args.model == MODEL_DIR and not Path(args.model).exists():
         print(f"no model at {args.model}: the page runs without captioning (pass --model DIR)",
               file=sys.stderr)
         return None
-    return Captioner(args.model, args.data_dir, weights=args.weights, alpha=args.alpha,
-                     features=args.features, images=args.images)
+    return WebCaptioner(args.model, args.data_dir, weights=args.weights, alpha=args.alpha,
+                        features=args.features, images=args.images)
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ Usage:
         --features ../shared/flickr8k/features_efficientnet_lite0.pkl \\
         --images ../shared/flickr8k/Flicker8k_Dataset
 
-Starts the real app (captioning/webapp.py with captioning/captioner.py's Captioner) under uvicorn
+Starts the real app (captioning/webapp.py with captioning/web_captioner.py) under uvicorn
 on 127.0.0.1 in this process, then sends --requests POST /api/caption requests, one photo each
 (the first --requests photos of --photos, so no two are alike), all started at the same moment
 from one asyncio client (httpx2). Checks that every request is answered with 200 and with the
@@ -38,11 +38,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-import extract_features  # noqa: E402
-from captioning.captioner import DIGEST_KEY, Captioner  # noqa: E402
+from captioning import models, text  # noqa: E402
+from captioning.captioner import WEIGHTS  # noqa: E402
+from captioning.images import list_images  # noqa: E402
+from captioning.utils import HelpFormatter, PipelineError, run_cli, sha256_file, write_json  # noqa: E402
+from captioning.web_captioner import DIGEST_KEY, WebCaptioner  # noqa: E402
 from captioning.webapp import Limits, create_app, open_upload, running  # noqa: E402
-from generate_caption import DATA_DIR, MODEL_DIR, WEIGHTS  # noqa: E402
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from generate_caption import DATA_DIR, MODEL_DIR  # noqa: E402
 
 REQUESTS = 50
 PHOTOS = "../shared/flickr8k/Flicker8k_Dataset"
@@ -52,7 +54,7 @@ TIMEOUT_S = 600          # per request: 50 queued requests at ~0.3 s each need ~
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder")
     parser.add_argument("--random-model", action="store_true",
                         help="use a random-weight model of train.py's default size instead of --model")
@@ -69,17 +71,14 @@ def parse_args(argv):
 def random_model_dir(data_dir, out_dir):
     """A train.py-style run folder holding a default-size merge model with random weights."""
     import keras
-    import prepare_text
-    import train
-    from pipeline_utils import sha256_file, write_json
-    meta = prepare_text.load_meta(data_dir)
+    meta = text.load_meta(data_dir)
     keras.utils.set_random_seed(0)
-    model = train.build_model("merge", 4096, meta["vocab_size"], meta["max_length"])
-    model.save(Path(out_dir) / train.MODEL_FILE)
-    write_json(Path(out_dir) / train.CONFIG_FILE, {
+    model = models.build_model("merge", 4096, meta["vocab_size"], meta["max_length"])
+    model.save(Path(out_dir) / models.MODEL_FILE)
+    write_json(Path(out_dir) / models.CONFIG_FILE, {
         "variant": "merge", "mode": "sequence", "feature_dim": 4096, "vocab_size": meta["vocab_size"],
-        "max_length": meta["max_length"], "embed_dim": train.EMBED_DIM, "units": train.UNITS,
-        "dropout": train.DROPOUT, "start_token": meta["start_token"], "end_token": meta["end_token"],
+        "max_length": meta["max_length"], "embed_dim": models.EMBED_DIM, "units": models.UNITS,
+        "dropout": models.DROPOUT, "start_token": meta["start_token"], "end_token": meta["end_token"],
         "pad_id": 0, "tokenizer_sha256": sha256_file(Path(data_dir) / "tokenizer.json"),
         "data_dir": str(data_dir)})
     return out_dir
@@ -119,13 +118,13 @@ def row(label, seconds, latencies, n):
 
 def main(argv=None):
     args = parse_args(argv)
-    photos = extract_features.list_images(args.photos)[:args.requests]
+    photos = list_images(args.photos)[:args.requests]
     if len(photos) < args.requests:
         raise PipelineError(f"need {args.requests} photos in {args.photos}, found {len(photos)}")
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = random_model_dir(args.data_dir, scratch) if args.random_model else args.model
-        captioner = Captioner(model_dir, args.data_dir, weights=args.weights,
-                              features=args.features, images=args.images)
+        captioner = WebCaptioner(model_dir, args.data_dir, weights=args.weights,
+                                 features=args.features, images=args.images)
         print(f"model {model_dir if not args.random_model else 'random, train.py default size'}; "
               f"{captioner.describe()}; beam {args.beam}; {os.cpu_count()} CPUs; load average "
               f"{os.getloadavg()[0]:.1f}")

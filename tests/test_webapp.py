@@ -1,4 +1,4 @@
-"""Tests for the web page (serve.py, captioning/webapp.py, captioning/captioner.py), over HTTP.
+"""Tests for the web page (serve.py, captioning/webapp.py, captioning/web_captioner.py), over HTTP.
 
 A real photo gets the caption generate_caption.py prints for it (a tiny random-weight model on
 VGG16 fc2 features with random VGG16 weights, as tests/test_generate_caption.py builds it);
@@ -23,9 +23,10 @@ from PIL import Image
 
 import evaluate_bleu
 import generate_caption as gc
-from captioning.captioner import Captioner, beam_alternatives
+from captioning import decoding
+from captioning.utils import PipelineError, write_json
+from captioning.web_captioner import WebCaptioner, beam_alternatives, rgb
 from captioning.webapp import Limits, create_app, running, sentence_bleu4
-from pipeline_utils import PipelineError, write_json
 from test_generate_caption import (BANNED, END, START, caption as table_caption, make_tiny_run,
                                    table_step)
 
@@ -132,9 +133,9 @@ def vgg16_built_once():
 
 @pytest.fixture(scope="module")
 def vgg_run(tmp_path_factory, vgg16_built_once):
-    """(data_dir, model_dir, features, ids, Captioner) of a tiny 4096-d model."""
+    """(data_dir, model_dir, features, ids, WebCaptioner) of a tiny 4096-d model."""
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path_factory.mktemp("vgg"), feature_dim=4096)
-    return data_dir, model_dir, features, ids, Captioner(model_dir, data_dir, weights="none")
+    return data_dir, model_dir, features, ids, WebCaptioner(model_dir, data_dir, weights="none")
 
 
 def cli_caption(capsys, *args):
@@ -161,14 +162,15 @@ def test_real_photo_gets_the_caption_generate_caption_prints(vgg_run, capsys):
     assert (result["width"], result["height"]) == Image.open(PHOTO).size
     assert result["features"] == "VGG16 fc2"
     # the score is beam search's: sum(log p) / length**0.7, recomputed here by teacher forcing
-    id_of = {str(word): i for i, word in enumerate(captioner.id_to_word)}
-    ids = [id_of[w] for w in beam3.split()] + [captioner.end_id] * result["beams"][0]["finished"]
-    features = captioner.encoder([Image.open(PHOTO)])
-    states, last, total = captioner.init_fn(features), np.array([captioner.start_id]), 0.0
+    base = captioner.captioner
+    id_of = {str(word): i for i, word in enumerate(base.id_to_word)}
+    ids = [id_of[w] for w in beam3.split()] + [base.end_id] * result["beams"][0]["finished"]
+    features = base.encode([rgb(Image.open(PHOTO))])
+    states, last, total = captioner.init_fn(features), np.array([base.start_id]), 0.0
     for token in ids:
         log_probs, states = captioner.step_fn(states, last)
         total, last = total + log_probs[0, token], np.array([token])
-    assert math.isclose(scores[0], total / len(ids) ** gc.ALPHA, rel_tol=1e-5)
+    assert math.isclose(scores[0], total / len(ids) ** decoding.ALPHA, rel_tol=1e-5)
 
 
 def test_several_photos_in_one_request_keep_their_order(vgg_run):
@@ -185,7 +187,7 @@ def test_cached_features_caption_dataset_photos_and_refuse_others(tmp_path, caps
     # a 16-d model, like one trained on the 1280-d Lite0 file: no encoder here computes its
     # features, so only uploads whose bytes equal a dataset image (cached vector) are captioned
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path)
-    captioner = Captioner(model_dir, data_dir, features=features, images=SAMPLE_IMAGES)
+    captioner = WebCaptioner(model_dir, data_dir, features=features, images=SAMPLE_IMAGES)
     assert len(captioner.cached) == len(list(SAMPLE_IMAGES.glob("*.jpg")))
     expected = cli_caption(capsys, "--model", model_dir, "--data-dir", data_dir, "--features",
                            features, "--ids", PHOTO.stem, "--beam", "1", "--alpha", "0")
@@ -201,7 +203,7 @@ def test_cached_features_caption_dataset_photos_and_refuse_others(tmp_path, caps
 
 
 def test_beam_alternatives_on_the_hand_written_table():
-    # generate_caption's test table: caption probabilities .2375, .17325, .14175, .096
+    # test_generate_caption's table: caption probabilities .2375, .17325, .14175, .096
     states = np.zeros((1, 1), dtype=np.int64)
     got = beam_alternatives(table_step, states, START, END, 10, beam=3, banned_ids=BANNED)
     assert [table_caption(ids) for ids, _, _ in got] == ["one cat sleeps weekend", "the dog", "the dog runs"]
@@ -215,7 +217,7 @@ def test_beam_alternatives_on_the_hand_written_table():
     got = beam_alternatives(table_step, states, START, END, 3, beam=2, banned_ids=BANNED)
     assert [(table_caption(ids), done) for ids, _, done in got] == [("the dog", False), ("a endless", False)]
     for beam, max_length in [(1, 10), (2, 10), (3, 5), (3, 6), (5, 10)]:
-        best = gc.beam_search(table_step, states, START, END, max_length, beam, 0.7, BANNED)[0]
+        best = decoding.beam_search(table_step, states, START, END, max_length, beam, 0.7, BANNED)[0]
         assert beam_alternatives(table_step, states, START, END, max_length, beam, 0.7, BANNED)[0][0] == best
 
 
@@ -543,7 +545,7 @@ def test_serve_cli_starts_answers_and_stops(tmp_path):
 def test_serve_cli_refuses_a_taken_port_in_one_line(capsys):
     import socket
     import serve
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -555,10 +557,10 @@ def test_serve_cli_refuses_a_taken_port_in_one_line(capsys):
 
 def test_serve_cli_refuses_a_missing_model_in_one_line(capsys):
     import serve
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     assert run_cli(serve.main, ["--model", "no/such/model", "--port", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: no trained model at no/such/model (missing model.json)"]
+    assert err == ["error: missing file no/such/model/model.keras"]
 
 
 # ---- a real browser ---------------------------------------------------------------------------

@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are top-level modules
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from captioning.captioner import Captioner  # noqa: E402
+from captioning.utils import HelpFormatter, atomic_write, run_cli  # noqa: E402
+from captioning.web_captioner import WebCaptioner  # noqa: E402
 from captioning.webapp import create_app, running  # noqa: E402
-from pipeline_utils import atomic_write, run_cli  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WINDOW = (1280, 900)     # CSS pixels of the screenshot
@@ -43,7 +43,7 @@ def chromium(profile_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="train.py run folder")
     parser.add_argument("--data-dir", default="data", help="prepare_text.py output folder")
     parser.add_argument("--weights", default="imagenet", help="VGG16 weights for new photos")
@@ -58,8 +58,8 @@ def main(argv=None):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import Select, WebDriverWait
-    captioner = Captioner(args.model, args.data_dir, weights=args.weights, features=args.features,
-                          images=args.images)
+    captioner = WebCaptioner(args.model, args.data_dir, weights=args.weights, features=args.features,
+                             images=args.images)
     app = create_app(captioner, results_dir=args.results, images_dir=args.images)
     with tempfile.TemporaryDirectory() as profile, running(app) as url:
         driver = chromium(profile)
