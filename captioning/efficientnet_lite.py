@@ -195,15 +195,16 @@ def keras_values(layer, state, prefix):
     raise PipelineError(f"no checkpoint mapping for layer {layer.name} ({kind})")
 
 
-def load_checkpoint_weights(model, path):
+def load_checkpoint_weights(model, path, state=None):
     """Fill `model` (from build_efficientnet_lite) with a legacy PyTorch checkpoint's tensors.
 
+    state: the checkpoint already read (read_legacy_checkpoint(path)), or None to read it here.
     Every layer with weights must find its tensors with the right shapes, and every tensor of the
     checkpoint must be used (the classifier's only when the model has one), so a checkpoint of
     another variant is refused with a one-line error naming the first mismatch. All checks run
     before the first layer is set, so a refused file leaves the model as it was.
     """
-    state = read_legacy_checkpoint(path)
+    state = read_legacy_checkpoint(path) if state is None else state
     assignments, used = [], set()
     for layer in (layer for layer in model.layers if layer.weights):
         prefix = torch_name(layer.name)
@@ -246,25 +247,23 @@ def resolve_weights(weights, variant=VARIANT):
 
 def build_classifier(weights="imagenet", variant=VARIANT, seed=SEED, quiet=False):
     """The full ImageNet classifier, (None, S, S, 3) preprocessed -> (None, 1000) softmax."""
-    path = resolve_weights(weights, variant)  # fails fast, before the build
-    model = build_efficientnet_lite(variant, include_top=True, seed=seed)
-    _load_or_warn(model, path, variant, quiet)
-    return model
+    return _build(weights, variant, True, seed, quiet)
 
 
 def build_feature_extractor(weights="imagenet", variant=VARIANT, output="pooled", seed=SEED,
                             quiet=False):
     """The encoder without classifier: see feature_model() for `output`."""
+    return feature_model(_build(weights, variant, False, seed, quiet), output)
+
+
+def _build(weights, variant, include_top, seed, quiet):
     path = resolve_weights(weights, variant)
-    model = build_efficientnet_lite(variant, include_top=False, seed=seed)
-    _load_or_warn(model, path, variant, quiet)
-    return feature_model(model, output)
-
-
-def _load_or_warn(model, path, variant, quiet):
+    state = read_legacy_checkpoint(path) if path is not None else None  # a bad file fails fast
+    model = build_efficientnet_lite(variant, include_top=include_top, seed=seed)
     if path is not None:
-        load_checkpoint_weights(model, path)
+        load_checkpoint_weights(model, path, state)
     elif not quiet:
         print(f"WARNING: EfficientNet-{variant.title()} has RANDOM weights (--weights none): its "
               "features carry no meaning; use them only for tests, timing and plumbing.",
               file=sys.stderr)
+    return model
