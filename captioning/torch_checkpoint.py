@@ -167,7 +167,7 @@ def _materialise(state, storages, path):
     arrays = {}
     for name, value in state.items():
         if not isinstance(value, TensorRef) or not isinstance(value.storage, StorageRef):
-            raise PipelineError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+            raise PipelineError(f"{path}: entry {name!r} is not a tensor ({type(value).__name__})")
         arrays[str(name)] = _tensor_from(value, storages, name, path)
     return arrays
 

@@ -209,7 +209,10 @@ def bad_checkpoints(tmp_path):
     good = legacy_bytes(small_state())
     evil = small_state()
     evil["x"] = Call(Global("os", "system"), f"touch {tmp_path / 'pwned'}")
-    return {"truncated.pth": (good[:len(good) // 2], "corrupt or truncated checkpoint"),
+    not_tensors = small_state()
+    not_tensors["epoch"] = 3
+    return {"not_tensors.pth": (legacy_bytes(not_tensors), r"entry 'epoch' is not a tensor \(int\)"),
+            "truncated.pth": (good[:len(good) // 2], "corrupt or truncated checkpoint"),
             "empty.pth": (b"", "corrupt or truncated checkpoint"),
             "evil.pth": (legacy_bytes(evil), r"refused to load os\.system"),
             "notes.pth": (b"hello", "corrupt or truncated checkpoint")}
