@@ -19,6 +19,7 @@ here resolves only the globals a state dict of tensors needs (ALLOWED_GLOBALS) a
 other one before anything runs, with a one-line PipelineError naming the file and the global.
 """
 import collections
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -185,6 +186,9 @@ def _tensor_from(ref, storages, name, path):
                             f"strides {stride}, offset {start})")
     if 0 in size:
         return np.zeros(size, data.dtype.newbyteorder("="))
+    if math.prod(size) > data.size:  # only a broadcast (stride 0) could do this: never in a state dict
+        raise PipelineError(f"corrupt checkpoint ({path}: tensor {name} has {math.prod(size)} "
+                            f"elements, its storage {data.size})")
     last = start + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= data.size:
         raise PipelineError(f"corrupt checkpoint ({path}: tensor {name} reaches element {last} "

@@ -155,6 +155,9 @@ def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
     state = {"w": tensor(floats, 2, (3,), (1,))}  # elements 2, 3, 4 of a 4-element storage
     with pytest.raises(PipelineError, match=r"tensor w reaches element 4 of a 4-element storage"):
         read_legacy_checkpoint(write_legacy_checkpoint(tmp_path / "oob.pth", state))
+    huge = {"w": tensor(floats, 0, (10**9, 10**9), (0, 0))}  # 10**18 elements, if it were built
+    with pytest.raises(PipelineError, match=rf"tensor w has {10**18} elements, its storage 4"):
+        read_legacy_checkpoint(write_legacy_checkpoint(tmp_path / "huge.pth", huge))
 
 
 @pytest.mark.parametrize("keep", [0, 1, 30, 200, -60, -1])
