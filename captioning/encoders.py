@@ -34,6 +34,7 @@ class Encoder:
     pooled_layer: str          # its output is the (D,) vector of features.pkl
     spatial_layer: str         # its output is the (H, W, C) grid of the spatial file
     preprocess_name: str       # recorded in fingerprints and settings
+    width: int                 # D of the pooled vector
 
     def preprocess(self, rgb):
         """uint8/float RGB array(s) (..., H, W, 3), 0..255 -> float32 network input."""
@@ -45,9 +46,9 @@ class Encoder:
 
 ENCODERS = {
     "vgg16": Encoder("vgg16", tuple(vgg16_build.IMAGE_SIZE), vgg16_build.FEATURE_LAYER,
-                     "block5_conv3", "vgg16 caffe"),
+                     "block5_conv3", "vgg16 caffe", vgg16_build.FC_UNITS),
     "lite0": Encoder("lite0", (efficientnet_lite.image_size("lite0"),) * 2, "avg_pool", "head_relu",
-                     "(x - 127) / 128 RGB"),
+                     "(x - 127) / 128 RGB", efficientnet_lite.HEAD_FILTERS),
 }
 
 
@@ -56,6 +57,16 @@ def get(name):
     if name not in ENCODERS:
         raise PipelineError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
     return ENCODERS[name]
+
+
+def backbone_of(config):
+    """The backbone a captioner's features came from: model.json's "backbone" when train.py
+    recorded one (from the features file's settings), else the one whose pooled width is the
+    model's feature_dim; None when no backbone gives that width (e.g. a test's tiny model)."""
+    if config.get("backbone") in ENCODERS:
+        return config["backbone"]
+    matches = [name for name, enc in ENCODERS.items() if enc.width == config.get("feature_dim")]
+    return matches[0] if len(matches) == 1 else None
 
 
 def build(name, weights, seed=0, output="pooled", quiet=False):
