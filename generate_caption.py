@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning import decoding
-from captioning.captioner import WEIGHTS, Captioner, vgg16_encoder
+from captioning.captioner import WEIGHTS, Captioner
 from captioning.decoding import ALPHA, BEAM
 from captioning.features import load_features
 from captioning.images import list_images, open_rgb
@@ -94,7 +94,8 @@ def report(failures):
 
 def main(argv=None):
     args = parse_args(argv)
-    captioner = Captioner(args.model, args.data_dir, encode=vgg16_encoder(args.weights))
+    captioner = Captioner(args.model, args.data_dir)
+    captioner.encode = captioner.default_encoder(args.weights)   # the model's own backbone
     failed = False
     if args.ids:
         cached = load_features(args.features)

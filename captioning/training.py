@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning import data, decoding, metrics, models, text
-from captioning.features import load_features
+from captioning.features import load_features, recorded_backbone
 from captioning.utils import PipelineError, atomic_write, read_json, save_settings, sha256_file, write_json
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
@@ -79,6 +79,7 @@ def prepare_inputs(args):
               "start_id": word_index[meta["start_token"]], "end_id": word_index[meta["end_token"]],
               "tokenizer_sha256": meta["tokenizer_sha256"],
               "features_file": str(args.features), "features_sha256": sha256_file(args.features),
+              "backbone": recorded_backbone(args.features),
               "data_dir": str(Path(args.data_dir).resolve()),
               "epochs_trained": 0, "best_epoch": None, "best_val_loss": None}
     return matrix, train, dev, config, row_of_id
