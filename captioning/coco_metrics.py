@@ -233,11 +233,10 @@ class _StoppedMeteor(Meteor):
 
 # ---- fast CIDEr-D for rewards ---------------------------------------------------------------------
 def _ngram_counts(tokens, n=CIDER_N):
-    """Counts of every 1..n-gram of a token sequence (pycocoevalcap's precook)."""
+    """Counts of every 1..n-gram of a token sequence, as tuples (pycocoevalcap's precook)."""
     counts = Counter()
     for k in range(1, n + 1):
-        for i in range(len(tokens) - k + 1):
-            counts[tuple(tokens[i:i + k])] += 1
+        counts.update(zip(*[tokens[i:] for i in range(k)]))    # the k-grams, counted in C
     return counts
 
 
@@ -261,8 +260,9 @@ class CiderD:
             raise PipelineError("CiderD needs references for at least one image")
         self.n = n
         self.sigma = sigma
-        counted = {}
+        counted = {}       # image -> [(n-gram counts, length) per reference]
         document_frequency = Counter()
+        token_types = set()
         for key, refs in references.items():
             if isinstance(refs, str) or not refs:
                 raise PipelineError(f"image {key} has no reference captions (need a non-empty list)")
@@ -270,57 +270,66 @@ class CiderD:
             for number, tokens in enumerate(token_lists, start=1):
                 if not tokens:
                     raise PipelineError(f"image {key} has an empty reference caption (#{number})")
-            counted[key] = [_ngram_counts(t, n) for t in token_lists]
-            document_frequency.update({g for c in counted[key] for g in c})
+            counted[key] = [(_ngram_counts(t, n), self._length(t)) for t in token_lists]
+            document_frequency.update({g for counts, _ in counted[key] for g in counts})
+            token_types.update(type(t[0]) for t in token_lists)
+        if len(token_types) > 1:
+            raise PipelineError("CiderD references mix token kinds ("
+                                + ", ".join(sorted(t.__name__ for t in token_types)) + ")")
+        self.token_type = token_types.pop()
         self.log_images = math.log(float(len(references)))
         self.idf = {g: self.log_images - math.log(max(1.0, df)) for g, df in document_frequency.items()}
-        self.token_type = type(next(iter(next(iter(counted.values()))[0]))[0])
-        # per image: {ngram: ((ref index, tf-idf), ...)}, per-ref norms (n,), ref lengths
+        # per image: ({ngram: [(slot, tf-idf), ...]} with slot = reference index * n + order,
+        #             per-reference norms per order, per-reference lengths)
         self.tables = {key: self._reference_table(c) for key, c in counted.items()}
 
-    def _vector(self, counts):
-        """counts -> ({ngram: tf-idf}, norms per order, length) as pycocoevalcap's counts2vec."""
-        vector = {}
-        squares = [0.0] * self.n
-        length = 0
-        for gram, tf in counts.items():
-            value = float(tf) * self.idf.get(gram, self.log_images)
-            vector[gram] = value
-            squares[len(gram) - 1] += value * value
-            if len(gram) == 2:      # pycocoevalcap's length counts bigrams: words - 1
-                length += tf
-        return vector, [math.sqrt(s) for s in squares], length
+    def _length(self, tokens):
+        """pycocoevalcap's caption length: its number of bigrams (words - 1), 0 if n < 2."""
+        return max(len(tokens) - 1, 0) if self.n >= 2 else 0
 
-    def _reference_table(self, ref_counts):
+    def _reference_table(self, counted):
         table = defaultdict(list)
         norms, lengths = [], []
-        for index, counts in enumerate(ref_counts):
-            vector, norm, length = self._vector(counts)
-            for gram, value in vector.items():
-                table[gram].append((index, value))
-            norms.append(norm)
+        for index, (counts, length) in enumerate(counted):
+            squares = [0.0] * self.n
+            for gram, tf in counts.items():
+                value = float(tf) * self.idf[gram]
+                order = len(gram) - 1
+                squares[order] += value * value
+                table[gram].append((index * self.n + order, value))
+            norms.append([math.sqrt(s) for s in squares])
             lengths.append(length)
         return dict(table), norms, lengths
 
     def score(self, image_id, tokens):
-        """CIDEr-D of one hypothesis (token sequence or string) against image_id's references."""
+        """CIDEr-D of one hypothesis (token sequence or string) against image_id's references.
+
+        The same arithmetic as pycocoevalcap's CiderScorer.compute_cider: per n-gram order, the
+        cosine of clipped tf-idf vectors, times a Gaussian penalty on the length difference,
+        averaged over orders and references, x 10.
+        """
+        tokens = _as_tokens(tokens)
         table, ref_norms, ref_lengths = self.tables[image_id]
-        vector, norm, length = self._vector(_ngram_counts(_as_tokens(tokens), self.n))
-        n_refs = len(ref_norms)
-        dots = [[0.0] * self.n for _ in range(n_refs)]
-        for gram, value in vector.items():
-            for index, ref_value in table.get(gram, ()):
-                dots[index][len(gram) - 1] += min(value, ref_value) * ref_value
+        n, idf, unseen = self.n, self.idf, self.log_images   # unseen n-gram: df 0 -> idf log N
+        squares = [0.0] * n
+        dots = [0.0] * (len(ref_norms) * n)
+        for gram, tf in _ngram_counts(tokens, n).items():
+            value = float(tf) * idf.get(gram, unseen)
+            squares[len(gram) - 1] += value * value
+            for slot, ref_value in table.get(gram, ()):
+                dots[slot] += (value if value < ref_value else ref_value) * ref_value   # clipped
+        norms = [math.sqrt(s) for s in squares]
+        length = self._length(tokens)
         total = 0.0
-        for index in range(n_refs):
-            delta = float(length - ref_lengths[index])
+        for index, (ref_norm, ref_length) in enumerate(zip(ref_norms, ref_lengths)):
+            delta = float(length - ref_length)
             penalty = math.exp(-(delta ** 2) / (2 * self.sigma ** 2))
-            for order in range(self.n):
-                dot = dots[index][order]
-                if norm[order] != 0 and ref_norms[index][order] != 0:
-                    dot /= norm[order] * ref_norms[index][order]
+            for order in range(n):
+                dot = dots[index * n + order]
+                if norms[order] != 0 and ref_norm[order] != 0:
+                    dot /= norms[order] * ref_norm[order]
                 total += dot * penalty
-        return total / self.n / n_refs * 10.0
+        return total / n / len(ref_norms) * 10.0
 
     def scores(self, ids, token_lists):
         """CIDEr-D per hypothesis: ids[i] is the image of token_lists[i] -> float64 array.
