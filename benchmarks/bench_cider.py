@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules
 
 from captioning.coco_metrics import CiderD, python_tokenize  # noqa: E402
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from captioning.utils import PipelineError, run_cli  # noqa: E402
 
 TEXT_DIR = "../shared/flickr8k/Flickr8k_text"
 SAMPLES = 5          # hypotheses per image (SCST samples per image)

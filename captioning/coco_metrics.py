@@ -41,7 +41,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
-from pipeline_utils import PipelineError
+from captioning.utils import PipelineError
 
 SPICE_STATUS = ("not computed: pycocoevalcap's SPICE downloads Stanford CoreNLP 3.6.0 models from "
                 "nlp.stanford.edu on first use, which cannot work offline")

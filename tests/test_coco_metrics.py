@@ -11,7 +11,7 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 
 from captioning import coco_metrics as cm
-from pipeline_utils import PipelineError
+from captioning.utils import PipelineError
 
 SAMPLE_TOKENS = Path(__file__).resolve().parents[1] / "data" / "sample" / "Flickr8k_text" / "Flickr8k.token.txt"
 needs_java = pytest.mark.skipif(not cm.java_available(),
