@@ -121,9 +121,13 @@ def test_main_writes_results_captions_and_gallery(tmp_path, capsys):
     out_dir = tmp_path / "results"
     rc = eb.main(["--features", str(features), "--data-dir", str(data_dir), "--model", str(model_dir),
                   "--split", "test", "--beam", "2", "--output", str(out_dir),
-                  "--images", str(SAMPLE / "Flicker8k_Dataset"), "--gallery", "3"])
+                  "--images", str(SAMPLE / "Flicker8k_Dataset"), "--gallery", "3", "--java", "no"])
     assert rc == 0
     results = json.loads((out_dir / "results.json").read_text())
+    coco = results["coco"]      # the COCO metrics (tests/test_coco_metrics.py checks their values)
+    assert coco["tokenizer"] == "python" and coco["meteor"] is None and coco["n_images"] == len(
+        json.loads((data_dir / "splits.json").read_text())["test"])
+    assert 0 <= coco["bleu_4"] <= coco["bleu_1"] <= 1 and 0 <= coco["rouge_l"] <= 1 and coco["cider_d"] >= 0
     test_ids = json.loads((data_dir / "splits.json").read_text())["test"]
     assert results["n_images"] == len(test_ids) and results["split"] == "test" and results["beam"] == 2
     assert results["features"] == "features.pkl" and results["seconds"] > 0
