@@ -345,6 +345,7 @@ def make_keeper(run_dir, state, config, patience, scorer=None, previous=None, de
         def on_epoch_end(self, epoch, logs=None):
             nonlocal previous
             val = float(logs["val_loss"]) * dev_scale
+            logs["val_loss"] = val     # Keras' progress line and History print this, after us
             bleu4 = round(float(scorer(self.model, config)), 6) if scorer else None
             lr = float(f"{float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)):.6g}")
             state["history"].append({"epoch": epoch + 1, "loss": round(float(logs["loss"]), 6),
