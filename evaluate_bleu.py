@@ -18,7 +18,7 @@ Reads:
                       equal the model's feature_dim.
     --data-dir DIR    prepare_text.py outputs: meta.json, tokenizer.json, splits.json,
                       descriptions.txt, references.json.
-    --model DIR       train.py run folder (model.keras, model.json).
+    --model PATH      train.py run folder, or its model.keras (model.keras + model.json).
     --images DIR      optional: the Flickr8k image folder, for the gallery.
 Writes (into --output, each atomically, all after the scoring succeeded):
     results.json      {"bleu": {"tutorial": {bleu1..bleu4}, "standard": {...}}, "coco": {bleu_1..
@@ -105,10 +105,12 @@ def parse_args(argv):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--features", default=FEATURES, help="features.pkl of the split's images")
     parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
-    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder")
+    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder, or its model.keras")
     parser.add_argument("--split", default=SPLIT, choices=["train", "dev", "test"], help="split to caption")
     parser.add_argument("--beam", type=int, default=BEAM, help="beam width (1 = greedy)")
-    parser.add_argument("--alpha", type=float, default=ALPHA, help="beam length normalisation exponent")
+    parser.add_argument("--alpha", type=float, default=ALPHA,
+                        help="beam length normalisation exponent, for --beam >= 2 only "
+                             "(beam 1 is the plain argmax loop)")
     parser.add_argument("--output", default=OUTPUT_DIR, help="folder for results.json etc.")
     parser.add_argument("--images", default=None, help="image folder, to write gallery.html")
     parser.add_argument("--gallery", type=int, default=GALLERY_IMAGES, help="images in the gallery")
@@ -119,6 +121,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.beam < 1:
         parser.error("--beam must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise PipelineError(f"--limit must be at least 1 (got {args.limit})")
     return args
 
 
