@@ -171,10 +171,16 @@ class WebCaptioner:
         c, words = self.captioner, self.captioner.words
         greedy = decoding.greedy_decode(self.step_fn, self.init_fn(matrix), c.start_id, c.end_id,
                                         c.config["max_length"], c.banned)
+        # beam 1 is greedy whatever alpha is (decoding.decode); beam search of width 1 with
+        # alpha 0 is exactly greedy, and its summed log p is then normalised for the score column
+        search_alpha = self.alpha if beam > 1 else 0.0
         for row, i in enumerate(order):
             alternatives = beam_alternatives(self.step_fn, self.init_fn(matrix[row:row + 1]),
                                              c.start_id, c.end_id, c.config["max_length"], beam,
-                                             self.alpha, c.banned)
+                                             search_alpha, c.banned)
+            if beam == 1 and self.alpha:
+                alternatives = [(ids, score / len(ids) ** self.alpha, done)
+                                for ids, score, done in alternatives]
             out[i] = {"greedy": " ".join(words(greedy[row])),
                       "beams": [(" ".join(words(ids)), score) for ids, score, _ in alternatives],
                       "finished": [done for _, _, done in alternatives],

@@ -150,7 +150,7 @@ def cli_caption(capsys, *args):
 def test_real_photo_gets_the_caption_generate_caption_prints(vgg_run, capsys):
     data_dir, model_dir, _, _, captioner = vgg_run
     common = [PHOTO, "--model", model_dir, "--data-dir", data_dir, "--weights", "none"]
-    greedy = cli_caption(capsys, *common, "--beam", "1", "--alpha", "0")
+    greedy = cli_caption(capsys, *common, "--beam", "1")
     beam3 = cli_caption(capsys, *common, "--beam", "3")            # default alpha 0.7
     client = TestClient(create_app(captioner))
     response = upload(client, (PHOTO.name, PHOTO.read_bytes()), beam=3)
@@ -182,6 +182,7 @@ def test_several_photos_in_one_request_keep_their_order(vgg_run):
     alone = [upload(client, (p.name, p.read_bytes()), beam=1).json()["results"][0] for p in photos]
     assert [r["name"] for r in together] == [p.name for p in photos]
     assert [r["greedy"] for r in together] == [r["greedy"] for r in alone]
+    assert [r["beams"][0]["caption"] for r in together] == [r["greedy"] for r in together]   # beam 1
 
 
 def test_cached_features_caption_dataset_photos_and_refuse_others(tmp_path, capsys):
@@ -191,7 +192,7 @@ def test_cached_features_caption_dataset_photos_and_refuse_others(tmp_path, caps
     captioner = WebCaptioner(model_dir, data_dir, features=features, images=SAMPLE_IMAGES)
     assert len(captioner.cached) == len(list(SAMPLE_IMAGES.glob("*.jpg")))
     expected = cli_caption(capsys, "--model", model_dir, "--data-dir", data_dir, "--features",
-                           features, "--ids", PHOTO.stem, "--beam", "1", "--alpha", "0")
+                           features, "--ids", PHOTO.stem, "--beam", "1")
     client = TestClient(create_app(captioner))
     other = io.BytesIO()
     Image.open(PHOTO).rotate(90).save(other, "JPEG")             # same picture, other bytes
