@@ -38,8 +38,10 @@ from captioning.features import load_features
 from captioning.images import list_images, open_rgb
 from captioning.utils import PipelineError, run_cli
 
-MODEL_DIR = "models/merge"
-DATA_DIR = "data"
+# The captioner shipped in the repository (merge model, Lite0 features, tokenizer beside it;
+# README "The shipped captioner"), so `python generate_caption.py photo.jpg` works out of the box.
+MODEL_DIR = str(Path(__file__).resolve().parent / "pretrained" / "merge-lite0")
+DATA_DIR = None          # None: the tokenizer in the model folder, else model.json's data_dir
 IMAGES_PER_CHUNK = 64    # images decoded and captioned together (bounds memory for big folders)
 
 
@@ -71,8 +73,12 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("images", nargs="*", help="image files or folders")
-    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder, or its model.keras")
-    parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
+    parser.add_argument("--model", default=MODEL_DIR,
+                        help="train.py run folder, or its model.keras (default: the shipped "
+                             "pretrained/merge-lite0)")
+    parser.add_argument("--data-dir", default=DATA_DIR,
+                        help="prepare_text.py output folder (default: the tokenizer in the model "
+                             "folder, else the data_dir recorded in model.json)")
     parser.add_argument("--beam", type=int, default=BEAM, help="beam width (1 = greedy)")
     parser.add_argument("--alpha", type=float, default=ALPHA,
                         help="beam length normalisation exponent, for --beam >= 2 only "

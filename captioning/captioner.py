@@ -84,11 +84,14 @@ class Captioner:
 
     def __init__(self, model_path, data_dir=None, encode=None):
         """model_path: a train.py run folder or its model.keras; data_dir: prepare_text.py's
-        folder holding tokenizer.json (default: the data_dir recorded in model.json);
+        folder holding tokenizer.json (default: the run folder itself when it carries its
+        tokenizer.json, as the shipped pretrained/ captioner does, else the data_dir recorded
+        in model.json);
         encode: see the module docstring (default vgg16_encoder(), built on first use)."""
         run_dir = models.run_folder(model_path)
         if data_dir is None:
-            data_dir = models.read_config(run_dir).get("data_dir")
+            data_dir = (run_dir if (run_dir / "tokenizer.json").is_file()
+                        else models.read_config(run_dir).get("data_dir"))
         self.model, self.config, self.tokenizer = models.load_captioner(run_dir, data_dir)
         self.id_to_word, self.start_id, self.end_id, self.banned = decoding.vocabulary(self.tokenizer)
         self.encode = encode
