@@ -277,11 +277,16 @@ def ids_to_words(id_to_word, ids, end_id):
 
 def caption_features(model, config, tokenizer, features, beam=BEAM, alpha=ALPHA,
                      batch_images=BATCH_IMAGES, progress=False):
-    """Decode captions for a (N, D) feature matrix -> N lists of generated ids (incl. endseq)."""
+    """Decode captions for N images' features -> N lists of generated ids (incl. endseq).
+
+    features: (N, D) for a model of config["feature_dim"] D, or (N, *shape) for a model whose
+    config gives "feature_shape" (e.g. a spatial grid).
+    """
     features = np.asarray(features, dtype=np.float32)
-    if features.ndim != 2 or features.shape[1] != config["feature_dim"]:
-        raise PipelineError(f"features have width {features.shape[-1]} but the model expects "
-                            f"{config['feature_dim']}")
+    shape = tuple(config.get("feature_shape") or (config["feature_dim"],))
+    if features.shape[1:] != shape:
+        raise PipelineError(f"features have shape {features.shape[1:]} per image but the model "
+                            f"expects {shape}")
     _, start_id, end_id, banned = vocabulary(tokenizer)
     init_fn, step_fn = make_step_fn(model, config)
     out = []

@@ -10,7 +10,7 @@ Owns
   dev_bleu_scorer  greedy dev-split BLEU-4 of a model (train.py --select-by bleu).
   cross_validate   K folds over the training images per variant -> cv.csv.
 Files of a run folder (<output-dir>/<name>): see train.py's docstring.
-Imports captioning.data, decoding, metrics, models, text, utils; Keras/TensorFlow/matplotlib
+Imports captioning.data, decoding, features, metrics, models, text, utils; Keras, TensorFlow and matplotlib
 inside functions (heavy).
 """
 import csv

@@ -49,7 +49,7 @@ def test_cli_default_is_the_course_greedy_loop_caption_for_caption(learnt, capsy
     """Issue 9: the default decoding (--beam 1, --alpha left at its beam default) is greedy:
     the same captions as tutorial_greedy's one predict per word, on every image."""
     root, features, data_dir, splits, folder = learnt
-    ids = splits["train"] + splits["dev"] + splits["test"]
+    ids = splits["dev"] + splits["test"]          # 12 images, 4 of each kind
     capsys.readouterr()
     # the run folder's model.keras is accepted as --model as well as the folder
     assert generate_caption.main(["--model", str(folder / "model.keras"), "--data-dir", str(data_dir),
