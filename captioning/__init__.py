@@ -1,0 +1,1 @@
+"""The captioning library: code the stage scripts share (features, text, models, retrieval)."""
