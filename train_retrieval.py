@@ -56,13 +56,14 @@ BATCH_SIZE = 128          # pairs per batch = candidates for the hardest negativ
 LEARNING_RATE = 2e-4      # Adam, as VSE++
 CLIPNORM = 2.0            # gradient norm clipping, as VSE++
 WARMUP_EPOCHS = 0         # first epochs with summed negatives instead of the hardest
+LR_DECAY_EPOCH = 0        # from this epoch (1-based) on the learning rate is 10x lower; 0 = never
 PATIENCE = 3              # epochs without a better dev rsum before stopping
 SEED = 1
 MAX_MISSING = 0.01        # fraction of train+dev images allowed to lack features
 
 LAST_FILE, STATE_FILE = "last.keras", "state.json"
 RESUME_KEYS = ("embed_dim", "word_dim", "margin", "batch_size", "learning_rate", "clipnorm",
-               "warmup_epochs", "seed", "features_sha256", "tokenizer_sha256")
+               "warmup_epochs", "lr_decay_epoch", "seed", "features_sha256", "tokenizer_sha256")
 HISTORY_FIELDS = ["epoch", "loss", "max_violation", "dev_i2t_r1", "dev_i2t_r5", "dev_i2t_r10",
                   "dev_t2i_r1", "dev_t2i_r5", "dev_t2i_r10", "dev_rsum", "seconds", "lr"]
 
@@ -145,12 +146,15 @@ def make_dataset(examples, features, batch_size, seed, first_epoch=0):
 
 
 # ---- dev evaluation ----------------------------------------------------------------------------
-def rank_examples(model, features, examples):
-    """ranking.evaluate of the images in `examples` against all their captions."""
+def rank_examples(encoders, features, examples):
+    """ranking.evaluate of the images in `examples` against all their captions.
+
+    encoders: (image encoder, text encoder) of the model (retrieval.image_encoder/text_encoder).
+    """
     image_rows = sorted({row for row, _ in examples})
     column = {row: k for k, row in enumerate(image_rows)}
-    images = retrieval.embed_images(retrieval.image_encoder(model), features[image_rows])
-    texts = retrieval.embed_captions(retrieval.text_encoder(model), [ids for _, ids in examples])
+    images = retrieval.embed_images(encoders[0], features[image_rows])
+    texts = retrieval.embed_captions(encoders[1], [ids for _, ids in examples])
     return ranking.evaluate(images @ texts.T, [column[row] for row, _ in examples])
 
 
@@ -168,12 +172,16 @@ def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience):
     import keras
 
     class Keeper(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            # built once: they share the model's weights, and their compiled graphs are reused
+            self.encoders = retrieval.image_encoder(self.model), retrieval.text_encoder(self.model)
+
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.time()
             self.model.loss.max_violation.assign(0.0 if epoch < warmup_epochs else 1.0)
 
         def on_epoch_end(self, epoch, logs=None):
-            dev_result = rank_examples(self.model, features, dev)
+            dev_result = rank_examples(self.encoders, features, dev)
             a, s = dev_result["image_to_text"], dev_result["text_to_image"]
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             state["history"].append({
@@ -248,9 +256,16 @@ def train_run(args, run_dir, matrix, train, dev, config):
     save_settings(run_dir / "settings.json", args, **{k: config[k] for k in (
         "feature_dim", "vocab_size", "max_length", "backbone", "features_sha256", "tokenizer_sha256")},
         train_captions=len(train), dev_captions=len(dev))
+    def learning_rate(epoch, lr):
+        # VSE++'s schedule: one 10x step down (epoch is 0-based here); set from the epoch
+        # number, not the current value, so a resumed run gets the same rate
+        late = args.lr_decay_epoch and epoch + 1 >= args.lr_decay_epoch
+        return args.learning_rate * (0.1 if late else 1.0)
+
     model.fit(make_dataset(train, matrix, args.batch_size, args.seed, first_epoch=state["epoch"]),
               epochs=args.epochs, initial_epoch=state["epoch"], verbose=args.verbose, shuffle=False,
-              callbacks=[make_keeper(run_dir, state, config, matrix, dev, args.warmup_epochs,
+              callbacks=[keras.callbacks.LearningRateScheduler(learning_rate),
+                         make_keeper(run_dir, state, config, matrix, dev, args.warmup_epochs,
                                      args.patience)])
     return state
 
@@ -273,6 +288,8 @@ def parse_args(argv):
     p.add_argument("--clipnorm", type=float, default=CLIPNORM, help="gradient norm clipping")
     p.add_argument("--warmup-epochs", type=int, default=WARMUP_EPOCHS,
                    help="first epochs with summed negatives (VSE0) before the hardest negative")
+    p.add_argument("--lr-decay-epoch", type=int, default=LR_DECAY_EPOCH,
+                   help="epoch (1-based) from which the learning rate is 10x lower; 0 = never")
     p.add_argument("--patience", type=int, default=PATIENCE, help="early stopping, in epochs")
     p.add_argument("--seed", type=int, default=SEED, help="same seed, same weights")
     p.add_argument("--max-missing", type=float, default=MAX_MISSING,
@@ -284,8 +301,9 @@ def parse_args(argv):
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
     if args.batch_size < 2:
         raise PipelineError("--batch-size must be at least 2 (the other pairs are the negatives)")
-    if args.warmup_epochs < 0 or args.margin <= 0 or not 0 <= args.max_missing <= 1:
-        raise PipelineError("--warmup-epochs must be >= 0, --margin > 0, --max-missing in [0, 1]")
+    if args.warmup_epochs < 0 or args.lr_decay_epoch < 0 or args.margin <= 0 or not 0 <= args.max_missing <= 1:
+        raise PipelineError("--warmup-epochs and --lr-decay-epoch must be >= 0, --margin > 0, "
+                            "--max-missing in [0, 1]")
     return args
 
 

@@ -77,12 +77,12 @@ def evaluate(similarity, caption_image):
 
 def format_table(rows):
     """rows: [(label, evaluate() dict)] -> a plain-text table, one line per row."""
-    head = (f"{'ranker':<34} {'annotation R@1/5/10':>21} {'med':>5} {'mean':>7}   "
+    head = (f"{'ranker':<38} {'annotation R@1/5/10':>21} {'med':>5} {'mean':>7}   "
             f"{'search R@1/5/10':>17} {'med':>5} {'mean':>7} {'rsum':>7}")
     lines = [head, "-" * len(head)]
     for label, result in rows:
         a, s = result["image_to_text"], result["text_to_image"]
-        lines.append(f"{label:<34} {a['r1']:>6.1f} {a['r5']:>6.1f} {a['r10']:>6.1f}  {a['median_rank']:>5g} "
+        lines.append(f"{label:<38} {a['r1']:>6.1f} {a['r5']:>6.1f} {a['r10']:>6.1f}  {a['median_rank']:>5g} "
                      f"{a['mean_rank']:>7.1f}   {s['r1']:>5.1f} {s['r5']:>5.1f} {s['r10']:>5.1f} "
                      f"{s['median_rank']:>5g} {s['mean_rank']:>7.1f} {result['rsum']:>7.1f}")
     return "\n".join(lines)

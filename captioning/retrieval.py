@@ -152,9 +152,13 @@ def pad_batch(token_lists):
 
 
 def embed_images(encoder, features, batch=EMBED_BATCH):
-    """(N, D) features -> (N, d) float32 embeddings."""
+    """(N, D) features -> (N, d) float32 embeddings.
+
+    predict_on_batch runs a compiled graph: for one search query it takes ~10 ms where an
+    eager encoder(x) call of the GRU takes ~200 ms on a 2-core CPU.
+    """
     features = np.asarray(features, np.float32)
-    parts = [np.asarray(encoder(features[lo:lo + batch], training=False))
+    parts = [np.asarray(encoder.predict_on_batch(features[lo:lo + batch]))
              for lo in range(0, len(features), batch)]
     return np.concatenate(parts) if parts else np.zeros((0, encoder.outputs[0].shape[-1]), np.float32)
 
@@ -168,7 +172,7 @@ def embed_captions(encoder, token_lists, batch=EMBED_BATCH):
     out = np.zeros((len(token_lists), encoder.outputs[0].shape[-1]), np.float32)
     for lo in range(0, len(order), batch):
         rows = order[lo:lo + batch]
-        out[rows] = np.asarray(encoder(pad_batch([token_lists[i] for i in rows]), training=False))
+        out[rows] = np.asarray(encoder.predict_on_batch(pad_batch([token_lists[i] for i in rows])))
     return out
 
 
