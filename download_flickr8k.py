@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline_utils import PipelineError, run_cli
+from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 DEFAULT_DATA_DIR = Path("data/flickr8k")
 BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"
@@ -219,7 +219,7 @@ def ensure_flickr8k(data_dir, base_url=None, assume_yes=False, keep_zips=False, 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                         help="where Flickr8k_text/ and Flicker8k_Dataset/ go")
     parser.add_argument("--base-url", default=None,
@@ -235,4 +235,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, tensorflow=False))

@@ -4,24 +4,13 @@ Usage:
     python evaluate_bleu.py --features data/features.pkl --data-dir data --model models/RUN \\
         --split test --beam 3 --output results/ [--images ../shared/flickr8k/Flicker8k_Dataset]
 
-BLEU is reported two ways (NLTK corpus_bleu, no smoothing), both in results.json:
-    tutorial  exactly as J. Brownlee's Flickr8k tutorial computes it, to compare with its
-              published 0.579/0.345/0.252/0.131: references are the TRAINING-CLEANED captions
-              (descriptions.txt) wrapped as "startseq ... endseq"; the hypothesis keeps
-              "startseq" and "endseq" (when generated); weights (1,0,0,0), (.5,.5,0,0),
-              (.3,.3,.3,0) [sic: sums to 0.9, the tutorial's], (.25,.25,.25,.25). The free
-              sentinel matches and the references cleaned the same way as the training text
-              inflate it.
-    standard  the way papers report it, the headline number: sentinels stripped, weights 1/n,
-              references = the 5 ORIGINAL captions (references.json) lowercased with every
-              punctuation character deleted ("dog's" -> "dogs"), never the training-cleaned ones,
-              so a cleaning that drops words (e.g. "a") cannot make its own references easier.
-Diagnostics (results.json "diagnostics"): share of distinct captions, number of distinct words
-used, share of generated captions that are copied verbatim from a training caption (cleaned
-text), mean caption length, share that never produced endseq (truncated at max_length).
+BLEU is reported two ways, both in results.json: "tutorial" (the tutorial's own computation,
+to compare with its published numbers) and "standard" (the headline: sentinels stripped, the
+original captions as references); plus diagnostics (distinct captions, words used, captions
+copied from training, mean length, unfinished share). captioning/metrics.py defines them.
 
 Reads:
-    --features FILE   {image_id: vector} pickle (extract_features.load_features); its width must
+    --features FILE   {image_id: vector} pickle (load_features); its width must
                       equal the model's feature_dim.
     --data-dir DIR    prepare_text.py outputs: meta.json, tokenizer.json, splits.json,
                       descriptions.txt, references.json.
@@ -40,86 +29,26 @@ import argparse
 import base64
 import html
 import io
-import os
-import string
 import sys
 import time
 from pathlib import Path
 
-from generate_caption import ALPHA, BEAM, DATA_DIR, MODEL_DIR  # decoding defaults: one place
-from pipeline_utils import PipelineError, atomic_write, run_cli, write_json
+import numpy as np
+
+from captioning import metrics, text
+from captioning.captioner import Captioner
+from captioning.decoding import ALPHA, BEAM
+from captioning.features import load_features
+from captioning.utils import PipelineError, atomic_write, run_cli, write_json
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
+MODEL_DIR = "models/merge"
+DATA_DIR = "data"
 FEATURES = "data/features.pkl"
 SPLIT = "test"
 OUTPUT_DIR = "results"
-GALLERY_IMAGES = 100       # images shown in gallery.html (inline thumbnails, ~10 KB each)
+GALLERY_IMAGES = 100       # images shown in gallery.html (inline base64 thumbnails, ~10 KB each)
 THUMBNAIL_PIXELS = 224     # longest side of a gallery thumbnail
-
-TUTORIAL_WEIGHTS = [(1.0, 0, 0, 0), (0.5, 0.5, 0, 0), (0.3, 0.3, 0.3, 0), (0.25, 0.25, 0.25, 0.25)]
-STANDARD_WEIGHTS = [(1.0,), (1 / 2,) * 2, (1 / 3,) * 3, (1 / 4,) * 4]
-_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
-
-
-# ---- BLEU assembly (plain functions, unit-tested) ---------------------------------------------
-def bleu_scores(references, hypotheses, weights_list):
-    """NLTK corpus BLEU for each weight tuple -> {"bleu1": ..., "bleu2": ...}.
-
-    references: per hypothesis, a list of token lists; hypotheses: token lists.
-    """
-    import warnings
-    from nltk.translate.bleu_score import corpus_bleu
-    with warnings.catch_warnings():          # NLTK warns when an n-gram order has no match (BLEU 0)
-        warnings.simplefilter("ignore")
-        return {f"bleu{n}": float(corpus_bleu(references, hypotheses, weights=w))
-                for n, w in enumerate(weights_list, start=1)}
-
-
-def standard_tokens(text):
-    """An original caption -> tokens: lowercase, punctuation characters deleted, split on space."""
-    return text.lower().translate(_PUNCT_TABLE).split()
-
-
-def tutorial_reference(cleaned_caption, start_token, end_token):
-    """A training-cleaned caption -> the tutorial's reference tokens, sentinels included."""
-    return [start_token] + cleaned_caption.split() + [end_token]
-
-
-def tutorial_hypothesis(words, finished, start_token, end_token):
-    """Generated words -> the tutorial's hypothesis: startseq kept, endseq if it was generated."""
-    return [start_token] + list(words) + ([end_token] if finished else [])
-
-
-def tutorial_bleu(cleaned_refs, generated, finished, start_token, end_token):
-    """Tutorial-mode BLEU-1..4. cleaned_refs: per image, its cleaned captions (strings);
-    generated: per image, the generated words; finished: per image, whether endseq was generated."""
-    refs = [[tutorial_reference(c, start_token, end_token) for c in caps] for caps in cleaned_refs]
-    hyps = [tutorial_hypothesis(w, f, start_token, end_token) for w, f in zip(generated, finished)]
-    return bleu_scores(refs, hyps, TUTORIAL_WEIGHTS)
-
-
-def standard_bleu(original_refs, generated):
-    """Standard BLEU-1..4: original captions normalised by standard_tokens, no sentinels."""
-    refs = [[standard_tokens(c) for c in caps] for caps in original_refs]
-    return bleu_scores(refs, [list(w) for w in generated], STANDARD_WEIGHTS)
-
-
-def diagnostics(generated, finished, training_captions):
-    """Numbers that expose a model saying the same thing for every image.
-
-    generated: list of word lists; training_captions: set of cleaned training caption strings.
-    """
-    texts = [" ".join(words) for words in generated]
-    n = max(len(texts), 1)
-    return {
-        "n_captions": len(texts),
-        "distinct_share": len(set(texts)) / n,
-        "distinct_captions": len(set(texts)),
-        "vocabulary_used": len({w for words in generated for w in words}),
-        "copied_from_training_share": sum(t in training_captions for t in texts) / n,
-        "mean_length_words": sum(len(w) for w in generated) / n,
-        "unfinished_share": sum(not f for f in finished) / n,
-    }
 
 
 # ---- outputs ----------------------------------------------------------------------------------
@@ -189,18 +118,13 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import numpy as np
-    import extract_features
-    import generate_caption as gc
-    import prepare_text
     data_dir = Path(args.data_dir)
-    meta = prepare_text.load_meta(data_dir)
-    splits = prepare_text.load_splits(data_dir)
-    descriptions = prepare_text.load_descriptions(data_dir / "descriptions.txt")
-    references = prepare_text.load_references(data_dir)
-    model, config, tokenizer = gc.load_captioner(args.model, data_dir)
-    features = extract_features.load_features(args.features)
+    meta = text.load_meta(data_dir)
+    splits = text.load_splits(data_dir)
+    descriptions = text.load_descriptions(data_dir / "descriptions.txt")
+    references = text.load_references(data_dir)
+    captioner = Captioner(args.model, data_dir)
+    features = load_features(args.features)
 
     ids = list(splits[args.split])[:args.limit]
     for image_id in ids:
@@ -212,20 +136,19 @@ def main(argv=None):
     matrix = np.stack([features[i] for i in ids])
 
     decode_started = time.time()
-    id_lists = gc.caption_features(model, config, tokenizer, matrix, args.beam, args.alpha, progress=True)
+    id_lists = captioner.caption_ids(matrix, args.beam, args.alpha, progress=True)
     decode_seconds = time.time() - decode_started
-    id_to_word, _, end_id, _ = gc.vocabulary(tokenizer)
-    generated = [gc.ids_to_words(id_to_word, x, end_id) for x in id_lists]
-    finished = [bool(x) and x[-1] == end_id for x in id_lists]
+    generated = [captioner.words(x) for x in id_lists]
+    finished = [bool(x) and x[-1] == captioner.end_id for x in id_lists]
 
     start, end = meta["start_token"], meta["end_token"]
-    training = {c for i in splits["train"] for c in descriptions.get(i, [])}
+    training_captions = {c for i in splits["train"] for c in descriptions.get(i, [])}
     results = {
         "bleu": {
-            "tutorial": tutorial_bleu([descriptions[i] for i in ids], generated, finished, start, end),
-            "standard": standard_bleu([references[i] for i in ids], generated),
+            "tutorial": metrics.tutorial_bleu([descriptions[i] for i in ids], generated, finished, start, end),
+            "standard": metrics.standard_bleu([references[i] for i in ids], generated),
         },
-        "diagnostics": diagnostics(generated, finished, training),
+        "diagnostics": metrics.diagnostics(generated, finished, training_captions),
         "split": args.split, "n_images": len(ids), "beam": args.beam, "alpha": args.alpha,
         "model": str(args.model), "features": Path(args.features).name,
         "data_dir": str(args.data_dir), "decode_seconds": round(decode_seconds, 3),

@@ -20,8 +20,8 @@ embedding is scored on the same subset too, side by side. Recall on N images is 
 
 Reads:
     --model DIR       train_retrieval.py's run folder (model.keras, model.json).
-    --features FILE   features pickle (default: the features_file recorded in model.json);
-                      unpickled, trusted files only. Its width must be the model's.
+    --features FILE   features pickle (default: the features_file recorded in model.json), read
+                      with the restricted unpickler. Its width must be the model's.
     --data-dir DIR    prepare_text.py outputs (default model.json's data_dir): tokenizer.json
                       (checked against the model), descriptions.txt, splits.json.
     --captioner DIR   optional train.py run folder; its own tokenizer (model.json's data_dir)
@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from captioning import caption_scoring, ranking, retrieval
-from extract_features import load_features
-from pipeline_utils import PipelineError, run_cli, sha256_file, write_json
-from prepare_text import encode_caption, load_descriptions, load_splits, load_tokenizer
-from train import load_captioner
+from captioning.features import load_features
+from captioning.models import load_run
+from captioning.text import encode_caption, load_descriptions, load_splits, load_tokenizer
+from captioning.utils import HelpFormatter, PipelineError, run_cli, sha256_file, write_json
 
 # ---- settings (argparse defaults) --------------------------------------------------------------
 MODEL_DIR = "models/vse"
@@ -79,7 +79,7 @@ def embedding_scores(model, config, tokenizer, matrix, captions):
 
 def captioner_result(args, matrix, captions, n_images):
     """(ranking of the captioner on the first n_images, seconds)."""
-    model, config = load_captioner(args.captioner)
+    model, config = load_run(args.captioner)   # checks its tokenizer's sha256
     if config["feature_dim"] != matrix.shape[1]:
         raise PipelineError(f"captioner {args.captioner} was trained on {config['feature_dim']}-d "
                             f"features, these are {matrix.shape[1]}-d")
@@ -87,14 +87,13 @@ def captioner_result(args, matrix, captions, n_images):
     subset = [(k, c) for k, c in captions if k < n_images]
     tokens = [encode_caption(tokenizer, c)[:config["max_length"]] for _, c in subset]
     started = time.time()
-    scores = caption_scoring.caption_scores(model, config, matrix[:n_images], tokens,
-                                            progress=sys.stderr.isatty())
+    scores = caption_scoring.caption_scores(model, config, matrix[:n_images], tokens, progress=True)
     return ranking.evaluate(scores, [k for k, _ in subset]), time.time() - started
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default=MODEL_DIR, help="train_retrieval.py run folder")
     p.add_argument("--split", default=SPLIT, choices=["train", "dev", "test"], help="split to rank")
     p.add_argument("--features", default=None, help="features pickle (None = model.json's features_file)")

@@ -40,9 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_utils import PipelineError, atomic_write, read_json, run_cli, save_settings, sha256_file
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from captioning.features import load_features, load_pickle, save_features  # noqa: F401 (re-exported)
+from captioning.images import IMAGE_EXTENSIONS, list_images, load_rgb
+from captioning.utils import (HelpFormatter, PipelineError, atomic_write, on_terminal, read_json,
+                              run_cli, save_settings, sha256_file)
+from captioning.utils import progress as progress_bar
+from vgg16_build import IMAGE_SIZE
 
 # -- settings ---------------------------------------------------------------------------------
 WEIGHTS = "imagenet"        # imagenet | none | PATH (see vgg16_build.py)
@@ -52,90 +55,15 @@ WORKERS = 2                 # decode/resize threads, overlapped with the forward
 PREFETCH_BATCHES = 2        # decoded batches kept ready ahead of the model (bounds memory)
 CHECKPOINT_EVERY = 512      # images between checkpoints of FILE.partial (~30 s of CPU work)
 RESIZE_FILTER = "bilinear"  # PIL filter for images that are not already 224x224
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-BACKGROUND = (255, 255, 255)  # transparent pixels become white before the RGB conversion
-
-
-def list_images(folder):
-    """Image files directly in `folder`, sorted by name; other files are ignored."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PipelineError(f"image folder not found ({folder})")
-    return sorted((p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
-
-
-def to_rgb(img):
-    """Any PIL mode → 8-bit RGB: alpha composited on white, 16-bit scaled, CMYK/palette converted."""
-    from PIL import Image
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNG/TIFF: 0..65535
-        gray = (np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if (img.mode == "P" and "transparency" in img.info) or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def load_image(path, resize_filter=RESIZE_FILTER):
-    """One image file → float32 array (224, 224, 3) preprocessed for VGG16 (BGR, means subtracted).
+    """One image file -> float32 array (224, 224, 3) preprocessed for VGG16 (BGR, means subtracted).
 
     Raises PipelineError naming the file when it cannot be decoded.
     """
-    from PIL import Image, ImageOps
     from keras.applications.vgg16 import preprocess_input
-    from vgg16_build import IMAGE_SIZE
-    height, width = IMAGE_SIZE
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so truncated data fails here and not later
-            img = to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(f"cannot read image ({Path(path).name}: {reason})") from None
-    if img.size != (width, height):
-        img = img.resize((width, height), getattr(Image.Resampling, resize_filter.upper()))
-    return preprocess_input(np.asarray(img, dtype=np.float32))
-
-
-def load_features(path):
-    """Read a features pickle → {image_id: float32 array (D,)}; (1, D) and float16 are accepted.
-
-    This unpickles the file, which can run arbitrary code: only load files you trust.
-    Raises PipelineError if the file is missing, not a dict of arrays, or widths differ.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"features file not found ({path})")
-    try:
-        with open(path, "rb") as handle:
-            raw = pickle.load(handle)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as exc:
-        raise PipelineError(f"not a features pickle ({path}: {exc!r})") from None
-    if not isinstance(raw, dict):
-        raise PipelineError(f"features file must hold a dict, got {type(raw).__name__} ({path})")
-    features, width = {}, None
-    for image_id, value in raw.items():
-        array = np.asarray(value)
-        if array.ndim == 2 and array.shape[0] == 1:
-            array = array[0]
-        if array.ndim != 1 or not np.issubdtype(array.dtype, np.number):
-            raise PipelineError(f"feature of {image_id} has shape {array.shape}, expected (D,) "
-                                f"or (1, D) ({path})")
-        if width is None:
-            width = array.shape[0]
-        elif array.shape[0] != width:
-            raise PipelineError(f"ragged features: {image_id} is {array.shape[0]} wide, others "
-                                f"{width} ({path})")
-        features[str(image_id)] = array.astype(np.float32)
-    return features
-
-
-def save_features(path, features):
-    """Atomically pickle {image_id: float32 (D,)}: readers see the old file or the complete new one."""
-    with atomic_write(path, "wb") as handle:
-        pickle.dump(features, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    return preprocess_input(load_rgb(path, IMAGE_SIZE, resize_filter).astype(np.float32))
 
 
 def make_predict_fn(model):
@@ -189,12 +117,11 @@ def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=
     Every batch is padded to `batch_size` rows, so the model always sees one shape (one graph,
     and per-image results that do not depend on how many images were left over).
     """
-    from tqdm import tqdm
     predict = make_predict_fn(model)
     features, failures, seen = {}, [], {}
     batch_ids, batch_arrays, batch_failures = [], [], []
-    bar = tqdm(total=len(paths), unit="img", desc="features", disable=not progress,
-               mininterval=1.0, smoothing=0.05)
+    bar = progress_bar(total=len(paths), unit="img", desc="features",
+                       disable=not (progress and on_terminal()), mininterval=1.0, smoothing=0.05)
 
     def run_batch():
         n = len(batch_arrays)
@@ -260,11 +187,10 @@ def load_partial(path, fingerprint):
     """The features a stopped run checkpointed, or {} when there is no checkpoint."""
     if not path.is_file():
         return {}
+    state = load_pickle(path, "checkpoint")   # restricted: a checkpoint never runs code
     try:
-        with open(path, "rb") as handle:
-            state = pickle.load(handle)
         saved, features = state["fingerprint"], state["features"]
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError) as exc:
         raise PipelineError(f"unreadable checkpoint ({path}: {exc!r}); delete it or pass --overwrite") from None
     if saved != fingerprint:
         raise PipelineError(f"checkpoint made with other settings ({path}: {saved}); "
@@ -301,7 +227,7 @@ def sigterm_as_interrupt():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--images", required=True, help="folder of image files")
     parser.add_argument("--output", default="data/features.pkl", help="features pickle to write")
     parser.add_argument("--weights", default=WEIGHTS, help="imagenet | none | PATH (vgg16_build.py)")

@@ -23,6 +23,7 @@ continues from its own checkpoint (feature extraction and training both resume).
 """
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,8 +34,9 @@ import evaluate_bleu  # noqa: E402
 import extract_features  # noqa: E402
 import generate_caption  # noqa: E402
 import prepare_text  # noqa: E402
+from captioning import text  # noqa: E402
 import train  # noqa: E402
-from pipeline_utils import PipelineError, read_json, run_cli, write_json  # noqa: E402
+from captioning.utils import HelpFormatter, PipelineError, read_json, run_cli, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 SAMPLE_DIR = REPO / "data" / "sample"
@@ -50,7 +52,7 @@ TRAIN_RECIPE = ["--label-smoothing", "0.1", "--select-by", "bleu"]
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--sample", action="store_true",
                         help=f"use the bundled offline sample ({SAMPLE_DIR.relative_to(REPO)})")
     parser.add_argument("--data-dir", type=Path, default=Path("data/flickr8k"),
@@ -104,20 +106,49 @@ def is_up_to_date(state_file, record, outputs):
         return False  # a damaged record just means "run it again"
 
 
-def run_stage(number, name, main_fn, args_list, inputs, outputs, state_dir, forced):
-    """Run one stage unless it is up to date; record what it ran with once it succeeds."""
+def run_stage(number, name, main_fn, args_list, inputs, outputs, state_dir, forced,
+              force_args=(), force_clear=()):
+    """Run one stage unless it is up to date; record what it ran with once it succeeds.
+
+    A forced stage really starts again: `force_args` are added to its command (extraction's
+    --overwrite) and the `force_clear` folders (a training run's checkpoints) are removed first,
+    so "--force train" cannot end in "nothing to do". The record keeps the unforced arguments,
+    so the next plain run sees the stage as up to date.
+    """
     state_file = state_dir / f"{name}.json"
     record = stage_record(args_list, inputs)
     title = f"[{number}/6] {name}"
     if not forced and is_up_to_date(state_file, record, outputs):
         print(f"{title}: up to date, skipped (--force {name} reruns it)", flush=True)
         return
-    print(f"{title}: {main_fn.__module__}.py {' '.join(map(str, args_list))}", flush=True)
-    code = run_cli(main_fn, [str(a) for a in args_list])
+    command = [*args_list, *force_args] if forced else list(args_list)
+    if forced:
+        for folder in map(Path, force_clear):
+            remove_tree(folder)
+    print(f"{title}: {main_fn.__module__}.py {' '.join(map(str, command))}", flush=True)
+    code = run_cli(main_fn, [str(a) for a in command])
+    check_exit(name, main_fn, code)
+    write_json(state_file, stage_record(args_list, inputs))  # inputs may have been rewritten
+
+
+def check_exit(name, main_fn, code):
+    """Ctrl-C in a stage ends the pipeline with 130 and the stage's own one line; any other
+    failure is one more line saying which stage failed and that a rerun continues."""
+    if code == 130:
+        raise SystemExit(130)
     if code != 0:
         raise PipelineError(f"stage {name} ({main_fn.__module__}.py) failed with exit code "
                             f"{code}; fix the error above and run the same command again")
-    write_json(state_file, stage_record(args_list, inputs))  # inputs may have been rewritten
+
+
+def remove_tree(folder):
+    """Delete `folder` so that a kill midway never leaves a half-deleted run that looks whole:
+    it is first renamed aside (atomic), then removed."""
+    if not folder.exists():
+        return
+    trash = folder.with_name(f".{folder.name}.deleting-{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
 
 
 # ---------------------------------------------------------------- the stages
@@ -173,7 +204,7 @@ def main(argv=None):
         if args.batch_size:
             extract_args += ["--batch-size", args.batch_size]
         run_stage(2, "features", extract_features.main, extract_args, [images],
-                  [features], state_dir, "features" in forced)
+                  [features], state_dir, "features" in forced, force_args=["--overwrite"])
 
     # Stage 3: captions -> vocabulary, splits, metadata.
     run_stage(3, "text", prepare_text.main,
@@ -187,15 +218,15 @@ def main(argv=None):
                   "--epochs", epochs, "--seed", args.seed, *TRAIN_RECIPE]
     run_stage(4, "train", train.main, train_args,
               [features, work / "meta.json", work / "tokenizer.json"],
-              [run_dir / "model.keras", run_dir / "model.json"], state_dir, "train" in forced)
+              [run_dir / "model.keras", run_dir / "model.json"], state_dir, "train" in forced,
+              force_clear=[run_dir])
 
     # Stage 5: caption a few test images, from the cached features.
-    test_ids = prepare_text.load_splits(work)["test"][:CAPTION_EXAMPLES]
+    test_ids = text.load_splits(work)["test"][:CAPTION_EXAMPLES]
     print(f"[5/6] caption: {len(test_ids)} test images")
     code = run_cli(generate_caption.main, ["--model", str(run_dir), "--features", str(features),
                                            "--data-dir", str(work), "--ids", *test_ids])
-    if code != 0:
-        raise PipelineError(f"stage caption (generate_caption.py) failed with exit code {code}")
+    check_exit("caption", generate_caption.main, code)
 
     # Stage 6: BLEU on the test split, with the gallery.
     run_stage(6, "bleu", evaluate_bleu.main,

@@ -17,13 +17,13 @@ Reads:
                      backbone, features_file, tokenizer_sha256, data_dir, ...).
     --data-dir DIR   tokenizer.json (+ descriptions.txt, splits.json for --image); default the
                      data_dir recorded in model.json. Its tokenizer must be the model's.
-    --images DIR     the photos (extract_features.list_images: image files directly in DIR).
+    --images DIR     the photos (captioning.images.list_images: image files directly in DIR).
                      Their features come from the extractor of the backbone named in model.json
                      (today: vgg16, with --weights), or with --features FILE from a features
                      pickle keyed by file name without extension (e.g. the shared Lite0 file,
                      for which no extractor is installed here). A file that cannot be decoded,
                      or has no entry in --features, is skipped and reported.
-    --features FILE  optional precomputed features (unpickled: trusted files only).
+    --features FILE  optional precomputed features (read with the restricted unpickler).
 Writes:
     --cache-dir/<key>.npz   image embeddings of a folder (numpy .npz, no pickle): file names,
                      sizes, mtimes, embeddings, skipped files with reasons. The key hashes the
@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import html
 import json
-import os
 import sys
 import time
 import zipfile
@@ -46,13 +45,12 @@ from pathlib import Path
 import numpy as np
 
 from captioning import retrieval, vector_index
+from captioning.features import load_features
+from captioning.images import list_images
+from captioning.text import encode_caption, load_descriptions, load_splits
+from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli, sha256_file
 from evaluate_bleu import thumbnail_data_uri
-from extract_features import (BATCH_SIZE, build_model as build_vgg16, extract, list_images,
-                              load_features, weights_fingerprint)
-from pipeline_utils import PipelineError, atomic_write, run_cli, sha256_file
-from prepare_text import encode_caption, load_descriptions, load_splits
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from extract_features import BATCH_SIZE, build_model as build_vgg16, extract, weights_fingerprint
 
 # ---- settings (argparse defaults) --------------------------------------------------------------
 MODEL_DIR = "models/vse"
@@ -99,7 +97,7 @@ def extractor_source(config, weights):
     def features_of(paths):
         # extract pads every batch to batch_size rows: a few photos need not cost a full batch
         return extract(model, paths, batch_size=max(1, min(len(paths), BATCH_SIZE)),
-                       progress=sys.stderr.isatty())
+                       progress=True)   # a bar only on a terminal
     return features_of
 
 
@@ -257,7 +255,7 @@ def images_by_id(folder):
 # ---- command line ------------------------------------------------------------------------------
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("query", nargs="?", default=None, help="the sentence to search for")
     p.add_argument("--images", default=None, help="folder of photos to search (with --image: the "
                    "training images, for thumbnails)")

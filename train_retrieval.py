@@ -10,7 +10,8 @@ other settings is refused.
 
 Reads:
     --features   pickle {image_id: vector (D,) or (1, D)} (extract_features.py's layout; float16
-                 is cast). D, the image input width, comes from here. Unpickled: trusted files only.
+                 is cast), read with captioning.features' restricted unpickler. D, the image
+                 input width, comes from here.
                  Its `<stem>.settings.json` (written by extract_features.py), when present, gives
                  the backbone and the extractor fingerprint recorded in model.json.
     --data-dir   prepare_text.py's outputs: meta.json, tokenizer.json (checked against meta's
@@ -28,7 +29,7 @@ Writes, into <output-dir>/<name>/ (each file atomically):
     settings.json  every argument plus derived values (feature_dim, vocab_size, counts).
 
 Every training caption is one example per epoch; batches of --batch-size come from
-length-sorted pools (train.plan_batches), so a batch is padded little. The loss (VSE++,
+length-sorted pools (captioning.data.plan_batches), so a batch is padded little. The loss (VSE++,
 captioning/retrieval.py) uses the other pairs of the batch as negatives: the hardest one, or
 during --warmup-epochs the sum of all of them. Dev selection embeds the 1000 dev images and
 their 5000 captions after every epoch and ranks them (captioning/ranking.py).
@@ -42,8 +43,12 @@ from pathlib import Path
 import numpy as np
 
 from captioning import ranking, retrieval
-from pipeline_utils import PipelineError, atomic_write, read_json, run_cli, save_settings, sha256_file, write_json
-from train import encode_split, feature_matrix, load_feature_dict, load_text, plan_batches, save_keras, seed_everything
+from captioning.data import encode_split, feature_matrix, load_text, plan_batches
+from captioning.features import load_features
+from captioning.models import save_keras
+from captioning.training import seed_everything
+from captioning.utils import (HelpFormatter, PipelineError, atomic_write, keras_verbose, read_json, run_cli,
+                              save_settings, sha256_file, write_json)
 
 # ---- settings (argparse defaults) --------------------------------------------------------------
 FEATURES = "data/features.pkl"
@@ -94,7 +99,7 @@ def feature_provenance(features_path, backbone):
 def prepare_inputs(args):
     """(features matrix, train examples, dev examples, dev image rows, config)."""
     meta, tokenizer, descriptions, splits = load_text(args.data_dir)
-    features = load_feature_dict(args.features)
+    features = load_features(args.features)
     wanted = list(splits["train"]) + list(splits["dev"])
     matrix, row_of_id, missing = feature_matrix(features, wanted, args.max_missing, str(args.features))
     del features
@@ -271,8 +276,7 @@ def train_run(args, run_dir, matrix, train, dev, config):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--features", type=Path, default=Path(FEATURES), help="features pickle")
     p.add_argument("--data-dir", type=Path, default=Path(DATA_DIR), help="prepare_text.py output folder")
     p.add_argument("--output-dir", type=Path, default=Path(OUTPUT_DIR), help="parent of run folders")
@@ -294,8 +298,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=SEED, help="same seed, same weights")
     p.add_argument("--max-missing", type=float, default=MAX_MISSING,
                    help="largest fraction of train+dev images allowed to lack features")
-    p.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras progress: 1 = bar")
+    p.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2),
+                   help="Keras progress: 0 none, 1 bar, 2 a line per epoch (default: 1 on a terminal, else 2)")
     args = p.parse_args(argv)
+    if args.verbose is None:
+        args.verbose = keras_verbose()
     for name in ("embed_dim", "word_dim", "epochs", "batch_size", "patience"):
         if getattr(args, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")

@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline_utils import PipelineError, atomic_write, run_cli
+from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -274,7 +274,7 @@ def export_model(model, out_dir, name=EXPORT_NAME):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--weights", default=WEIGHTS,
                         help="imagenet (official file, cached by Keras), none (random), or PATH "
                              "to a VGG16 .h5 or the course's vgg16_exported.json")

@@ -4,11 +4,11 @@ Usage:
     python benchmarks/bench_decode.py --model models/merge --data-dir data \\
         --features ../shared/flickr8k/features_efficientnet_lite0.pkl [--subset 20] [--beam 3]
 
-The coursework way (generate_caption.tutorial_greedy on the model rebuilt in train.py's "pairs"
+The coursework way (decoding.tutorial_greedy on the model rebuilt in train.py's "pairs"
 mode, i.e. the tutorial's network): one model.predict per word per image on the whole
 pre-padded prefix. It costs ~0.75 s per image, so it is timed on the first --subset images of
-the split and projected to the whole split. Ours (generate_caption.caption_features): all
-images at once, numpy LSTM step with carried state; greedy and beam --beam, each timed on the
+the split and projected to the whole split. Ours (decoding.caption_features): all
+images at once, one step of the model's own layers with carried LSTM state; greedy and beam --beam, each timed on the
 whole split. The captions of the subset are compared (they must be identical).
 
 Reads: the run folder (--model), prepare_text outputs (--data-dir), the features pickle.
@@ -24,7 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are top-level modules
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from captioning import decoding, models, text  # noqa: E402
+from captioning.features import load_features  # noqa: E402
+from captioning.utils import PipelineError, run_cli  # noqa: E402
 
 MODEL_DIR = "models/merge"
 DATA_DIR = "data"
@@ -49,24 +51,20 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     import numpy as np
-    import extract_features
-    import generate_caption as gc
-    import prepare_text
-    import train
-    model, config, tokenizer = gc.load_captioner(args.model, args.data_dir)
-    features = extract_features.load_features(args.features)
-    ids = prepare_text.load_splits(args.data_dir)[args.split]
+    model, config, tokenizer = models.load_captioner(args.model, args.data_dir)
+    features = load_features(args.features)
+    ids = text.load_splits(args.data_dir)[args.split]
     missing = [i for i in ids if i not in features]
     if missing:
         raise PipelineError(f"{len(missing)} {args.split} images lack features, first {missing[0]} ({args.features})")
     matrix = np.stack([features[i] for i in ids])
-    _, start_id, end_id, banned = gc.vocabulary(tokenizer)
+    _, start_id, end_id, banned = decoding.vocabulary(tokenizer)
     max_length = config["max_length"]
 
-    tutorial_model = train.rebuild_for_mode(model, config, "pairs")
-    gc.tutorial_greedy(tutorial_model, matrix[0], start_id, end_id, 3, banned)   # warm-up (tracing)
+    tutorial_model = models.rebuild_for_mode(model, config, "pairs")
+    decoding.tutorial_greedy(tutorial_model, matrix[0], start_id, end_id, 3, banned)   # warm-up (tracing)
     t0 = time.perf_counter()
-    slow = [gc.tutorial_greedy(tutorial_model, f, start_id, end_id, max_length, banned)
+    slow = [decoding.tutorial_greedy(tutorial_model, f, start_id, end_id, max_length, banned)
             for f in matrix[:args.subset]]
     per_image = (time.perf_counter() - t0) / args.subset
     tutorial_seconds = per_image * len(ids)
@@ -75,10 +73,10 @@ def main(argv=None):
           f"images -> {tutorial_seconds:.0f} s projected for {len(ids)}")
 
     t0 = time.perf_counter()
-    greedy = gc.caption_features(model, config, tokenizer, matrix, beam=1)
+    greedy = decoding.caption_features(model, config, tokenizer, matrix, beam=1)
     greedy_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gc.caption_features(model, config, tokenizer, matrix, beam=args.beam)
+    decoding.caption_features(model, config, tokenizer, matrix, beam=args.beam)
     beam_seconds = time.perf_counter() - t0
     same = sum(a == b for a, b in zip(slow, greedy))
     print(f"ours: greedy {greedy_seconds:.2f} s, beam {args.beam} {beam_seconds:.2f} s for {len(ids)} "

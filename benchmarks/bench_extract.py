@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are t
 import numpy as np  # noqa: E402
 
 import extract_features  # noqa: E402
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
 N_IMAGES = 256
@@ -89,7 +89,7 @@ def timed(fn, *args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--images", default=str(IMAGES), help="folder of images")
     parser.add_argument("--n-images", type=int, default=N_IMAGES, help="images to time (first N)")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating chunks")

@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are top-level modules
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
 from captioning import retrieval, vector_index  # noqa: E402
-from extract_features import load_features  # noqa: E402
-from pipeline_utils import run_cli  # noqa: E402
-from prepare_text import load_descriptions, load_splits  # noqa: E402
+from captioning.features import load_features  # noqa: E402
+from captioning.text import load_descriptions, load_splits  # noqa: E402
+from captioning.utils import HelpFormatter, run_cli  # noqa: E402
 
 MODEL_DIR = "models/vse"
 FEATURES = "../shared/flickr8k/features_efficientnet_lite0.pkl"
@@ -44,7 +43,7 @@ TARGET_MS = 50.0
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default=MODEL_DIR, help="train_retrieval.py run folder")
     parser.add_argument("--features", default=FEATURES, help="features of the images to search")
     parser.add_argument("--queries", type=int, default=QUERIES, help="sentences timed one by one")

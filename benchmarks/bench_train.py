@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-import train  # noqa: E402
-from pipeline_utils import PipelineError, run_cli  # noqa: E402
+from captioning import data, models, training  # noqa: E402
+from captioning.utils import PipelineError, run_cli  # noqa: E402
 
 FEATURES = REPO.parent / "shared" / "flickr8k" / "features_efficientnet_lite0.pkl"
 DATA_DIR = REPO / "data"
@@ -43,10 +43,8 @@ def peak_rss_gb():
 
 
 def make_model(mode, config, seed):
-    train.seed_everything(seed)
-    model = train.build_model("merge", config["feature_dim"], config["vocab_size"],
-                              config["max_length"], mode=mode)
-    return train.compile_model(model)
+    training.seed_everything(seed)
+    return models.compile_model(models.build_from_config(dict(config, variant="merge"), mode))
 
 
 def time_modes(samples, matrix, config, args):
@@ -56,19 +54,19 @@ def time_modes(samples, matrix, config, args):
     ratio is fair even when the absolute times drift. Warm-up batches (graph tracing) are
     trained first and not timed.
     """
-    models, seconds = {}, {}
+    nets, seconds = {}, {}
     for mode, sample in samples.items():
-        models[mode] = make_model(mode, config, args.seed)
+        nets[mode] = make_model(mode, config, args.seed)
         sample = [e for photo in sample for e in photo]
-        warm = train.make_dataset(sample, matrix, mode, args.batch_size, config["max_length"], seed=args.seed)
-        models[mode].fit(warm.take(WARMUP_BATCHES), epochs=1, verbose=0, shuffle=False)
+        warm = data.make_dataset(sample, matrix, mode, args.batch_size, config["max_length"], seed=args.seed)
+        nets[mode].fit(warm.take(WARMUP_BATCHES), epochs=1, verbose=0, shuffle=False)
         seconds[mode] = 0.0
     for r in range(args.rounds):
         for mode, sample in samples.items():
             part = [e for photo in sample[r::args.rounds] for e in photo]  # whole photos per slice
-            data = train.make_dataset(part, matrix, mode, args.batch_size, config["max_length"], seed=args.seed + r)
+            dataset = data.make_dataset(part, matrix, mode, args.batch_size, config["max_length"], seed=args.seed + r)
             started = time.perf_counter()
-            models[mode].fit(data, epochs=1, verbose=0, shuffle=False)
+            nets[mode].fit(dataset, epochs=1, verbose=0, shuffle=False)
             seconds[mode] += time.perf_counter() - started
             print(f"round {r + 1}/{args.rounds} {mode}: {len(part)} captions, "
                   f"{time.perf_counter() - started:.1f}s", flush=True)
@@ -91,17 +89,17 @@ def main(argv=None):
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--pairs-photos", type=int, default=PAIRS_PHOTOS)
     p.add_argument("--sequence-photos", type=int, default=SEQUENCE_PHOTOS)
-    p.add_argument("--batch-size", type=int, default=train.BATCH_SIZE, help="captions per batch, default mode")
-    p.add_argument("--seed", type=int, default=train.SEED)
+    p.add_argument("--batch-size", type=int, default=training.BATCH_SIZE, help="captions per batch, default mode")
+    p.add_argument("--seed", type=int, default=training.SEED)
     p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved timing slices per mode")
     args = p.parse_args(argv)
     if not args.features.is_file():
         raise PipelineError(f"missing features file {args.features}")
     # train.py's own loading, so the benchmark measures exactly what training does
-    load_args = argparse.Namespace(features=args.features, data_dir=args.data_dir, max_missing=train.MAX_MISSING,
+    load_args = argparse.Namespace(features=args.features, data_dir=args.data_dir, max_missing=training.MAX_MISSING,
                                    fail_on_missing=False, variant="merge", mode="sequence",
-                                   embed_dim=train.EMBED_DIM, units=train.UNITS, dropout=train.DROPOUT)
-    matrix, examples, _, config, _ = train.prepare_inputs(load_args)
+                                   embed_dim=models.EMBED_DIM, units=models.UNITS, dropout=models.DROPOUT)
+    matrix, examples, _, config, _ = training.prepare_inputs(load_args)
     epoch_captions = len(examples)
     words_per_caption = np.mean([len(ids) - 1 for _, ids in examples])
     samples = {"pairs": photo_sample(examples, args.pairs_photos, args.seed),

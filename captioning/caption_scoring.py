@@ -2,8 +2,8 @@
 
 Owns: caption_scores (fast, merge models) and caption_scores_keras (any captioner, slow; the
 independent reference the tests compare against). Reads and writes no files: it takes the
-model and model.json config that train.load_captioner / generate_caption.load_captioner return
-(train.py's layer names: image_dense, embedding, lstm, decoder_dense, output).
+model and model.json config that captioning.models.load_run / load_captioner return (the
+layer names of captioning.models: image_dense, embedding, lstm, decoder_dense, output).
 
 score(image, caption) = (1 / n) * sum_{t=1..n} log p(w_t | w_0..w_{t-1}, image), where w_0 is
 startseq and w_1..w_n are the caption's words followed by endseq (n = words + 1): the
@@ -18,8 +18,8 @@ LSTM's initial state, so they take the slow path: the whole Keras model per pair
 """
 import numpy as np
 
-from pipeline_utils import PipelineError
-from train import rebuild_for_mode
+from captioning.models import rebuild_for_mode
+from captioning.utils import PipelineError, progress as progress_bar
 
 PAIR_BUDGET = 2 ** 24   # floats of the (images x captions x steps x vocab) block, ~64 MB
 CAPTION_CHUNK = 256     # captions per block (sorted by length, so a block is padded little)
@@ -63,8 +63,7 @@ def caption_scores(model, config, features, token_lists, pair_budget=PAIR_BUDGET
     order = np.argsort([len(ids) for ids in token_lists], kind="stable")
     chunks = [order[lo:lo + caption_chunk] for lo in range(0, len(order), caption_chunk)]
     if progress:
-        from tqdm import tqdm
-        chunks = tqdm(chunks, desc="captioner scores", unit="chunk")
+        chunks = progress_bar(chunks, desc="captioner scores", unit="chunk")   # only on a terminal
     for rows in chunks:
         inputs, targets, lengths = _targets([token_lists[i] for i in rows])
         hidden = np.asarray(lstm_states(inputs, training=False))             # (c, T, U)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_utils import PipelineError, read_json, sha256_file
-from prepare_text import clean_caption, encode_caption, load_tokenizer
+from captioning.text import clean_caption, encode_caption, load_tokenizer
+from captioning.utils import PipelineError, read_json, sha256_file
 
 # ---- settings (train_retrieval.py's defaults) --------------------------------------------------
 EMBED_DIM = 1024     # joint space size d (= GRU units); VSE++ uses 1024

@@ -14,7 +14,7 @@ here; its approximate indexes plug in the same way).
 """
 import numpy as np
 
-from pipeline_utils import PipelineError
+from captioning.utils import PipelineError
 
 BACKENDS = ("auto", "numpy", "faiss")
 

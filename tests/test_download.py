@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 import download_flickr8k as dl
-from pipeline_utils import PipelineError
+from captioning.utils import PipelineError
 
 TEXT_FILES = {name: f"content of {name}\n" for name in dl.TEXT_FILES}
 

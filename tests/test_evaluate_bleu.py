@@ -1,10 +1,11 @@
-"""Tests for evaluate_bleu.py: BLEU in both modes on hand-made cases whose values are worked out
+"""Tests for captioning/metrics.py and evaluate_bleu.py: BLEU in both modes on hand-made cases whose values are worked out
 by hand below (clipped n-gram precisions p_n, brevity penalty BP = exp(1 - r/c) when c < r)."""
 import math
 
 import pytest
 
 import evaluate_bleu as eb
+from captioning import metrics
 
 S, E = "startseq", "endseq"
 
@@ -14,8 +15,8 @@ def close(a, b):
 
 
 def test_exact_match_is_one_in_both_modes():
-    std = eb.standard_bleu([["A dog runs on the grass."]], [["a", "dog", "runs", "on", "the", "grass"]])
-    tut = eb.tutorial_bleu([["a dog runs on the grass"]], [["a", "dog", "runs", "on", "the", "grass"]],
+    std = metrics.standard_bleu([["A dog runs on the grass."]], [["a", "dog", "runs", "on", "the", "grass"]])
+    tut = metrics.tutorial_bleu([["a dog runs on the grass"]], [["a", "dog", "runs", "on", "the", "grass"]],
                            [True], S, E)
     assert all(close(v, 1.0) for v in std.values()), std
     # the tutorial's BLEU-3 weights sum to 0.9, but 1.0 ** anything is still 1
@@ -26,7 +27,7 @@ def test_standard_known_precisions_and_brevity_penalty():
     # hyp  "the cat sat on mat" (c=5) vs ref "the cat sat on the mat" (r=6):
     # p1 = 5/5, p2 = 3/4 (on-mat misses), p3 = 2/3, p4 = 1/2, BP = exp(1 - 6/5)
     hyp = "the cat sat on mat".split()
-    got = eb.standard_bleu([["The cat sat on the mat."]], [hyp])
+    got = metrics.standard_bleu([["The cat sat on the mat."]], [hyp])
     bp = math.exp(-0.2)
     assert close(got["bleu1"], bp)
     assert close(got["bleu2"], bp * (3 / 4) ** (1 / 2))
@@ -37,7 +38,7 @@ def test_standard_known_precisions_and_brevity_penalty():
 def test_standard_is_corpus_level_not_a_mean_of_sentences():
     # add an exact 4-word match: counts pool over the corpus:
     # p1 = 9/9, p2 = (3+3)/(4+3), p3 = (2+2)/(3+2), p4 = (1+1)/(2+1); c = 9, r = 10
-    got = eb.standard_bleu([["The cat sat on the mat."], ["A dog runs fast"]],
+    got = metrics.standard_bleu([["The cat sat on the mat."], ["A dog runs fast"]],
                            [["the", "cat", "sat", "on", "mat"], ["a", "dog", "runs", "fast"]])
     bp = math.exp(1 - 10 / 9)
     assert close(got["bleu2"], bp * (6 / 7) ** (1 / 2))
@@ -46,7 +47,7 @@ def test_standard_is_corpus_level_not_a_mean_of_sentences():
 
 def test_closest_reference_length_is_used():
     # refs of 6 and 9 words for a 5-word hypothesis: r = 6 (the closest), p1 = 5/5
-    got = eb.standard_bleu([["the cat sat on the mat", "one two three four five six seven eight nine"]],
+    got = metrics.standard_bleu([["the cat sat on the mat", "one two three four five six seven eight nine"]],
                            [["the", "cat", "sat", "on", "mat"]])
     assert close(got["bleu1"], math.exp(1 - 6 / 5))
 
@@ -54,7 +55,7 @@ def test_closest_reference_length_is_used():
 def test_tutorial_mode_keeps_sentinels_and_its_weights():
     # hyp "startseq the cat sat on mat endseq" (c=7) vs "startseq the cat sat on the mat endseq"
     # (r=8): p1 = 7/7, p2 = 5/6, p3 = 3/5, p4 = 2/4; BLEU-3 weights (.3, .3, .3, 0)
-    got = eb.tutorial_bleu([["the cat sat on the mat"]], [["the", "cat", "sat", "on", "mat"]], [True], S, E)
+    got = metrics.tutorial_bleu([["the cat sat on the mat"]], [["the", "cat", "sat", "on", "mat"]], [True], S, E)
     bp = math.exp(1 - 8 / 7)
     assert close(got["bleu1"], bp)
     assert close(got["bleu2"], bp * (5 / 6) ** 0.5)
@@ -64,7 +65,7 @@ def test_tutorial_mode_keeps_sentinels_and_its_weights():
 
 def test_tutorial_mode_unfinished_caption_has_no_endseq():
     # "startseq the cat sat on mat" (c=6), r=8: p1 = 6/6, p2 = 4/5 (on-mat misses)
-    got = eb.tutorial_bleu([["the cat sat on the mat"]], [["the", "cat", "sat", "on", "mat"]], [False], S, E)
+    got = metrics.tutorial_bleu([["the cat sat on the mat"]], [["the", "cat", "sat", "on", "mat"]], [False], S, E)
     bp = math.exp(1 - 8 / 6)
     assert close(got["bleu1"], bp)
     assert close(got["bleu2"], bp * (4 / 5) ** 0.5)
@@ -74,8 +75,8 @@ def test_standard_uses_original_captions_not_cleaned_ones():
     # a cleaning that drops "a"/"the": the model says "dog runs on grass"; against its own
     # cleaned reference that is a perfect score, against the original caption it is not
     hyp = ["dog", "runs", "on", "grass"]
-    tut = eb.tutorial_bleu([["dog runs on grass"]], [hyp], [True], S, E)
-    std = eb.standard_bleu([["A dog runs on the grass."]], [hyp])
+    tut = metrics.tutorial_bleu([["dog runs on grass"]], [hyp], [True], S, E)
+    std = metrics.standard_bleu([["A dog runs on the grass."]], [hyp])
     assert close(tut["bleu4"], 1.0)
     # p1 = 4/4, r = 6, c = 4 -> BP = exp(-0.5); p2 = 2/3 ("on grass" misses)
     assert close(std["bleu1"], math.exp(-0.5))
@@ -83,19 +84,19 @@ def test_standard_uses_original_captions_not_cleaned_ones():
 
 
 def test_standard_tokens_lowercase_and_delete_punctuation():
-    assert eb.standard_tokens("A dog's ball, red!  ") == ["a", "dogs", "ball", "red"]
-    assert eb.standard_tokens("T-shirt.") == ["tshirt"]
+    assert metrics.standard_tokens("A dog's ball, red!  ") == ["a", "dogs", "ball", "red"]
+    assert metrics.standard_tokens("T-shirt.") == ["tshirt"]
 
 
 def test_tutorial_reference_and_hypothesis_shapes():
-    assert eb.tutorial_reference("a dog", S, E) == [S, "a", "dog", E]
-    assert eb.tutorial_hypothesis(["a", "dog"], True, S, E) == [S, "a", "dog", E]
-    assert eb.tutorial_hypothesis(["a", "dog"], False, S, E) == [S, "a", "dog"]
+    assert metrics.tutorial_reference("a dog", S, E) == [S, "a", "dog", E]
+    assert metrics.tutorial_hypothesis(["a", "dog"], True, S, E) == [S, "a", "dog", E]
+    assert metrics.tutorial_hypothesis(["a", "dog"], False, S, E) == [S, "a", "dog"]
 
 
 def test_diagnostics_expose_repeated_and_copied_captions():
     generated = [["a", "dog"], ["a", "dog"], ["a", "cat", "runs"], ["a", "dog"]]
-    d = eb.diagnostics(generated, [True, True, False, True], {"a dog", "a cat"})
+    d = metrics.diagnostics(generated, [True, True, False, True], {"a dog", "a cat"})
     assert d["distinct_captions"] == 2 and close(d["distinct_share"], 0.5)
     assert d["vocabulary_used"] == 4
     assert close(d["copied_from_training_share"], 0.75)
@@ -115,7 +116,7 @@ def test_captions_tsv_and_gallery(tmp_path):
 def test_main_writes_results_captions_and_gallery(tmp_path, capsys):
     import json
     from test_generate_caption import SAMPLE, make_tiny_run
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path)
     out_dir = tmp_path / "results"
     rc = eb.main(["--features", str(features), "--data-dir", str(data_dir), "--model", str(model_dir),
@@ -138,10 +139,10 @@ def test_main_writes_results_captions_and_gallery(tmp_path, capsys):
     assert (out_dir / "gallery.html").read_text().count("data:image/jpeg;base64,") == 3
 
     # a split image without features: one-line error, nothing written
-    import extract_features
-    feats = extract_features.load_features(features)
+    from captioning.features import load_features, save_features
+    feats = load_features(features)
     del feats[test_ids[5]]
-    extract_features.save_features(tmp_path / "partial.pkl", feats)
+    save_features(tmp_path / "partial.pkl", feats)
     capsys.readouterr()
     rc = run_cli(eb.main, ["--features", str(tmp_path / "partial.pkl"), "--data-dir", str(data_dir),
                            "--model", str(model_dir), "--output", str(tmp_path / "none")])

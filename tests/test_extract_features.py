@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import extract_features as ef
-from pipeline_utils import PipelineError, run_cli
+from captioning.utils import PipelineError, run_cli
 
 MEANS_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)  # keras caffe-mode means
 

@@ -1,5 +1,6 @@
-"""Tests for generate_caption.py: decoding over a hand-written next-word table, the fast numpy
-decoder against the course's re-run-the-prefix loop, and the command line's bad-input paths."""
+"""Tests for captioning/decoding.py and generate_caption.py: decoding over a hand-written
+next-word table, the carried-state step against the Keras model and the course's
+re-run-the-prefix loop, and the command line's bad-input paths."""
 import json
 import math
 from pathlib import Path
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import generate_caption as gc
+from captioning import decoding, models
 
 # ---- a hand-written next-word table -----------------------------------------------------------
 WORDS = ["<pad>", "startseq", "endseq", "<unk>", "a", "the", "one", "dog", "cat", "runs",
@@ -58,7 +60,7 @@ def caption(ids):
 
 def run(beam, max_length, alpha=0.0, n=1):
     states = np.zeros((n, 1), dtype=np.int64)            # one pad "seed" column per caption
-    return gc.decode(table_step, states, START, END, max_length, beam, alpha, BANNED)
+    return decoding.decode(table_step, states, START, END, max_length, beam, alpha, BANNED)
 
 
 @pytest.mark.parametrize("beam, max_length, expected, finished", [
@@ -103,9 +105,9 @@ def test_length_normalisation_changes_the_choice():
 def test_never_emits_pad_start_or_oov():
     states = np.array([[0, START, ID["the"]]])             # prefix "the", next "cat"
     for beam in (1, 2):
-        ids = gc.decode(table_step, states, ID["cat"], END, 10, beam, 0.0, BANNED)[0]
+        ids = decoding.decode(table_step, states, ID["cat"], END, 10, beam, 0.0, BANNED)[0]
         assert caption(ids) == "sleeps", beam
-    with_pad_allowed = gc.greedy_decode(table_step, states, ID["cat"], END, 10, banned_ids=())[0]
+    with_pad_allowed = decoding.greedy_decode(table_step, states, ID["cat"], END, 10, banned_ids=())[0]
     assert with_pad_allowed[0] == PAD                       # the table really prefers pad
 
 
@@ -122,8 +124,8 @@ def test_batched_images_decode_independently():
     tags = np.array([[0], [1], [2], [0]])
     for beam, expected in [(1, ["a endless dog", "one cat sleeps weekend", "the dog", "a endless dog"]),
                            (3, ["one cat sleeps weekend"] * 2 + ["the dog", "one cat sleeps weekend"])]:
-        together = gc.decode(step, tags, START, END, 10, beam, 0.0, BANNED)
-        alone = [gc.decode(step, tags[i:i + 1], START, END, 10, beam, 0.0, BANNED)[0] for i in range(4)]
+        together = decoding.decode(step, tags, START, END, 10, beam, 0.0, BANNED)
+        alone = [decoding.decode(step, tags[i:i + 1], START, END, 10, beam, 0.0, BANNED)[0] for i in range(4)]
         assert [caption(ids) for ids in together] == expected
         assert together == alone
 
@@ -140,22 +142,21 @@ def test_beam1_equals_greedy_on_random_tables():
         return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)), states
 
     states = rng.normal(size=(40, vocab))
-    greedy = gc.greedy_decode(step, states, 1, 2, 9, [0])
-    beam1 = gc.beam_search(step, states, 1, 2, 9, beam=1, banned_ids=[0])
+    greedy = decoding.greedy_decode(step, states, 1, 2, 9, [0])
+    beam1 = decoding.beam_search(step, states, 1, 2, 9, beam=1, banned_ids=[0])
     assert greedy == beam1
-    beam4 = gc.beam_search(step, states, 1, 2, 9, beam=4, banned_ids=[0])
+    beam4 = decoding.beam_search(step, states, 1, 2, 9, beam=4, banned_ids=[0])
     assert all(len(b) <= 8 and 0 not in b for b in beam4)
 
 
-# ---- the fast numpy decoder against the Keras model and the course's loop ----------------------
+# ---- the carried-state step against the Keras model and the course's loop ----------------------
 def random_captioner(variant, mode, feature_dim=16, vocab=40, max_length=10, units=8, seed=0):
     """A train.build_model network with random weights, zero biases and kernels of std
     3/sqrt(fan_in) (6/sqrt(fan_in) for the output layer): varied, peaked distributions, so
-    float rounding between numpy and TensorFlow cannot flip an argmax."""
+    float rounding between the one-step and the whole-caption computation cannot flip an argmax."""
     import keras
-    import train
     keras.utils.set_random_seed(seed)
-    model = train.build_model(variant, feature_dim, vocab, max_length, embed_dim=8, units=units,
+    model = models.build_model(variant, feature_dim, vocab, max_length, embed_dim=8, units=units,
                               dropout=0.5, mode=mode)
     rng = np.random.default_rng(seed)
     for layer in model.layers:
@@ -167,13 +168,13 @@ def random_captioner(variant, mode, feature_dim=16, vocab=40, max_length=10, uni
 
 
 @pytest.mark.parametrize("variant", ["merge", "inject"])
-def test_numpy_step_matches_keras_teacher_forced(variant):
+def test_step_matches_keras_teacher_forced(variant):
     model = random_captioner(variant, "sequence")
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(5, 16)).astype(np.float32)
     tokens = rng.integers(1, 40, size=(5, 7)).astype(np.int32)
     expected = np.asarray(model.predict({"image_input": feats, "caption_input": tokens}, verbose=0))
-    init_fn, step_fn = gc.numpy_step_fns(model, variant)
+    init_fn, step_fn = decoding.make_step_fn(model, {"variant": variant})
     states = init_fn(feats)
     for t in range(tokens.shape[1]):
         log_probs, states = step_fn(states, tokens[:, t])
@@ -186,14 +187,14 @@ def test_fast_greedy_equals_the_course_loop(variant, mode):
     model = random_captioner(variant, mode, seed=3)
     feats = np.random.default_rng(2).normal(size=(3, 16)).astype(np.float32)
     start, banned = 1, [0, 1, 3]
-    init_fn, step_fn = gc.numpy_step_fns(model, variant)
+    init_fn, step_fn = decoding.make_step_fn(model, {"variant": variant})
     # pick as "endseq" a word the model says third in its second caption, so some captions
     # end early and others run to max_length
-    end = gc.greedy_decode(step_fn, init_fn(feats), start, -1, 9, banned)[1][2]
-    fast = gc.greedy_decode(step_fn, init_fn(feats), start, end, 9, banned)
-    slow = [gc.tutorial_greedy(model, f, start, end, 9, banned) for f in feats]
+    end = decoding.greedy_decode(step_fn, init_fn(feats), start, -1, 9, banned)[1][2]
+    fast = decoding.greedy_decode(step_fn, init_fn(feats), start, end, 9, banned)
+    slow = [decoding.tutorial_greedy(model, f, start, end, 9, banned) for f in feats]
     assert fast == slow
-    assert fast == gc.beam_search(step_fn, init_fn(feats), start, end, 9, beam=1, banned_ids=banned)
+    assert fast == decoding.beam_search(step_fn, init_fn(feats), start, end, 9, beam=1, banned_ids=banned)
     assert fast[1][-1] == end and len(fast[1]) <= 3
     assert len({tuple(c) for c in fast}) >= 2                     # not one caption for all
 
@@ -205,28 +206,28 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 def make_tiny_run(root, feature_dim=16):
     """prepare_text.py on data/sample, a random merge model saved as train.py would, random
     features for every captioned image. Returns (data_dir, model_dir, features_path, ids)."""
-    import extract_features
     import prepare_text
-    import train
-    from pipeline_utils import sha256_file, write_json
+    from captioning.features import save_features
+    from captioning import text
+    from captioning.utils import sha256_file, write_json
     data_dir, model_dir = root / "data", root / "model"
     assert prepare_text.main(["--text-dir", str(SAMPLE / "Flickr8k_text"),
                               "--output-dir", str(data_dir)]) == 0
-    meta = prepare_text.load_meta(data_dir)
+    meta = text.load_meta(data_dir)
     model = random_captioner("merge", "sequence", feature_dim, meta["vocab_size"], meta["max_length"])
     model_dir.mkdir()
-    model.save(model_dir / train.MODEL_FILE)
+    model.save(model_dir / models.MODEL_FILE)
     write_json(model_dir / "model.json", {
         "variant": "merge", "mode": "sequence", "feature_dim": feature_dim,
         "vocab_size": meta["vocab_size"], "max_length": meta["max_length"], "embed_dim": 8,
         "units": 8, "dropout": 0.5, "start_token": meta["start_token"],
         "end_token": meta["end_token"], "pad_id": 0,
         "tokenizer_sha256": sha256_file(data_dir / "tokenizer.json"), "data_dir": str(data_dir)})
-    splits = prepare_text.load_splits(data_dir)
+    splits = text.load_splits(data_dir)
     ids = sorted(i for part in splits.values() for i in part)
     rng = np.random.default_rng(0)
     features = root / "features.pkl"
-    extract_features.save_features(features, {i: rng.normal(size=feature_dim).astype(np.float32)
+    save_features(features, {i: rng.normal(size=feature_dim).astype(np.float32)
                                               for i in ids})
     return data_dir, model_dir, features, ids
 
@@ -253,7 +254,7 @@ def test_cli_cached_features_and_unknown_id(tiny_run, capsys):
 
 def test_cli_vocabulary_mismatch_is_one_line(tiny_run, tmp_path, capsys):
     import shutil
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     data_dir, model_dir, features, ids = tiny_run
     bad = tmp_path / "bad_model"
     shutil.copytree(model_dir, bad)
@@ -269,7 +270,7 @@ def test_cli_vocabulary_mismatch_is_one_line(tiny_run, tmp_path, capsys):
 
 def test_cli_images_bad_ones_named_others_captioned(tmp_path, capsys):
     # a model trained on 4096-d features, so the (random-weight) VGG16 fc2 extractor fits
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path, feature_dim=4096)
     capsys.readouterr()                                    # prepare_text's summary lines
     import shutil
@@ -294,7 +295,7 @@ def test_cli_images_bad_ones_named_others_captioned(tmp_path, capsys):
 
 
 def test_cli_lite0_model_on_raw_images_says_use_features(tiny_run, capsys):
-    from pipeline_utils import run_cli
+    from captioning.utils import run_cli
     data_dir, model_dir, features, ids = tiny_run          # a 16-d model, like a 1280-d Lite0 one
     image = sorted((SAMPLE / "Flicker8k_Dataset").glob("*.jpg"))[0]
     rc = run_cli(gc.main, ["--model", str(model_dir), "--data-dir", str(data_dir),

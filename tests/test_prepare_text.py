@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-import prepare_text as pt
-from pipeline_utils import PipelineError, run_cli
+import prepare_text
+from captioning import text as pt
+from captioning.utils import PipelineError, run_cli
 
 TRAIN_CAPTIONS = {  # tiny corpus: 2 train images, 1 dev, 1 test; each a `#n` caption list
     "img_a": ["A dog runs on the grass .", "The dog's ball is red .", "A dog runs ."],
@@ -107,7 +108,7 @@ def test_pad_sequences_truncates_at_the_front_like_keras():
 def test_main_writes_all_files_with_contract_formats(tmp_path, capsys):
     text_dir = write_text_dir(tmp_path / "text")
     out = tmp_path / "data"
-    assert pt.main(["--text-dir", str(text_dir), "--output-dir", str(out),
+    assert prepare_text.main(["--text-dir", str(text_dir), "--output-dir", str(out),
                     "--min-count", "2"]) == 0
     meta = pt.load_meta(out)
     tok = pt.load_tokenizer(out / "tokenizer.json")
@@ -135,7 +136,7 @@ def test_main_writes_all_files_with_contract_formats(tmp_path, capsys):
 def test_same_input_gives_identical_files(tmp_path):
     text_dir = write_text_dir(tmp_path / "text")
     for run in ("one", "two"):
-        assert pt.main(["--text-dir", str(text_dir), "--output-dir", str(tmp_path / run)]) == 0
+        assert prepare_text.main(["--text-dir", str(text_dir), "--output-dir", str(tmp_path / run)]) == 0
     for name in ("descriptions.txt", "tokenizer.json", "splits.json", "references.json",
                  "meta.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
@@ -150,7 +151,7 @@ def test_messy_input_is_counted_in_one_summary_line(tmp_path, capsys):
                               splits={"train": ["img_a", "img_b", "ghost"],
                                       "dev": ["img_c"], "test": ["img_d", "ghost2"]})
     out = tmp_path / "data"
-    assert pt.main(["--text-dir", str(text_dir), "--output-dir", str(out)]) == 0
+    assert prepare_text.main(["--text-dir", str(text_dir), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     summary = [line for line in printed if line.startswith("input:")]
     assert summary == ["input: 2 blank lines, 1 lines without tab, 1 empty captions, 1 BOM, "
@@ -170,7 +171,7 @@ def test_bad_files_are_one_line_errors_and_write_nothing(tmp_path, capsys, broke
     if broken == "missing":
         (text_dir / pt.SPLIT_FILES["dev"]).unlink()
     out = tmp_path / "data"
-    assert run_cli(pt.main, ["--text-dir", str(text_dir), "--output-dir", str(out)]) == 1
+    assert run_cli(prepare_text.main, ["--text-dir", str(text_dir), "--output-dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     if broken == "bytes":
@@ -185,13 +186,13 @@ def test_overlapping_splits_are_an_error(tmp_path):
                               splits={"train": ["img_a", "img_c"], "dev": ["img_c"],
                                       "test": ["img_d"]})
     with pytest.raises(PipelineError, match="img_c is in both train and dev"):
-        pt.main(["--text-dir", str(text_dir), "--output-dir", str(tmp_path / "d")])
+        prepare_text.main(["--text-dir", str(text_dir), "--output-dir", str(tmp_path / "d")])
 
 
 def test_load_meta_rejects_a_changed_tokenizer(tmp_path):
     text_dir = write_text_dir(tmp_path / "text")
     out = tmp_path / "data"
-    pt.main(["--text-dir", str(text_dir), "--output-dir", str(out)])
+    prepare_text.main(["--text-dir", str(text_dir), "--output-dir", str(out)])
     tok = json.loads((out / "tokenizer.json").read_text())
     tok["word_index"]["zzz"] = len(tok["word_index"]) + 1
     (out / "tokenizer.json").write_text(json.dumps(tok))
@@ -207,7 +208,7 @@ def test_load_meta_rejects_a_changed_tokenizer(tmp_path):
 # ---- the real Flickr8k text files -------------------------------------------------------------
 def test_tutorial_cleaning_reproduces_published_numbers(flickr8k_dir, tmp_path, capsys):
     out = tmp_path / "tutorial"
-    assert pt.main(["--text-dir", str(flickr8k_dir / "Flickr8k_text"), "--output-dir", str(out),
+    assert prepare_text.main(["--text-dir", str(flickr8k_dir / "Flickr8k_text"), "--output-dir", str(out),
                     "--cleaning", "tutorial"]) == 0
     assert "vocab_size 7579 max_length 34" in capsys.readouterr().out
     meta = pt.load_meta(out)
@@ -227,7 +228,7 @@ def test_tutorial_cleaning_reproduces_published_numbers(flickr8k_dir, tmp_path, 
 
 def test_default_cleaning_on_real_captions(flickr8k_dir, tmp_path):
     out = tmp_path / "default"
-    assert pt.main(["--text-dir", str(flickr8k_dir / "Flickr8k_text"),
+    assert prepare_text.main(["--text-dir", str(flickr8k_dir / "Flickr8k_text"),
                     "--output-dir", str(out)]) == 0
     meta, tok = pt.load_meta(out), pt.load_tokenizer(out)
     index = tok["word_index"]

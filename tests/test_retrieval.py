@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import evaluate_retrieval
-import prepare_text
 import search_images
-import train
 import train_retrieval
-from captioning import caption_scoring, ranking, retrieval, vector_index
-from pipeline_utils import PipelineError, run_cli, write_json
+from captioning import caption_scoring, models, ranking, retrieval, vector_index
+from captioning import text
+from captioning.features import load_features
+from captioning.utils import PipelineError, run_cli, write_json
 
 LITE0 = "features_efficientnet_lite0.pkl"
 TINY = ["--embed-dim", "32", "--word-dim", "16", "--batch-size", "32", "--learning-rate", "2e-3",
@@ -160,7 +160,7 @@ def test_captioner_scores_fast_path_equals_the_keras_model():
               "max_length": 8, "embed_dim": 4, "units": 5, "dropout": 0.0}
     import keras
     keras.utils.set_random_seed(0)
-    model = train.build_model("merge", 6, 9, 8, embed_dim=4, units=5, dropout=0.0)
+    model = models.build_model("merge", 6, 9, 8, embed_dim=4, units=5, dropout=0.0)
     features = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
     tokens = [[1, 4, 5, 2], [1, 6, 2], [1, 7, 8, 4, 3, 2]]
     fast = caption_scoring.caption_scores(model, config, features, tokens, pair_budget=200)
@@ -173,7 +173,6 @@ def test_captioner_scores_fast_path_equals_the_keras_model():
 
 # ---- end to end on real data -------------------------------------------------------------------
 def load_lite0(flickr8k_dir):
-    from extract_features import load_features
     path = flickr8k_dir / LITE0
     if not path.is_file():
         pytest.skip(f"{path} not found")
@@ -186,9 +185,9 @@ def small_set(flickr8k_dir, tmp_path_factory):
     a features pickle of those 500 images."""
     root = tmp_path_factory.mktemp("retrieval")
     data = root / "data"
-    outputs, _ = prepare_text.prepare(flickr8k_dir / "Flickr8k_text")
-    prepare_text.write_outputs(data, outputs)
-    splits = prepare_text.load_splits(data)
+    outputs, _ = text.prepare(flickr8k_dir / "Flickr8k_text")
+    text.write_outputs(data, outputs)
+    splits = text.load_splits(data)
     small = {"train": splits["train"][:300], "dev": splits["dev"][:100], "test": splits["test"][:100]}
     write_json(data / "splits.json", small)
     table = load_lite0(flickr8k_dir)
@@ -255,10 +254,9 @@ def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, c
     assert "embedding, 100 images" in printed and f"{results['embedding']['rsum']:.1f}" in printed
     # recompute independently: embed, rank with argsort
     model, config, tokenizer = retrieval.load_embedding(tiny_model)
-    from extract_features import load_features
     table = load_features(small_set / "lite0_small.pkl")
-    ids = prepare_text.load_splits(small_set / "data")["test"]
-    desc = prepare_text.load_descriptions(small_set / "data" / "descriptions.txt")
+    ids = text.load_splits(small_set / "data")["test"]
+    desc = text.load_descriptions(small_set / "data" / "descriptions.txt")
     caps = [(k, c) for k, i in enumerate(ids) for c in desc[i]]
     sim = evaluate_retrieval.embedding_scores(model, config, tokenizer, np.stack([table[i] for i in ids]), caps)
     i2t, t2i = argsort_ranks(sim, [k for k, _ in caps])
@@ -271,8 +269,8 @@ def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, capsys):
     # the wiring is - subset, columns, its own tokenizer, the fast scorer)
     import keras
     keras.utils.set_random_seed(5)
-    meta = prepare_text.load_meta(small_set / "data")
-    captioner = train.build_model("merge", 1280, meta["vocab_size"], meta["max_length"], embed_dim=8, units=8)
+    meta = text.load_meta(small_set / "data")
+    captioner = models.build_model("merge", 1280, meta["vocab_size"], meta["max_length"], embed_dim=8, units=8)
     folder = small_set / "models" / "cap"
     folder.mkdir(parents=True, exist_ok=True)
     captioner.save(folder / "model.keras")
@@ -289,12 +287,11 @@ def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, capsys):
     assert (subset["images"], subset["captions"]) == (20, 100)
     assert "captioner log-lik, first 20 images" in capsys.readouterr().out
     # the same ranks from the whole Keras model, pair by pair
-    from extract_features import load_features
     table = load_features(small_set / "lite0_small.pkl")
-    ids = prepare_text.load_splits(small_set / "data")["test"][:20]
-    desc = prepare_text.load_descriptions(small_set / "data" / "descriptions.txt")
-    tok = prepare_text.load_tokenizer(small_set / "data")
-    caps = [(k, prepare_text.encode_caption(tok, c)) for k, i in enumerate(ids) for c in desc[i]]
+    ids = text.load_splits(small_set / "data")["test"][:20]
+    desc = text.load_descriptions(small_set / "data" / "descriptions.txt")
+    tok = text.load_tokenizer(small_set / "data")
+    caps = [(k, text.encode_caption(tok, c)) for k, i in enumerate(ids) for c in desc[i]]
     scores = caption_scoring.caption_scores_keras(captioner, np.stack([table[i] for i in ids]), [c for _, c in caps])
     expected = ranking.evaluate(scores, [k for k, _ in caps])
     for direction in ("image_to_text", "text_to_image"):
@@ -309,7 +306,7 @@ def photo_folder(flickr8k_dir, small_set, tmp_path):
     """8 real test images, a broken JPEG, an empty file and a text file."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    for image_id in prepare_text.load_splits(small_set / "data")["test"][:8]:
+    for image_id in text.load_splits(small_set / "data")["test"][:8]:
         shutil.copy(flickr8k_dir / "Flicker8k_Dataset" / f"{image_id}.jpg", folder)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (folder / "empty.png").write_bytes(b"")
@@ -335,7 +332,6 @@ def test_search_cli_with_precomputed_features(tiny_model, small_set, photo_folde
     assert "notes.txt" not in err
     # the printed order is the model's: recompute the cosines by hand
     model, config, tokenizer = retrieval.load_embedding(tiny_model)
-    from extract_features import load_features
     table = load_features(small_set / "lite0_small.pkl")
     names = sorted(p.name for p in photo_folder.glob("*.jpg") if p.name != "broken.jpg")
     img = retrieval.embed_images(retrieval.image_encoder(model), np.stack([table[n[:-4]] for n in names]))
@@ -404,7 +400,7 @@ def test_no_extractor_for_an_unknown_backbone_is_one_line(tiny_model, photo_fold
 
 
 def test_reverse_search_finds_training_captions(tiny_model, small_set, flickr8k_dir, tmp_path, capsys):
-    train_id = prepare_text.load_splits(small_set / "data")["train"][0]
+    train_id = text.load_splits(small_set / "data")["train"][0]
     photo = flickr8k_dir / "Flicker8k_Dataset" / f"{train_id}.jpg"
     assert search(tiny_model, small_set, tmp_path, "--image", str(photo), "--top", "5",
                   "--features", str(small_set / "lite0_small.pkl"),

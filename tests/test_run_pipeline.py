@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import run_pipeline
-from pipeline_utils import PipelineError
+from captioning.utils import PipelineError
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,42 @@ def test_half_present_data_dir_lists_what_is_missing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err
     assert "Flickr_8k.trainImages.txt" in err and "Flicker8k_Dataset/*.jpg" in err
+
+
+def test_force_really_reruns_extraction_and_training(tmp_path, capsys):
+    """--force passes --overwrite to a forced extraction and clears a forced training run."""
+    calls = []
+    run_dir = tmp_path / "models" / "x"
+
+    def stage(argv):
+        calls.append(argv)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model.keras").write_text(str(len(calls)))
+        return 0
+
+    stage.__module__ = "fake"
+    common = dict(inputs=[], outputs=[run_dir / "model.keras"], state_dir=tmp_path / "state")
+    run_pipeline.run_stage(4, "train", stage, ["--a"], forced=False, force_args=["--overwrite"],
+                           force_clear=[run_dir], **common)
+    (run_dir / "last.keras").write_text("old checkpoint")
+    run_pipeline.run_stage(4, "train", stage, ["--a"], forced=True, force_args=["--overwrite"],
+                           force_clear=[run_dir], **common)
+    assert calls == [["--a"], ["--a", "--overwrite"]]
+    assert not (run_dir / "last.keras").exists()           # the old checkpoint was cleared
+    assert (run_dir / "model.keras").read_text() == "2"
+    run_pipeline.run_stage(4, "train", stage, ["--a"], forced=False, **common)
+    assert len(calls) == 2                                   # recorded without --overwrite
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_a_stage_exits_130_with_one_line(tmp_path, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    interrupted.__module__ = "fake"
+    with pytest.raises(SystemExit) as stop:
+        run_pipeline.run_stage(1, "fake", interrupted, [], [], [], tmp_path / "state", False)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted:")
+    assert "failed with exit code" not in " ".join(err)

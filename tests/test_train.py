@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import train
-from pipeline_utils import PipelineError, run_cli, sha256_file, write_json
+from captioning import data, models, training
+from captioning.utils import PipelineError, run_cli, sha256_file, write_json
 
 WORDS = "a dog cat runs sits on the grass red ball man rides bike in water jumps over".split()
 TINY = ["--embed-dim", "8", "--units", "8", "--batch-size", "4", "--verbose", "0", "--seed", "3"]
@@ -65,7 +66,7 @@ def tiny_examples(n=6, seed=1):
 
 
 def test_build_model_names_shapes_and_variable_length():
-    merge = train.build_model("merge", 5, 20, 10, embed_dim=8, units=8)
+    merge = models.build_model("merge", 5, 20, 10, embed_dim=8, units=8)
     names = {layer.name for layer in merge.layers}
     assert {"image_input", "caption_input", "image_dropout", "image_dense", "embedding", "embed_dropout",
             "lstm", "image_expand", "add", "decoder_dense", "output"} <= names
@@ -75,16 +76,16 @@ def test_build_model_names_shapes_and_variable_length():
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     x["caption_input"] = np.ones((2, 3), np.int32)          # any length: batches are trimmed
     assert np.asarray(merge(x)).shape == (2, 3, 20)
-    inject = train.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
+    inject = models.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
     assert "add" not in {layer.name for layer in inject.layers}
-    pairs = train.build_model("merge", 5, 20, 10, embed_dim=8, units=8, mode="pairs")
+    pairs = models.build_model("merge", 5, 20, 10, embed_dim=8, units=8, mode="pairs")
     assert pairs.output.shape == (None, 20)
     with pytest.raises(PipelineError):
-        train.build_model("transformer", 5, 20, 10)
+        models.build_model("transformer", 5, 20, 10)
 
 
 def test_inject_uses_image_as_initial_state():
-    model = train.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
+    model = models.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
     image = np.random.default_rng(0).normal(size=(1, 5)).astype(np.float32)
     tokens = np.array([[1, 5, 6]], np.int32)
     # the LSTM's first output with h0 = c0 = image_dense(image), computed by hand
@@ -106,13 +107,13 @@ def test_sequence_and_pairs_modes_compute_the_same_loss(variant):
     examples, features = tiny_examples()
     config = {"variant": variant, "feature_dim": 5, "vocab_size": 20, "max_length": 10,
               "embed_dim": 8, "units": 8, "dropout": 0.5}
-    seq = train.build_model(variant, 5, 20, 10, 8, 8, 0.5, "sequence")
-    train.compile_model(seq)
-    pairs = train.rebuild_for_mode(seq, config, "pairs")
-    train.compile_model(pairs)
+    seq = models.build_model(variant, 5, 20, 10, 8, 8, 0.5, "sequence")
+    models.compile_model(seq)
+    pairs = models.rebuild_for_mode(seq, config, "pairs")
+    models.compile_model(pairs)
     everything = np.arange(len(examples))
-    x_seq, y_seq = train.sequence_batch(examples, everything, features)       # post-padded
-    x_pairs, y_pairs = train.pair_batch(examples, everything, features, 10)   # pre-padded prefixes
+    x_seq, y_seq = data.sequence_batch(examples, everything, features)       # post-padded
+    x_pairs, y_pairs = data.pair_batch(examples, everything, features, 10)   # pre-padded prefixes
     n_words = sum(len(ids) - 1 for _, ids in examples)
     assert y_pairs.shape == (n_words,) and (y_seq > 0).sum() == n_words
     # evaluate() runs without dropout; one batch each, so the loss is the mean over all words
@@ -131,26 +132,26 @@ def test_sequence_and_pairs_modes_compute_the_same_loss(variant):
 
 def test_plan_batches_buckets_and_covers_every_caption_once():
     lengths = np.random.default_rng(0).integers(3, 30, 500)
-    batches = train.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    batches = data.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(500))
     padded = sum(len(b) * lengths[b].max() for b in batches)
     shuffled = np.random.default_rng(1).permutation(500)
     padded_random = sum(16 * lengths[shuffled[i:i + 16]].max() for i in range(0, 500, 16))
     assert padded < 0.75 * padded_random          # bucketing removes most of the padding
-    again = train.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    again = data.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
     assert all((a == b).all() for a, b in zip(batches, again))
-    ordered = train.plan_batches(lengths, 16)
+    ordered = data.plan_batches(lengths, 16)
     assert lengths[np.concatenate(ordered)].tolist() == sorted(lengths.tolist())
 
 
 def test_sequence_batch_is_trimmed_and_shifted():
     examples = [(0, np.array([1, 5, 6, 2], np.int32)), (1, np.array([1, 7, 2], np.int32))]
-    x, y = train.sequence_batch(examples, [0, 1], np.eye(2, dtype=np.float32))
+    x, y = data.sequence_batch(examples, [0, 1], np.eye(2, dtype=np.float32))
     assert x["caption_input"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert y.tolist() == [[5, 6, 2], [7, 2, 0]]
     assert x["image_input"].tolist() == [[1, 0], [0, 1]]
-    xp, yp = train.pair_batch(examples, [1], np.eye(2, dtype=np.float32), 4)
+    xp, yp = data.pair_batch(examples, [1], np.eye(2, dtype=np.float32), 4)
     assert xp["caption_input"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 7]] and yp.tolist() == [7, 2]
 
 
@@ -186,14 +187,14 @@ def test_run_folder_same_seed_same_weights_resume_and_load_captioner(fixture_dir
                     "--output-dir", str(fixture_dir / "models"), "--name", "a", "--units", "16",
                     "--embed-dim", "8", "--batch-size", "4", "--verbose", "0", "--seed", "3"])
     # the decoder's loader: checks the vocabulary by checksum
-    model, loaded = train.load_captioner(folder, fixture_dir / "data")
+    model, loaded = models.load_run(folder, fixture_dir / "data")
     assert loaded == config and model.get_layer("output").output.shape[-1] == 21
     tok = json.loads((fixture_dir / "data" / "tokenizer.json").read_text())
     tok["word_index"]["dog"], tok["word_index"]["cat"] = tok["word_index"]["cat"], tok["word_index"]["dog"]
     other = fixture_dir / "other_tokenizer.json"
     other.write_text(json.dumps(tok))
     with pytest.raises(PipelineError, match="not the one"):
-        train.load_captioner(folder, other)
+        models.load_run(folder, other)
 
 
 def test_missing_features_reported_and_thresholded(fixture_dir, capsys):
@@ -205,7 +206,7 @@ def test_missing_features_reported_and_thresholded(fixture_dir, capsys):
         run(fixture_dir, "--epochs", "1")
     args = train.parse_args(["--features", str(path), "--data-dir", str(fixture_dir / "data"),
                              "--max-missing", "0.1"])
-    matrix, examples, dev, config, _ = train.prepare_inputs(args)       # continues, without img001
+    matrix, examples, dev, config, _ = training.prepare_inputs(args)       # continues, without img001
     assert "1 of 13 train/dev images have no features" in capsys.readouterr().err
     assert matrix.shape == (12, 6) and len(examples) == 45 and len(dev) == 15
     with pytest.raises(PipelineError, match="no features"):

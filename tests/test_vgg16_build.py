@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import vgg16_build
-from pipeline_utils import PipelineError, run_cli
+from captioning.utils import PipelineError, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,131 @@
+"""A trained captioner for applications (photos, video frames, web uploads, search): load once, caption many.
+
+Owns the Captioner class:
+    captioner = Captioner("models/merge")            # the run folder, or its model.keras
+    captioner.caption_features(features (N, D), beam=1)   -> N caption strings
+    captioner.caption_words(features, beam=3)              -> N word lists
+    captioner.caption_images([PIL RGB images])             -> N caption strings
+It loads the run folder (model.keras + model.json) and the tokenizer (data_dir, default the one
+recorded in model.json), checks they belong together (vocabulary size, tokenizer sha256, output
+width), and decodes through captioning.decoding (greedy for beam 1; beam search with length
+normalisation `alpha` for beam >= 2). Images become features through an injected
+`encode(list of PIL RGB images) -> float32 (N, D)` callable; the default is the VGG16 fc2
+extractor that extract_features.py uses (vgg16_encoder). An encoder may carry a `width`
+attribute, checked against the model's feature_dim before any image is encoded.
+Reads the run folder and tokenizer.json; writes nothing.
+"""
+import numpy as np
+
+import extract_features
+import vgg16_build
+from captioning import decoding, models
+from captioning.images import resize_rgb
+from captioning.utils import PipelineError
+
+WEIGHTS = "imagenet"    # VGG16 weights of the default encoder: imagenet | none | path to .h5/.keras
+
+
+class KerasEncoder:
+    """encode(list of PIL RGB images) -> float32 (N, D) through a Keras feature extractor.
+
+    build() -> the Keras model (built on first use: tens of seconds for VGG16, so making an
+    encoder costs nothing until it is used); size = its (height, width) input; preprocess(uint8
+    array (N, H, W, 3)) -> its input scaling. `width` (D) is read from the built model, so a
+    model/encoder mismatch is found before any image is encoded. Batches hold at most
+    batch_size images (fewer for a short list: a few photos need not cost a full batch).
+    """
+
+    def __init__(self, build, size, preprocess, batch_size=extract_features.BATCH_SIZE):
+        self.build, self.size, self.preprocess, self.batch_size = build, size, preprocess, batch_size
+        self._predict = self._width = None
+
+    def _ready(self):
+        if self._predict is None:
+            extractor = self.build()
+            self._width = int(extractor.outputs[0].shape[-1])
+            self._predict = extract_features.make_predict_fn(extractor)
+        return self._predict
+
+    @property
+    def width(self):
+        self._ready()
+        return self._width
+
+    def __call__(self, images):
+        predict = self._ready()
+        arrays = np.stack([resize_rgb(img, self.size) for img in images]) if images else None
+        if arrays is None:
+            return np.zeros((0, self._width), np.float32)
+        x = self.preprocess(arrays.astype(np.float32))
+        step = max(1, min(len(x), self.batch_size))
+        out = [predict(x[i:i + step]).reshape(len(x[i:i + step]), -1) for i in range(0, len(x), step)]
+        return np.concatenate(out).astype(np.float32)
+
+
+def vgg16_encoder(weights=WEIGHTS):
+    """The VGG16 fc2 encoder, with extract_features.load_image's resize and preprocessing."""
+    def build():
+        return vgg16_build.build_feature_extractor(weights=None if weights == "none" else weights)
+
+    def preprocess(x):
+        from keras.applications.vgg16 import preprocess_input
+        return preprocess_input(x)
+
+    return KerasEncoder(build, vgg16_build.IMAGE_SIZE, preprocess)
+
+
+class Captioner:
+    """A trained caption model with its vocabulary, checked to belong together."""
+
+    def __init__(self, model_path, data_dir=None, encode=None):
+        """model_path: a train.py run folder or its model.keras; data_dir: prepare_text.py's
+        folder holding tokenizer.json (default: the data_dir recorded in model.json);
+        encode: see the module docstring (default vgg16_encoder(), built on first use)."""
+        run_dir = models.run_folder(model_path)
+        if data_dir is None:
+            data_dir = models.read_config(run_dir).get("data_dir")
+        self.model, self.config, self.tokenizer = models.load_captioner(run_dir, data_dir)
+        self.id_to_word, self.start_id, self.end_id, self.banned = decoding.vocabulary(self.tokenizer)
+        self.encode = encode
+        self.run_dir = run_dir
+
+    @property
+    def feature_dim(self):
+        return self.config["feature_dim"]
+
+    def caption_ids(self, features, beam=decoding.BEAM, alpha=decoding.ALPHA, progress=False):
+        """(N, D) features -> N lists of generated ids (ending with endseq's id when finished)."""
+        return decoding.caption_features(self.model, self.config, self.tokenizer, features,
+                                         beam, alpha, progress=progress)
+
+    def words(self, ids):
+        """Generated ids -> caption words, without endseq."""
+        return decoding.ids_to_words(self.id_to_word, ids, self.end_id)
+
+    def caption_words(self, features, beam=decoding.BEAM, alpha=decoding.ALPHA, progress=False):
+        """(N, D) features -> N word lists, without the sentinels."""
+        return [self.words(ids) for ids in self.caption_ids(features, beam, alpha, progress)]
+
+    def caption_features(self, features, beam=decoding.BEAM, alpha=decoding.ALPHA, progress=False):
+        """(N, D) features -> N caption strings."""
+        return [" ".join(words) for words in self.caption_words(features, beam, alpha, progress)]
+
+    def check_encoder(self):
+        """The encoder (built if not given), after checking its width fits the model."""
+        if self.encode is None:
+            self.encode = vgg16_encoder()
+        width = getattr(self.encode, "width", None)
+        if width is not None and width != self.feature_dim:
+            raise PipelineError(f"the model was trained on {self.feature_dim}-d features but the "
+                                f"image encoder gives {width}-d ({self.run_dir})")
+        return self.encode
+
+    def caption_images(self, images, beam=decoding.BEAM, alpha=decoding.ALPHA):
+        """PIL RGB images -> caption strings (encode, then caption_features)."""
+        if not images:
+            return []
+        features = np.asarray(self.check_encoder()(list(images)), dtype=np.float32)
+        if features.shape != (len(images), self.feature_dim):
+            raise PipelineError(f"the image encoder gave features of shape {features.shape}, the "
+                                f"model needs ({len(images)}, {self.feature_dim}) ({self.run_dir})")
+        return self.caption_features(features, beam, alpha)

@@ -1,0 +1,84 @@
+"""Image-feature files: the tutorial's pooled `features.pkl`, read without running code.
+
+Owns the format of features.pkl: a pickle of {image_id: numpy array (D,)}, image_id = the
+image file name without its extension, D = the encoder's width (4096 for VGG16 fc2, 1280 for
+EfficientNet-Lite0). The tutorial's (1, D) rows and float16 are accepted and come back as
+float32 (D,). Writers use save_features (atomic).
+
+Reading a pickle from elsewhere with plain pickle.load can execute any command stored in it.
+load_features and load_pickle use SafeUnpickler, which resolves only the handful of globals a
+dict of numpy arrays needs and refuses every other one with a one-line error naming the file.
+"""
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from captioning.utils import PipelineError, atomic_write
+
+# (module, name) pairs a pickled dict/list of numpy arrays and scalars refers to. numpy 2 writes
+# numpy._core.*, numpy 1 wrote numpy.core.*; both are accepted so old files keep loading.
+_NUMPY_GLOBALS = {
+    (module, name)
+    for core in ("numpy.core", "numpy._core")
+    for module, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"),
+                         (f"{core}.numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+     ("_codecs", "encode")}   # protocol 2 stores bytes as latin-1 text; encode() only converts it
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler that builds only dicts, lists, strings, numbers and numpy arrays."""
+
+    def find_class(self, module, name):
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays, "
+                                     f"dicts, strings and numbers are allowed")
+
+
+def load_pickle(path, what="pickle"):
+    """Unpickle `path` with SafeUnpickler; any failure is a one-line PipelineError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} not found ({path})")
+    try:
+        with open(path, "rb") as handle:
+            return SafeUnpickler(io.BufferedReader(handle)).load()
+    except pickle.UnpicklingError as exc:
+        raise PipelineError(f"not a safe {what}: {exc} ({path})") from None
+    except (EOFError, AttributeError, ImportError, ValueError, TypeError, IndexError,
+            KeyError, MemoryError) as exc:
+        raise PipelineError(f"not a {what} ({path}: {exc!r})") from None
+
+
+def load_features(path):
+    """Read a features pickle -> {image_id: float32 array (D,)}; (1, D) and float16 are accepted.
+
+    Raises PipelineError if the file is missing, unsafe, not a dict of arrays, or widths differ.
+    """
+    raw = load_pickle(path, "features file")
+    if not isinstance(raw, dict):
+        raise PipelineError(f"features file must hold a dict, got {type(raw).__name__} ({path})")
+    features, width = {}, None
+    for image_id, value in raw.items():
+        array = np.asarray(value)
+        if array.ndim == 2 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.number):
+            raise PipelineError(f"feature of {image_id} has shape {array.shape}, expected (D,) "
+                                f"or (1, D) ({path})")
+        if width is None:
+            width = array.shape[0]
+        elif array.shape[0] != width:
+            raise PipelineError(f"ragged features: {image_id} is {array.shape[0]} wide, others "
+                                f"{width} ({path})")
+        features[str(image_id)] = array.astype(np.float32)
+    return features
+
+
+def save_features(path, features):
+    """Atomically pickle {image_id: float32 (D,)}: readers see the old file or the complete new one."""
+    with atomic_write(path, "wb") as handle:
+        pickle.dump(features, handle, protocol=pickle.HIGHEST_PROTOCOL)
