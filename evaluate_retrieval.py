@@ -96,8 +96,8 @@ def parse_args(argv):
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", default=MODEL_DIR, help="train_retrieval.py run folder")
     p.add_argument("--split", default=SPLIT, choices=["train", "dev", "test"], help="split to rank")
-    p.add_argument("--features", default=None, help="features pickle (None = model.json's features_file)")
-    p.add_argument("--data-dir", default=None, help="prepare_text.py folder (None = model.json's data_dir)")
+    p.add_argument("--features", default=None, help="features pickle (default: the features_file recorded in model.json)")
+    p.add_argument("--data-dir", default=None, help="prepare_text.py folder (default: the data_dir recorded in model.json)")
     p.add_argument("--output", default=OUTPUT_DIR, help="folder for results.json")
     p.add_argument("--captioner", default=None, help="train.py run folder to rank with as well")
     p.add_argument("--captioner-images", type=int, default=CAPTIONER_IMAGES,

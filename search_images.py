@@ -261,7 +261,7 @@ def parse_args(argv):
                    "training images, for thumbnails)")
     p.add_argument("--image", default=None, help="reverse search: a photo -> closest training captions/images")
     p.add_argument("--model", default=MODEL_DIR, help="train_retrieval.py run folder")
-    p.add_argument("--data-dir", default=None, help="prepare_text.py folder (None = model.json's data_dir)")
+    p.add_argument("--data-dir", default=None, help="prepare_text.py folder (default: the data_dir recorded in model.json)")
     p.add_argument("--top", type=int, default=TOP, help="matches to show")
     p.add_argument("--features", default=None, help="precomputed features pickle for the photos")
     p.add_argument("--weights", default=WEIGHTS, help="VGG16 weights for the vgg16 backbone")

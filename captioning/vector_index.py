@@ -17,6 +17,7 @@ import numpy as np
 from captioning.utils import PipelineError
 
 BACKENDS = ("auto", "numpy", "faiss")
+FEW_QUERIES = 8     # up to this many queries per call are scored one by one without BLAS
 
 
 def normalize_rows(vectors):
@@ -48,7 +49,12 @@ class NumpyIndex:
     def search(self, queries, k):
         queries = normalize_rows(queries)
         k = min(int(k), len(self.vectors))
-        scores = queries @ self.vectors.T                        # (Q, N)
+        if len(queries) <= FEW_QUERIES:
+            # a matrix-vector product is memory-bound; numpy's einsum loop does it without BLAS
+            # threads, which on a busy 2-core CPU took 20 ms instead of 0.7 ms (8091 x 512)
+            scores = np.stack([np.einsum("nd,d->n", self.vectors, q) for q in queries])
+        else:
+            scores = queries @ self.vectors.T                    # (Q, N), BLAS
         if k < scores.shape[1]:
             part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         else:
