@@ -33,7 +33,7 @@ from pathlib import Path
 import extract_features
 import generate_caption
 from captioning import video
-from captioning.captioner import Captioner, vgg16_encoder
+from captioning.captioner import Captioner
 from captioning.utils import HelpFormatter, PipelineError, run_cli, save_settings
 
 
@@ -44,7 +44,8 @@ def photo_captioner(model_dir, data_dir, beam, alpha, weights):
     decoder) and image encoder as generate_caption.py, so a frame gets exactly the caption the
     same picture saved as a photo gets.
     """
-    captioner = Captioner(model_dir, data_dir, encode=vgg16_encoder(weights))
+    captioner = Captioner(model_dir, data_dir)
+    captioner.encode = captioner.default_encoder(weights)   # the model's own backbone
     return lambda images: captioner.caption_images(images, beam, alpha)
 
 

@@ -1,4 +1,4 @@
-"""Stage 6: caption every image of a split and score the captions with corpus BLEU-1..4.
+"""Stage 6: caption every image of a split and score the captions: BLEU-1..4 and the COCO metrics.
 
 Usage:
     python evaluate_bleu.py --features data/features.pkl --data-dir data --model models/RUN \\
@@ -8,16 +8,21 @@ BLEU is reported two ways, both in results.json: "tutorial" (the tutorial's own 
 to compare with its published numbers) and "standard" (the headline: sentinels stripped, the
 original captions as references); plus diagnostics (distinct captions, words used, captions
 copied from training, mean length, unfinished share). captioning/metrics.py defines them.
+The COCO caption metrics papers report (captioning/coco_metrics.py, the pycocoevalcap package):
+BLEU-1..4, ROUGE-L and CIDEr-D always, METEOR when Java is present (--java), SPICE never (it
+cannot run offline); PTB tokenisation with Java, else a pure-Python one, named in results.json.
+CIDEr-D's document frequencies come from the references of the split scored (COCO convention).
 
 Reads:
     --features FILE   {image_id: vector} pickle (load_features); its width must
                       equal the model's feature_dim.
     --data-dir DIR    prepare_text.py outputs: meta.json, tokenizer.json, splits.json,
                       descriptions.txt, references.json.
-    --model DIR       train.py run folder (model.keras, model.json).
+    --model PATH      train.py run folder, or its model.keras (model.keras + model.json).
     --images DIR      optional: the Flickr8k image folder, for the gallery.
 Writes (into --output, each atomically, all after the scoring succeeded):
-    results.json      {"bleu": {"tutorial": {bleu1..bleu4}, "standard": {...}}, "diagnostics",
+    results.json      {"bleu": {"tutorial": {bleu1..bleu4}, "standard": {...}}, "coco": {bleu_1..
+                       bleu_4, meteor, rouge_l, cider_d, spice, tokenizer, not_computed}, "diagnostics",
                        "split", "n_images", "beam", "alpha", "model", "features", "data_dir",
                        "seconds" (whole run), "decode_seconds"}
     captions.tsv      header + one row per image: image_id, generated caption (no sentinels),
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import metrics, text
+from captioning import coco_metrics, metrics, text
 from captioning.captioner import Captioner
 from captioning.decoding import ALPHA, BEAM
 from captioning.features import load_features
@@ -100,18 +105,24 @@ def parse_args(argv):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--features", default=FEATURES, help="features.pkl of the split's images")
     parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
-    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder")
+    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder, or its model.keras")
     parser.add_argument("--split", default=SPLIT, choices=["train", "dev", "test"], help="split to caption")
     parser.add_argument("--beam", type=int, default=BEAM, help="beam width (1 = greedy)")
-    parser.add_argument("--alpha", type=float, default=ALPHA, help="beam length normalisation exponent")
+    parser.add_argument("--alpha", type=float, default=ALPHA,
+                        help="beam length normalisation exponent, for --beam >= 2 only "
+                             "(beam 1 is the plain argmax loop)")
     parser.add_argument("--output", default=OUTPUT_DIR, help="folder for results.json etc.")
     parser.add_argument("--images", default=None, help="image folder, to write gallery.html")
     parser.add_argument("--gallery", type=int, default=GALLERY_IMAGES, help="images in the gallery")
+    parser.add_argument("--java", default="auto", choices=["auto", "yes", "no"],
+                        help="COCO metrics: Java for METEOR and the PTB tokenizer (auto = if present)")
     parser.add_argument("--limit", type=int, default=None,
                         help="score only the first N images of the split (quick checks)")
     args = parser.parse_args(argv)
     if args.beam < 1:
         parser.error("--beam must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise PipelineError(f"--limit must be at least 1 (got {args.limit})")
     return args
 
 
@@ -141,6 +152,9 @@ def main(argv=None):
     generated = [captioner.words(x) for x in id_lists]
     finished = [bool(x) and x[-1] == captioner.end_id for x in id_lists]
 
+    coco = coco_metrics.score_captions({i: references[i] for i in ids},
+                                       {i: " ".join(w) for i, w in zip(ids, generated)},
+                                       java={"auto": "auto", "yes": True, "no": False}[args.java])
     start, end = meta["start_token"], meta["end_token"]
     training_captions = {c for i in splits["train"] for c in descriptions.get(i, [])}
     results = {
@@ -148,6 +162,7 @@ def main(argv=None):
             "tutorial": metrics.tutorial_bleu([descriptions[i] for i in ids], generated, finished, start, end),
             "standard": metrics.standard_bleu([references[i] for i in ids], generated),
         },
+        "coco": coco,
         "diagnostics": metrics.diagnostics(generated, finished, training_captions),
         "split": args.split, "n_images": len(ids), "beam": args.beam, "alpha": args.alpha,
         "model": str(args.model), "features": Path(args.features).name,
@@ -172,6 +187,10 @@ def main(argv=None):
     for mode in ("standard", "tutorial"):
         b = results["bleu"][mode]
         print(f"{mode:9s} BLEU-1..4: {b['bleu1']:.3f} {b['bleu2']:.3f} {b['bleu3']:.3f} {b['bleu4']:.3f}")
+    meteor = "n/a (no Java)" if coco["meteor"] is None else f"{coco['meteor']:.3f}"
+    print(f"COCO ({coco['tokenizer']} tokens) BLEU-1..4: {coco['bleu_1']:.3f} {coco['bleu_2']:.3f} "
+          f"{coco['bleu_3']:.3f} {coco['bleu_4']:.3f}  METEOR {meteor}  ROUGE-L {coco['rouge_l']:.3f}  "
+          f"CIDEr-D {coco['cider_d']:.3f}")
     d = results["diagnostics"]
     print(f"distinct captions {d['distinct_captions']}/{d['n_captions']}, vocabulary used "
           f"{d['vocabulary_used']}, copied from training {d['copied_from_training_share']:.1%}, "

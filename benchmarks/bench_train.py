@@ -1,15 +1,19 @@
 """Benchmark: train.py's default whole-caption mode vs the tutorial's progressive loading.
 
 Usage:
-    python benchmarks/bench_train.py [--features F] [--data-dir data/] [--pairs-photos 150]
+    python benchmarks/bench_train.py [--features F] [--data-dir DIR] [--pairs-photos 150]
                                      [--sequence-photos 1500] [--batch-size 64]
+
+From a clean clone the defaults work: without --data-dir, prepare_text.py runs on the shared
+Flickr8k captions (or the bundled sample) in a temporary folder; the features default to the
+shared Lite0 file (see benchmarks/bench_common.py). The `data:` line says what was used.
 
 Same features, same captions, same model (merge, same seed), same process: each mode first
 trains a few warm-up batches (graph tracing, not timed), then one pass over a fixed set of
 training photos is timed, in --rounds slices alternating between the modes so both see the
 same load on a shared machine, and projected to a full training epoch (seconds x train
 captions / captions timed). Validation is not timed. Reads the features pickle and prepare_text's
-data folder (as train.py); writes nothing. Prints a table and, last,
+data folder (as train.py); writes only into a temporary folder, removed at the end. Prints a table and, last,
 `speedup_vs_tutorial: <x>  peak_rss_gb: <y>` (projected epoch time of --mode pairs divided by
 that of the default mode; peak resident memory of this process in GiB, both modes included).
 """
@@ -17,20 +21,16 @@ import argparse
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import bench_common  # noqa: F401  (puts the repository on sys.path)
+from captioning import data, models, training
+from captioning.utils import PipelineError, run_cli
 
-from captioning import data, models, training  # noqa: E402
-from captioning.utils import PipelineError, run_cli  # noqa: E402
-
-FEATURES = REPO.parent / "shared" / "flickr8k" / "features_efficientnet_lite0.pkl"
-DATA_DIR = REPO / "data"
 PAIRS_PHOTOS = 150        # ~750 captions: the tutorial mode is slow, a small sample suffices
 SEQUENCE_PHOTOS = 1500    # ~7500 captions: enough batches for realistic length buckets
 WARMUP_BATCHES = 4
@@ -42,9 +42,10 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def make_model(mode, config, seed):
+def make_model(mode, config, seed, words_per_row):
     training.seed_everything(seed)
-    return models.compile_model(models.build_from_config(dict(config, variant="merge"), mode))
+    return models.compile_model(models.build_from_config(dict(config, variant="merge"), mode),
+                                words_per_row=words_per_row)
 
 
 def time_modes(samples, matrix, config, args):
@@ -56,8 +57,8 @@ def time_modes(samples, matrix, config, args):
     """
     nets, seconds = {}, {}
     for mode, sample in samples.items():
-        nets[mode] = make_model(mode, config, args.seed)
         sample = [e for photo in sample for e in photo]
+        nets[mode] = make_model(mode, config, args.seed, data.words_per_row(sample, mode))
         warm = data.make_dataset(sample, matrix, mode, args.batch_size, config["max_length"], seed=args.seed)
         nets[mode].fit(warm.take(WARMUP_BATCHES), epochs=1, verbose=0, shuffle=False)
         seconds[mode] = 0.0
@@ -85,16 +86,25 @@ def photo_sample(examples, n_photos, seed):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--features", type=Path, default=FEATURES)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--features", type=Path, default=None,
+                   help="features pickle (unset: the shared Lite0 file, else random vectors)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="prepare_text.py output (unset: prepared in a temporary folder)")
     p.add_argument("--pairs-photos", type=int, default=PAIRS_PHOTOS)
     p.add_argument("--sequence-photos", type=int, default=SEQUENCE_PHOTOS)
     p.add_argument("--batch-size", type=int, default=training.BATCH_SIZE, help="captions per batch, default mode")
     p.add_argument("--seed", type=int, default=training.SEED)
     p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved timing slices per mode")
     args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
+        return run(args, workdir)
+
+
+def run(args, workdir):
+    args.data_dir, args.features, used = bench_common.prepare(args.data_dir, args.features, workdir)
     if not args.features.is_file():
         raise PipelineError(f"missing features file {args.features}")
+    print(f"data: {used}", flush=True)
     # train.py's own loading, so the benchmark measures exactly what training does
     load_args = argparse.Namespace(features=args.features, data_dir=args.data_dir, max_missing=training.MAX_MISSING,
                                    fail_on_missing=False, variant="merge", mode="sequence",
@@ -112,7 +122,7 @@ def main(argv=None):
         n = sum(len(photo) for photo in samples[mode])
         epoch_s = seconds[mode] * epoch_captions / n
         rows.append((labels[mode], n, seconds[mode], epoch_s, epoch_captions * words_per_caption / epoch_s))
-    print(f"\nmachine: {os.cpu_count()} CPU cores; features {args.features.name} "
+    print(f"\nmachine: {os.cpu_count()} CPU cores; data: {used} "
           f"(D={config['feature_dim']}), vocab {config['vocab_size']}, max_length {config['max_length']}, "
           f"{epoch_captions} training captions per epoch\n")
     print(f"| {'mode':<55} | captions timed | seconds | projected epoch (s) | predicted words/s |")

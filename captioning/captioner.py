@@ -10,7 +10,8 @@ recorded in model.json), checks they belong together (vocabulary size, tokenizer
 width), and decodes through captioning.decoding (greedy for beam 1; beam search with length
 normalisation `alpha` for beam >= 2). Images become features through an injected
 `encode(list of PIL RGB images) -> float32 (N, D)` callable; the default is the VGG16 fc2
-extractor that extract_features.py uses (vgg16_encoder). An encoder may carry a `width`
+extractor of the backbone the model's features came from (model.json's "backbone", else the
+one whose width matches: 4096 VGG16 fc2, 1280 Lite0). An encoder may carry a `width`
 attribute, checked against the model's feature_dim before any image is encoded.
 Reads the run folder and tokenizer.json; writes nothing.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 import extract_features
 import vgg16_build
-from captioning import decoding, models
+from captioning import decoding, encoders, models
 from captioning.images import resize_rgb
 from captioning.utils import PipelineError
 
@@ -62,16 +63,20 @@ class KerasEncoder:
         return np.concatenate(out).astype(np.float32)
 
 
-def vgg16_encoder(weights=WEIGHTS):
-    """The VGG16 fc2 encoder, with extract_features.load_image's resize and preprocessing."""
+def backbone_encoder(backbone, weights=WEIGHTS):
+    """The encoder of `backbone` ("vgg16" or "lite0", captioning/encoders.py) with its resize
+    and input scaling: what extract_features.py computes for the same picture."""
+    encoder = encoders.get(backbone)
+
     def build():
-        return vgg16_build.build_feature_extractor(weights=None if weights == "none" else weights)
+        return encoders.build(backbone, None if weights == "none" else weights, quiet=True)
 
-    def preprocess(x):
-        from keras.applications.vgg16 import preprocess_input
-        return preprocess_input(x)
+    return KerasEncoder(build, encoder.image_size, encoder.preprocess)
 
-    return KerasEncoder(build, vgg16_build.IMAGE_SIZE, preprocess)
+
+def vgg16_encoder(weights=WEIGHTS):
+    """The VGG16 fc2 encoder (the tutorial's)."""
+    return backbone_encoder("vgg16", weights)
 
 
 class Captioner:
@@ -110,10 +115,19 @@ class Captioner:
         """(N, D) features -> N caption strings."""
         return [" ".join(words) for words in self.caption_words(features, beam, alpha, progress)]
 
+    @property
+    def backbone(self):
+        """The backbone this model's features came from (model.json, else by width), or None."""
+        return encoders.backbone_of(self.config)
+
+    def default_encoder(self, weights=WEIGHTS):
+        """The encoder of the model's own backbone (VGG16 when it cannot be told)."""
+        return backbone_encoder(self.backbone or "vgg16", weights)
+
     def check_encoder(self):
-        """The encoder (built if not given), after checking its width fits the model."""
+        """The encoder (the model's own backbone if none was given), after checking its width."""
         if self.encode is None:
-            self.encode = vgg16_encoder()
+            self.encode = self.default_encoder()
         width = getattr(self.encode, "width", None)
         if width is not None and width != self.feature_dim:
             raise PipelineError(f"the model was trained on {self.feature_dim}-d features but the "

@@ -85,6 +85,14 @@ def encode_split(image_ids, row_of_id, descriptions, tokenizer, max_length):
     return examples
 
 
+def words_per_row(examples, mode):
+    """Mean predicted words per training row: per caption (len - 1) in "sequence" mode, 1 in
+    "pairs" mode (a row is one prefix -> next word). The caption loss's constant."""
+    if mode == "pairs":
+        return 1.0
+    return float(np.mean([len(ids) - 1 for _, ids in examples]))
+
+
 # ---- batches ----------------------------------------------------------------------------------
 def plan_batches(lengths, batch_size, rng=None, pool=BUCKET_POOL):
     """Split example indices into batches of similar length (bucketing).

@@ -14,7 +14,7 @@ Owns
 Reads and writes no files. Imports captioning.utils only; TensorFlow is imported inside the step
 builders (heavy). Step builders find a model's layers by the names models.py gives them.
 
-Rules shared by every decoder. `max_length` is meta.json's: the most tokens in a caption
+Rules shared by every decoder (decode picks greedy for beam 1, whatever alpha is). `max_length` is meta.json's: the most tokens in a caption
 COUNTING startseq and endseq, so at most max_length - 1 tokens are generated after startseq. The
 pad id, the OOV id and the start id are never generated (banned_ids). Greedy = the course's
 loop: the most probable next word until endseq. Beam K keeps the K best partial captions per
@@ -34,8 +34,8 @@ import numpy as np
 from captioning.utils import PipelineError, progress as progress_bar
 
 BEAM = 1             # 1 = greedy (the course's decoding)
-ALPHA = 0.7          # beam length normalisation: score = log p / length**ALPHA (0 = none);
-                     # 0.7 was best on the dev split (README, Results)
+ALPHA = 0.7          # beam length normalisation for beam >= 2: score = log p / length**ALPHA
+                     # (0 = none); 0.7 was best on the dev split (README, Results)
 BATCH_IMAGES = 1000  # images decoded together (memory: beam * batch * vocab floats per step)
 
 
@@ -156,8 +156,9 @@ def beam_search(step_fn, states, start_id, end_id, max_length, beam=3, alpha=0.0
 
 
 def decode(step_fn, states, start_id, end_id, max_length, beam=1, alpha=0.0, banned_ids=()):
-    """greedy_decode for beam 1 (and alpha 0), else beam_search."""
-    if beam == 1 and alpha == 0:
+    """greedy_decode for beam 1 (whatever alpha is: greedy means the course's argmax loop),
+    beam_search with length normalisation alpha for beam >= 2."""
+    if beam == 1:
         return greedy_decode(step_fn, states, start_id, end_id, max_length, banned_ids)
     return beam_search(step_fn, states, start_id, end_id, max_length, beam, alpha, banned_ids)
 

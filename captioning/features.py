@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.utils import PipelineError, atomic_write
+from captioning.utils import PipelineError, atomic_write, read_json
 
 # (module, name) pairs a pickled dict/list of numpy arrays and scalars refers to. numpy 2 writes
 # numpy._core.*, numpy 1 wrote numpy.core.*; both are accepted so old files keep loading.
@@ -82,3 +82,15 @@ def save_features(path, features):
     """Atomically pickle {image_id: float32 (D,)}: readers see the old file or the complete new one."""
     with atomic_write(path, "wb") as handle:
         pickle.dump(features, handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def recorded_backbone(path):
+    """The backbone extract_features.py recorded beside a features file (<stem>.settings.json),
+    or None for a file from elsewhere (e.g. the shared reference features)."""
+    settings = Path(path).with_name(Path(path).stem + ".settings.json")
+    if not settings.is_file():
+        return None
+    try:
+        return read_json(settings).get("backbone")
+    except (PipelineError, AttributeError):
+        return None

@@ -10,19 +10,21 @@ BLEU is NLTK's corpus_bleu (corpus-level: n-gram counts pooled over all images; 
               inflate it.
     standard  the way papers report it, the headline number: sentinels stripped, weights 1/n,
               references = the 5 ORIGINAL captions (references.json) tokenised by
-              standard_tokens, never the training-cleaned ones, so a cleaning that drops words
-              (e.g. "a") cannot make its own references easier.
+              standard_tokens (the default cleaning's word rules, whatever cleaning the model
+              was trained with), never the training-cleaned descriptions.txt, so a cleaning
+              that drops words (e.g. "a") cannot make its own references easier.
 Diagnostics: share of distinct captions, number of distinct words used, share of generated
 captions copied verbatim from a training caption (cleaned text), mean caption length, share
 that never produced endseq (truncated at max_length).
-Reads and writes no files. Imports no project module; NLTK is imported inside bleu_scores.
+Reads and writes no files. Imports captioning.text (the word rules); NLTK inside bleu_scores.
 """
-import string
 import warnings
+
+from captioning import text
 
 TUTORIAL_WEIGHTS = [(1.0, 0, 0, 0), (0.5, 0.5, 0, 0), (0.3, 0.3, 0.3, 0), (0.25, 0.25, 0.25, 0.25)]
 STANDARD_WEIGHTS = [(1.0,), (1 / 2,) * 2, (1 / 3,) * 3, (1 / 4,) * 4]
-_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+STANDARD_CLEANING = "default"   # the word rules of standard_tokens (text.clean_caption's modes)
 
 
 def bleu_scores(references, hypotheses, weights_list):
@@ -37,9 +39,18 @@ def bleu_scores(references, hypotheses, weights_list):
                 for n, w in enumerate(weights_list, start=1)}
 
 
-def standard_tokens(text):
-    """An original caption -> tokens: lowercase, punctuation characters deleted, split on space."""
-    return text.lower().translate(_PUNCT_TABLE).split()
+def standard_tokens(caption):
+    """An original caption -> reference tokens, by the default cleaning's word rules.
+
+    Lowercase; "-" and "/" separate words ("T-shirt" -> "t shirt"); a possessive 's is dropped
+    ("dog's" -> "dog"); other punctuation is deleted; tokens that are not all letters
+    (numbers such as "2" or "3rd") are dropped. These are text.clean_caption(..., "default")'s
+    rules, whatever cleaning the model was trained with: the tokens of a reference are then
+    tokens a captioner can produce ("dogs" or "tshirt" would be words no cleaned training
+    caption contains), and a cleaning that drops more words (the tutorial's drops "a") still
+    cannot make its own references easier.
+    """
+    return text.clean_caption(caption, STANDARD_CLEANING).split()
 
 
 def tutorial_reference(cleaned_caption, start_token, end_token):

@@ -6,7 +6,7 @@ Owns
                 dropout, and whatever a variant adds); `mode` is "sequence" or "pairs". A new
                 variant adds its builder here and its step builder to decoding.STEP_BUILDERS.
   the wiring and layer names of merge and inject (below); decoders find layers by these names.
-  CaptionLoss   masked sparse cross-entropy per predicted word (caption_loss_class).
+  CaptionLoss   masked sparse cross-entropy, every predicted word weighing the same (caption_loss_class).
   the run folder's model files: model.keras (the kept model) + model.json (all a decoder needs),
                 read back by load_run / load_captioner, which accept the folder or its model.keras.
 Reads  model.keras, model.json, tokenizer.json (its sha256 must match model.json's).
@@ -157,22 +157,29 @@ def layer_names(model):
 # ---- loss and compiling -----------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def caption_loss_class():
-    """Masked sparse cross-entropy on probabilities, mean over real (non-pad) target words.
+    """Masked sparse cross-entropy on probabilities; every predicted word weighs the same.
 
-    Returned per element already divided by the batch's count of real targets, with reduction
-    "sum", so a batch's loss is exactly the mean over its predicted words whatever its padding
-    (Keras' own sample weights would divide by B*T instead). Targets equal to 0 (padding) are
-    masked. label_smoothing eps: (1-eps)*NLL + eps*mean_v(-log p_v). Defined on first use (it
-    needs Keras) and registered, so saved models that reference it load.
+    Targets equal to 0 (padding) are masked. label_smoothing eps: (1-eps)*NLL + eps*mean_v(-log p_v).
+    A batch's loss is its summed word losses divided by rows * words_per_row, where
+    words_per_row is a constant of the training set (mean target words per caption; 1 in pairs
+    mode). Why not the batch's own word count: length bucketing makes some batches all short
+    captions, and a per-batch mean would give each word of a short batch several times the
+    weight of a word in a long batch - on Flickr8k that is a pull towards ending captions
+    early. With the constant, the epoch's gradient weighs all words alike, and the loss Keras
+    reports (batch losses averaged by rows) is exactly the mean per predicted word, in nats.
+    Without words_per_row (models saved before it existed) the batch's word count is used.
+    Defined on first use (it needs Keras) and registered, so saved models that reference it load.
     """
     import keras
     from keras import ops
 
     @keras.saving.register_keras_serializable(package=LOSS_PACKAGE)
     class CaptionLoss(keras.losses.Loss):
-        def __init__(self, label_smoothing=0.0, name="caption_loss", reduction="sum", **kwargs):
+        def __init__(self, label_smoothing=0.0, words_per_row=None, name="caption_loss",
+                     reduction="sum", **kwargs):
             super().__init__(name=name, reduction="sum", **kwargs)
             self.label_smoothing = float(label_smoothing)
+            self.words_per_row = float(words_per_row) if words_per_row else None
 
         def call(self, y_true, y_pred):
             y_true = ops.cast(y_true, "int32")
@@ -182,18 +189,24 @@ def caption_loss_class():
                 mean_log_p = ops.mean(ops.log(ops.clip(y_pred, 1e-7, 1.0)), axis=-1)
                 loss = (1 - self.label_smoothing) * loss - self.label_smoothing * mean_log_p
             mask = ops.cast(ops.not_equal(y_true, 0), loss.dtype)
+            if self.words_per_row:
+                rows = ops.cast(ops.shape(y_true)[0], loss.dtype)
+                return loss * mask / (rows * self.words_per_row)
             return loss * mask / ops.maximum(ops.sum(mask), 1.0)
 
         def get_config(self):
-            return {"label_smoothing": self.label_smoothing, "name": self.name}
+            return {"label_smoothing": self.label_smoothing, "words_per_row": self.words_per_row,
+                    "name": self.name}
 
     return CaptionLoss
 
 
-def compile_model(model, learning_rate=LEARNING_RATE, label_smoothing=LABEL_SMOOTHING):
+def compile_model(model, learning_rate=LEARNING_RATE, label_smoothing=LABEL_SMOOTHING,
+                  words_per_row=None):
+    """Adam + CaptionLoss (words_per_row: see caption_loss_class; data.words_per_row gives it)."""
     import keras
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=caption_loss_class()(label_smoothing), jit_compile=False)
+                  loss=caption_loss_class()(label_smoothing, words_per_row), jit_compile=False)
     return model
 
 

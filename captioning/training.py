@@ -4,7 +4,9 @@ Owns
   prepare_inputs   text + features -> feature matrix, encoded train/dev captions, model.json config.
   train_run        train (or resume) one run in its folder with model.fit and the Keeper callback.
   Keeper           after every epoch: history, best-epoch selection (lowest dev loss, or highest
-                   dev BLEU-4 with a scorer), early stopping, the run folder's files.
+                   dev BLEU-4 with a scorer), early stopping, then ONE checkpoint folder.
+  checkpoints      write_checkpoint / latest_checkpoint / point_current: the run folder's layout,
+                   written so that a kill at any moment leaves one whole epoch's state.
   dev_bleu_scorer  greedy dev-split BLEU-4 of a model (train.py --select-by bleu).
   cross_validate   K folds over the training images per variant -> cv.csv.
 Files of a run folder (<output-dir>/<name>): see train.py's docstring.
@@ -12,6 +14,10 @@ Imports captioning.data, decoding, metrics, models, text, utils; Keras/TensorFlo
 inside functions (heavy).
 """
 import csv
+import io
+import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from captioning import data, decoding, metrics, models, text
-from captioning.features import load_features
-from captioning.utils import PipelineError, atomic_write, read_json, save_settings, sha256_file, write_json
+from captioning.features import load_features, recorded_backbone
+from captioning.utils import PipelineError, atomic_write, read_json, save_settings, sha256_file
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
 EPOCHS = 20                     # upper bound; early stopping usually ends sooner
@@ -33,7 +39,12 @@ CV_VARIANTS = "merge,inject"
 CV_EPOCHS = 3
 CV_SUBSET = 0                   # 0 = all training images
 
+# a run folder: checkpoint-NNNN/ (the state after NNNN epochs: last.keras, model.keras, model.json,
+# state.json, history.csv, loss.png), `current` (a link to the newest checkpoint), the PUBLISHED
+# names as links through `current`, settings.json
+CHECKPOINT_PREFIX, CURRENT = "checkpoint-", "current"
 LAST_FILE, STATE_FILE = "last.keras", "state.json"
+PUBLISHED = (models.MODEL_FILE, models.CONFIG_FILE, "history.csv", "loss.png")
 # settings that must match for a rerun to resume the run in a folder
 RESUME_KEYS = ("variant", "mode", "embed_dim", "units", "dropout", "batch_size", "learning_rate",
                "label_smoothing", "seed", "features_sha256", "tokenizer_sha256", "select_by")
@@ -79,6 +90,7 @@ def prepare_inputs(args):
               "start_id": word_index[meta["start_token"]], "end_id": word_index[meta["end_token"]],
               "tokenizer_sha256": meta["tokenizer_sha256"],
               "features_file": str(args.features), "features_sha256": sha256_file(args.features),
+              "backbone": recorded_backbone(args.features),
               "data_dir": str(Path(args.data_dir).resolve()),
               "epochs_trained": 0, "best_epoch": None, "best_val_loss": None}
     return matrix, train, dev, config, row_of_id
@@ -105,15 +117,77 @@ def dev_bleu_scorer(data_dir, matrix, row_of_id):
     return score
 
 
-# ---- the run folder ---------------------------------------------------------------------------
-def write_history(run_dir, history):
-    """history.csv and loss.png from the list of per-epoch dicts."""
+# ---- the run folder: one atomic checkpoint per epoch -----------------------------------------
+# Keras' BackupAndRestore / ModelCheckpoint / CSVLogger / EarlyStopping each keep or write their
+# own piece (weights, then metadata, a CSV row, an in-memory counter) at different moments and
+# none saves the dropout RNG, so a kill between them mixes epochs. Here one folder per epoch
+# holds everything and becomes visible with one rename; the Keeper callback owns selection and
+# early stopping because their counters must live in that same folder.
+
+def fsync_path(path, directory=False):
+    """Flush a file (or a folder's entries) to disk; folders are skipped where the OS cannot."""
+    flags = os.O_RDONLY
+    if directory:
+        if not hasattr(os, "O_DIRECTORY"):
+            return                       # e.g. Windows: no directory fsync
+        flags |= os.O_DIRECTORY
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path, data):
+    """Write bytes or text to a new file inside a checkpoint being built, then fsync it."""
+    with open(path, "wb") as handle:
+        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _remove(path):
+    """Delete a file, link or folder tree if it is there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def checkpoint_dirs(run_dir):
+    """[(epochs, folder)] of the complete checkpoints in run_dir, oldest first. A checkpoint
+    gets its final name only once every file in it is on disk, so a name means complete."""
+    found = []
+    for path in Path(run_dir).glob(CHECKPOINT_PREFIX + "*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if path.is_dir() and not path.is_symlink() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir):
+    """The folder to resume from: the newest checkpoint; run_dir itself for a run folder of the
+    earlier layout (last.keras + state.json at its top); None for a fresh run."""
+    found = checkpoint_dirs(run_dir)
+    if found:
+        return found[-1][1]
+    if (run_dir / STATE_FILE).is_file() and (run_dir / LAST_FILE).is_file():
+        return run_dir
+    return None
+
+
+def history_csv(history):
     fields = ["epoch", "loss", "val_loss", "dev_bleu4", "seconds", "lr"]
-    with atomic_write(run_dir / "history.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k) for k in fields})
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row.get(k) for k in fields})
+    return buffer.getvalue()
+
+
+def loss_png(history):
+    """PNG bytes: training and dev loss per epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,13 +200,139 @@ def write_history(run_dir, history):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_write(run_dir / "loss.png", "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    return buffer.getvalue()
 
 
-def make_keeper(run_dir, state, config, patience, scorer=None):
-    """Keras callback: after each epoch save last.keras, state.json, history, best model.json.
+def _link_or_copy(source, target):
+    """Hard-link an unchanging file into the new checkpoint (no copy); copy where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+        fsync_path(target)
+
+
+def write_checkpoint(run_dir, model, state, config, improved, previous):
+    """Write the state after state["epoch"] epochs as ONE new checkpoint folder; return it.
+
+    Built under a temporary name (every file fsync'd, then the folder), renamed to
+    checkpoint-NNNN (atomic), then `current` is pointed at it (atomic link swap) and older
+    checkpoints are deleted. A kill at any moment leaves the previous checkpoint or this one,
+    never a mix. model.keras is the new model when it improved, else the previous checkpoint's
+    (hard link).
+    """
+    name = f"{CHECKPOINT_PREFIX}{state['epoch']:04d}"
+    tmp, final = run_dir / f".{name}.tmp", run_dir / name
+    _remove(tmp)                                       # a killed earlier attempt's leftovers
+    tmp.mkdir(parents=True)
+    model.save(tmp / LAST_FILE)
+    fsync_path(tmp / LAST_FILE)
+    if improved or previous is None:
+        os.link(tmp / LAST_FILE, tmp / models.MODEL_FILE)   # the same bytes: one file, two names
+    else:
+        _link_or_copy(previous / models.MODEL_FILE, tmp / models.MODEL_FILE)
+    _write_synced(tmp / models.CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_synced(tmp / "history.csv", history_csv(state["history"]))
+    _write_synced(tmp / "loss.png", loss_png(state["history"]))
+    _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    fsync_path(tmp, directory=True)
+    _remove(final)          # only a checkpoint of the same epoch from an abandoned branch
+    os.rename(tmp, final)
+    fsync_path(run_dir, directory=True)
+    point_current(run_dir, final)
+    tidy(run_dir, final)
+    return final
+
+
+def point_current(run_dir, checkpoint):
+    """Make run_dir/current name `checkpoint` (one atomic link swap), and the published files
+    (model.keras, model.json, history.csv, loss.png: links through `current`) follow it. Where
+    the OS has no symbolic links the published files are copied instead, one by one."""
+    if checkpoint == run_dir:
+        return                                         # earlier layout: files are already there
+    try:
+        _set_link(run_dir / CURRENT, checkpoint.name)
+    except (OSError, NotImplementedError):
+        for name in PUBLISHED:
+            with atomic_write(run_dir / name, "wb") as handle:
+                handle.write((checkpoint / name).read_bytes())
+        return
+    for name in PUBLISHED:
+        _set_link(run_dir / name, f"{CURRENT}/{name}")     # also replaces an earlier layout's file
+    fsync_path(run_dir, directory=True)
+
+
+def _set_link(path, target):
+    """Make `path` a symbolic link to `target` in one atomic step (new name, or a swap)."""
+    if path.is_symlink() and os.readlink(path) == target:
+        return
+    if not path.exists() and not path.is_symlink():
+        os.symlink(target, path)                       # creating a name is atomic by itself
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    _remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def tidy(run_dir, keep):
+    """Delete what a finished checkpoint makes obsolete or a kill left behind: temporary
+    checkpoint folders and links, older checkpoints, the earlier layout's last.keras/state.json."""
+    for path in [*run_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"),
+                 *(run_dir / f".{name}.tmp" for name in (CURRENT, *PUBLISHED))]:
+        _remove(path)
+    for _, path in checkpoint_dirs(run_dir):
+        if path != keep:
+            _remove(path)
+    if keep != run_dir:
+        for name in (LAST_FILE, STATE_FILE):
+            _remove(run_dir / name)
+
+
+def clear_run(run_dir):
+    """train.py --overwrite: remove a run folder's checkpoints and published files."""
+    for _, path in checkpoint_dirs(run_dir):
+        _remove(path)
+    for name in (CURRENT, LAST_FILE, STATE_FILE, "settings.json", *PUBLISHED):
+        _remove(run_dir / name)
+    tidy(run_dir, None)
+
+
+def rng_state(model):
+    """The dropout/LSTM seed-generator states, {layer name: [[seed, counter], ...]}.
+
+    Keras does not save them in model.keras (a loaded model draws fresh seeds), so they travel
+    in state.json: a resumed run then drops out exactly the units an uninterrupted run would.
+    """
+    return {layer.name: [np.asarray(v).tolist() for v in layer.variables if v.name == "seed_generator_state"]
+            for layer in model.layers
+            if any(v.name == "seed_generator_state" for v in layer.variables)}
+
+
+def restore_rng_state(model, saved):
+    for layer_name, values in (saved or {}).items():
+        variables = [v for v in model.get_layer(layer_name).variables if v.name == "seed_generator_state"]
+        if len(variables) != len(values):
+            raise PipelineError(f"checkpoint RNG state does not fit layer {layer_name}")
+        for variable, value in zip(variables, values):
+            variable.assign(np.asarray(value, dtype=np.asarray(variable).dtype))
+
+
+def dev_loss_scale(model, examples, mode):
+    """Factor turning Keras' val_loss into the mean per predicted dev word.
+
+    CaptionLoss divides by the TRAINING set's words per row, so Keras reports a dev loss
+    scaled by train/dev words per row (about 1.0 on Flickr8k; exact after this factor).
+    """
+    train_words = getattr(model.loss, "words_per_row", None)
+    return train_words / data.words_per_row(examples, mode) if train_words else 1.0
+
+
+def make_keeper(run_dir, state, config, patience, scorer=None, previous=None, dev_scale=1.0):
+    """Keras callback: after each epoch, select, count, and write one checkpoint (write_checkpoint).
 
     "Best" is the lowest dev loss, or with a scorer (--select-by bleu) the highest dev BLEU-4;
     early stopping counts epochs without improvement of the same measure.
@@ -144,7 +344,9 @@ def make_keeper(run_dir, state, config, patience, scorer=None):
             self.started = time.time()
 
         def on_epoch_end(self, epoch, logs=None):
-            val = float(logs["val_loss"])
+            nonlocal previous
+            val = float(logs["val_loss"]) * dev_scale
+            logs["val_loss"] = val     # Keras' progress line and History print this, after us
             bleu4 = round(float(scorer(self.model, config)), 6) if scorer else None
             lr = float(f"{float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)):.6g}")
             state["history"].append({"epoch": epoch + 1, "loss": round(float(logs["loss"]), 6),
@@ -157,19 +359,17 @@ def make_keeper(run_dir, state, config, patience, scorer=None):
                 improved = state["best_val_loss"] is None or val < state["best_val_loss"]
             if improved:
                 state.update(best_val_loss=val, best_epoch=epoch + 1, wait=0, best_dev_bleu4=bleu4)
-                models.save_keras(self.model, run_dir / models.MODEL_FILE)
+                config.update(best_epoch=state["best_epoch"], best_val_loss=val, best_dev_bleu4=bleu4)
             else:
                 state["wait"] += 1
             if state["wait"] >= patience:
                 state["stopped_early"] = True
                 self.model.stop_training = True
-            config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
-                          best_val_loss=state["best_val_loss"],
-                          best_dev_bleu4=state.get("best_dev_bleu4"))
-            models.save_keras(self.model, run_dir / LAST_FILE)
-            write_json(run_dir / models.CONFIG_FILE, config)
-            write_history(run_dir, state["history"])
-            write_json(run_dir / STATE_FILE, state)  # last: its epoch vouches for the files above
+            # model.json describes model.keras, the kept epoch: epochs_trained is that epoch's
+            # count; the run's own count is state.json's "epoch"
+            config["epochs_trained"] = state["best_epoch"]
+            state["rng"] = rng_state(self.model)
+            previous = write_checkpoint(run_dir, self.model, state, config, improved, previous)
             bleu_text = f"  dev BLEU-4 {bleu4:.4f}" if scorer else ""
             print(f"epoch {epoch + 1}: loss {logs['loss']:.4f}  dev {val:.4f}{bleu_text}  "
                   f"best epoch {state['best_epoch']}", flush=True)
@@ -177,32 +377,46 @@ def make_keeper(run_dir, state, config, patience, scorer=None):
     return Keeper()
 
 
+def resume_settings(args, config):
+    """The settings that must match for a rerun to continue a run folder's training."""
+    return {key: config[key] if key in config else getattr(args, key) for key in RESUME_KEYS}
+
+
 def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
     """Train (or resume) one run in run_dir. Returns the final state dict."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    state_path = run_dir / STATE_FILE
+    if getattr(args, "overwrite", False):
+        clear_run(run_dir)
     seed_everything(args.seed)
-    if state_path.is_file() and (run_dir / LAST_FILE).is_file():
-        state = read_json(state_path)
-        old = read_json(run_dir / "settings.json")
+    settings = resume_settings(args, config)
+    source = latest_checkpoint(run_dir)
+    if source is not None:
+        state = read_json(source / STATE_FILE)
+        old = state.get("settings") or read_json(run_dir / "settings.json")
         for key in RESUME_KEYS:
-            if old.get(key) != (config.get(key) if key in config else getattr(args, key)):
-                raise PipelineError(f"run folder holds a run with another {key} "
-                                    f"({old.get(key)!r}); use another --name or remove it ({run_dir})")
+            if old.get(key) != settings[key]:
+                raise PipelineError(f"run folder holds a run with another {key} ({old.get(key)!r}); "
+                                    f"use another --name, or --overwrite to start again ({run_dir})")
+        config.update(read_json(source / models.CONFIG_FILE), **{
+            k: config[k] for k in ("features_file", "data_dir")})
+        point_current(run_dir, source)                 # repairs what a kill left half done
+        tidy(run_dir, source)
         if state["stopped_early"] or state["epoch"] >= args.epochs:
             print(f"{run_dir}: already trained {state['epoch']} epochs "
-                  f"(best dev loss {state['best_val_loss']:.4f}, epoch {state['best_epoch']}); nothing to do")
+                  f"(best epoch {state['best_epoch']}); nothing to do (--overwrite starts again)")
             return state
-        model = models.load_keras(run_dir / LAST_FILE)  # weights + optimizer state
-        config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
-                      best_val_loss=state["best_val_loss"])
+        model = models.load_keras(source / LAST_FILE)   # weights + optimizer state
+        restore_rng_state(model, state.get("rng"))
         print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
     else:
+        tidy(run_dir, None)
         state = {"epoch": 0, "best_val_loss": None, "best_epoch": None, "wait": 0,
-                 "stopped_early": False, "history": []}
+                 "stopped_early": False, "history": [], "settings": settings}
         model = models.build_from_config(config)
-        models.compile_model(model, args.learning_rate, args.label_smoothing)
-    config["layers"] = models.layer_names(model)
+        models.compile_model(model, args.learning_rate, args.label_smoothing,
+                             data.words_per_row(train, args.mode))
+        config["layers"] = models.layer_names(model)
+    state["settings"] = settings
     save_settings(run_dir / "settings.json", args, **{k: config[k] for k in (
         "feature_dim", "vocab_size", "max_length", "features_sha256", "tokenizer_sha256")},
         train_captions=len(train), dev_captions=len(dev))
@@ -210,7 +424,8 @@ def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
                                  seed=args.seed, first_epoch=state["epoch"])
     dev_ds = data.make_dataset(dev, matrix, args.mode, args.batch_size, config["max_length"])
     model.fit(train_ds, validation_data=dev_ds, epochs=args.epochs, initial_epoch=state["epoch"],
-              callbacks=[make_keeper(run_dir, state, config, args.patience, scorer)],
+              callbacks=[make_keeper(run_dir, state, config, args.patience, scorer, source,
+                                     dev_loss_scale(model, dev, args.mode))],
               verbose=args.verbose,
               shuffle=False)  # the dataset shuffles itself, seeded per epoch
     return state
@@ -236,14 +451,15 @@ def cross_validate(args, run_dir, matrix, train, config):
             fit_ex = [e for e in train if e[0] in fold_of and fold_of[e[0]] != fold]
             val_ex = [e for e in train if fold_of.get(e[0]) == fold]
             model = models.build_from_config(dict(config, variant=variant), "sequence")
-            models.compile_model(model, args.learning_rate, args.label_smoothing)
+            models.compile_model(model, args.learning_rate, args.label_smoothing,
+                                 data.words_per_row(fit_ex, "sequence"))
             started = time.time()
             hist = model.fit(data.make_dataset(fit_ex, matrix, "sequence", args.batch_size,
                                                config["max_length"], seed=args.seed),
                              validation_data=data.make_dataset(val_ex, matrix, "sequence",
                                                                args.batch_size, config["max_length"]),
                              epochs=args.cv_epochs, verbose=args.verbose, shuffle=False)
-            val = hist.history["val_loss"]
+            val = [v * dev_loss_scale(model, val_ex, "sequence") for v in hist.history["val_loss"]]
             best = int(np.argmin(val))
             results.append({"variant": variant, "fold": fold, "val_loss": round(val[best], 6),
                             "best_epoch": best + 1, "seconds": round(time.time() - started, 1)})

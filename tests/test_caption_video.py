@@ -462,10 +462,10 @@ def mean_colour_extractor(weights=None, **kwargs):
 def test_real_captioner_matches_photo_captions(three_clip, flickr8k_dir, tmp_path, capsys,
                                                monkeypatch):
     import generate_caption as gc
-    import vgg16_build
+    from captioning import encoders
     from test_generate_caption import make_tiny_run
     data_dir, model_dir, _, _ = make_tiny_run(tmp_path, feature_dim=16)
-    monkeypatch.setattr(vgg16_build, "build_feature_extractor", tiny_extractor)
+    monkeypatch.setattr(encoders, "build", lambda *a, **k: tiny_extractor())
     photos = [str(flickr8k_dir / "Flicker8k_Dataset" / f"{n}.jpg") for n in IMAGE_NAMES]
     common = ["--model", str(model_dir), "--data-dir", str(data_dir), "--weights", "none"]
     capsys.readouterr()
@@ -479,7 +479,7 @@ def test_real_captioner_matches_photo_captions(three_clip, flickr8k_dir, tmp_pat
     assert [start for start, _, _ in cues] == [0.0, 2.0, 4.0]
     assert "3 scenes -> 3 captions" in capsys.readouterr().out
     # an extractor of another width than the model's features: one line, nothing written
-    monkeypatch.setattr(vgg16_build, "build_feature_extractor", mean_colour_extractor)
+    monkeypatch.setattr(encoders, "build", lambda *a, **k: mean_colour_extractor())
     rc = run_cli(cv.main, [str(three_clip), "--vtt", str(tmp_path / "x.vtt")] + common)
     err = capsys.readouterr().err
     assert rc == 1 and not (tmp_path / "x.vtt").exists()

@@ -1,8 +1,8 @@
 """Tests for captioning/metrics.py and evaluate_bleu.py: BLEU in both modes on hand-made cases whose values are worked out
 by hand below (clipped n-gram precisions p_n, brevity penalty BP = exp(1 - r/c) when c < r)."""
 import math
+from pathlib import Path
 
-import pytest
 
 import evaluate_bleu as eb
 from captioning import metrics
@@ -83,9 +83,20 @@ def test_standard_uses_original_captions_not_cleaned_ones():
     assert close(std["bleu2"], math.exp(-0.5) * (2 / 3) ** 0.5)
 
 
-def test_standard_tokens_lowercase_and_delete_punctuation():
-    assert metrics.standard_tokens("A dog's ball, red!  ") == ["a", "dogs", "ball", "red"]
-    assert metrics.standard_tokens("T-shirt.") == ["tshirt"]
+def test_standard_tokens_are_words_a_captioner_can_say():
+    """Issue 9: references must be tokenised as the default cleaning makes training words
+    ("dog's" -> "dog", "T-shirt" -> "t shirt"), not into words no model ever saw ("dogs", "tshirt")."""
+    assert metrics.standard_tokens("A dog's ball, red!  ") == ["a", "dog", "ball", "red"]
+    assert metrics.standard_tokens("T-shirt.") == ["t", "shirt"]
+    assert metrics.standard_tokens("Two dogs / 2 cats in the U.S.") == ["two", "dogs", "cats", "in", "the", "us"]
+    # on the bundled sample: every reference token is a word of the cleaned captions' vocabulary
+    from captioning import text
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "Flickr8k_text" / "Flickr8k.token.txt"
+    raw = [line.split("\t", 1)[1] for line in sample.read_text(encoding="utf-8").splitlines() if "\t" in line]
+    words = {w for caption in raw for w in text.clean_caption(caption).split()}
+    tokens = {t for caption in raw for t in metrics.standard_tokens(caption)}
+    assert tokens <= words
+    assert any("'" in caption or "-" in caption for caption in raw)   # the sample has such captions
 
 
 def test_tutorial_reference_and_hypothesis_shapes():
@@ -121,9 +132,13 @@ def test_main_writes_results_captions_and_gallery(tmp_path, capsys):
     out_dir = tmp_path / "results"
     rc = eb.main(["--features", str(features), "--data-dir", str(data_dir), "--model", str(model_dir),
                   "--split", "test", "--beam", "2", "--output", str(out_dir),
-                  "--images", str(SAMPLE / "Flicker8k_Dataset"), "--gallery", "3"])
+                  "--images", str(SAMPLE / "Flicker8k_Dataset"), "--gallery", "3", "--java", "no"])
     assert rc == 0
     results = json.loads((out_dir / "results.json").read_text())
+    coco = results["coco"]      # the COCO metrics (tests/test_coco_metrics.py checks their values)
+    assert coco["tokenizer"] == "python" and coco["meteor"] is None and coco["n_images"] == len(
+        json.loads((data_dir / "splits.json").read_text())["test"])
+    assert 0 <= coco["bleu_4"] <= coco["bleu_1"] <= 1 and 0 <= coco["rouge_l"] <= 1 and coco["cider_d"] >= 0
     test_ids = json.loads((data_dir / "splits.json").read_text())["test"]
     assert results["n_images"] == len(test_ids) and results["split"] == "test" and results["beam"] == 2
     assert results["features"] == "features.pkl" and results["seconds"] > 0

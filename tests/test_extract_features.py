@@ -158,7 +158,8 @@ def test_extract_skips_bad_files_and_ignores_batch_layout(folder, tiny_model):
 
 @pytest.fixture
 def fake_vgg(monkeypatch, tiny_model):
-    monkeypatch.setattr(ef, "build_model", lambda weights, seed=0: tiny_model)
+    monkeypatch.setattr(ef, "build_model",
+                        lambda weights, seed=0, backbone="vgg16", output="pooled": tiny_model)
 
 
 def read_pickle(path):

@@ -82,6 +82,24 @@ def test_table_captions(beam, max_length, expected, finished):
     assert len(ids) <= max_length - 1
 
 
+def test_beam_1_is_greedy_whatever_alpha():
+    """Issue 9's table: the -> dog -> {endseq .52, runs .48}. Greedy stops at "the dog"; a
+    one-beam search with length normalisation would say "the dog runs" (log .48 / 4**0.7 beats
+    log .52 / 3**0.7). decode with beam 1 is greedy for any alpha; alpha acts from beam 2."""
+    table = {(): {"the": 1.0}, ("the",): {"dog": 1.0}, ("the", "dog"): {"endseq": .52, "runs": .48},
+             ("the", "dog", "runs"): {"endseq": 1.0}}
+
+    def step(states, last_ids):
+        return table_step(states, last_ids, table)
+
+    states = np.zeros((1, 1), dtype=np.int64)
+    for alpha in (0.0, 0.7, 1.0):
+        assert caption(decoding.decode(step, states, START, END, 10, 1, alpha, BANNED)[0]) == "the dog"
+    assert caption(decoding.decode(step, states, START, END, 10, 2, 0.7, BANNED)[0]) == "the dog runs"
+    assert caption(decoding.decode(step, states, START, END, 10, 2, 0.0, BANNED)[0]) == "the dog"
+    assert caption(decoding.beam_search(step, states, START, END, 10, 1, 0.7, BANNED)[0]) == "the dog runs"
+
+
 def test_beam_beats_greedy_in_probability():
     def logp(ids):
         states, total = np.zeros((1, 1), dtype=np.int64), 0.0
@@ -304,3 +322,27 @@ def test_cli_lite0_model_on_raw_images_says_use_features(tiny_run, capsys):
     assert rc == 1 and out == ""
     assert "16-d" in err and "4096-d" in err and "--features" in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_cli_missing_photo_is_reported_before_a_missing_model(tmp_path, capsys):
+    """Issue 9: the user's own inputs are checked first."""
+    from captioning.utils import run_cli
+    rc = run_cli(gc.main, [str(tmp_path / "missing.jpg"), "--model", str(tmp_path / "no_model"),
+                           "--data-dir", str(tmp_path / "no_data")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == ""
+    assert err.strip().splitlines() == [f"error: no such file or folder ({tmp_path / 'missing.jpg'})"]
+
+
+@pytest.mark.parametrize("script", ["train", "generate_caption", "evaluate_bleu"])
+def test_help_states_each_default_once(script, capsys):
+    import importlib
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = [block for block in text.split("\n  -")[1:]]
+    assert len(options) >= 5
+    for block in options:
+        assert block.count("default") <= 1, block
+    assert "for --beam >= 2 only" in " ".join(text.split()) or script == "train"

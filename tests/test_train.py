@@ -5,7 +5,9 @@ is one or two epochs over ~60 captions.
 """
 import csv
 import json
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -108,9 +110,9 @@ def test_sequence_and_pairs_modes_compute_the_same_loss(variant):
     config = {"variant": variant, "feature_dim": 5, "vocab_size": 20, "max_length": 10,
               "embed_dim": 8, "units": 8, "dropout": 0.5}
     seq = models.build_model(variant, 5, 20, 10, 8, 8, 0.5, "sequence")
-    models.compile_model(seq)
+    models.compile_model(seq, words_per_row=data.words_per_row(examples, "sequence"))
     pairs = models.rebuild_for_mode(seq, config, "pairs")
-    models.compile_model(pairs)
+    models.compile_model(pairs, words_per_row=data.words_per_row(examples, "pairs"))
     everything = np.arange(len(examples))
     x_seq, y_seq = data.sequence_batch(examples, everything, features)       # post-padded
     x_pairs, y_pairs = data.pair_batch(examples, everything, features, 10)   # pre-padded prefixes
@@ -160,41 +162,130 @@ def test_run_folder_same_seed_same_weights_resume_and_load_captioner(fixture_dir
     assert run(fixture_dir, "--epochs", "1", name="a") == 0
     assert run(fixture_dir, "--epochs", "1", name="b") == 0
     folder = fixture_dir / "models" / "a"
-    a = keras.models.load_model(folder / "last.keras", compile=False).get_weights()
-    b = keras.models.load_model(fixture_dir / "models" / "b" / "last.keras", compile=False).get_weights()
+    a = keras.models.load_model(folder / "current" / "last.keras", compile=False).get_weights()
+    b = keras.models.load_model(fixture_dir / "models" / "b" / "current" / "last.keras",
+                                compile=False).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(a, b))      # same seed, same weights
     # rerunning with more epochs resumes run "a" from its last checkpoint
     assert run(fixture_dir, "--epochs", "2", name="a") == 0
-    state = json.loads((folder / "state.json").read_text())
+    state = json.loads((folder / "current" / "state.json").read_text())
     assert state["epoch"] == 2 and len(state["history"]) == 2
-    resumed = keras.models.load_model(folder / "last.keras", compile=False).get_weights()
+    resumed = keras.models.load_model(folder / "current" / "last.keras", compile=False).get_weights()
     assert not all(np.array_equal(x, y) for x, y in zip(a, resumed))
-    for name in ("model.keras", "last.keras", "state.json", "history.csv", "loss.png", "settings.json"):
-        assert (folder / name).is_file(), name
+    # one checkpoint folder, and the published names lead into it
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint-0002", "current", "history.csv", "loss.png", "model.json", "model.keras",
+        "settings.json"]
+    assert os.readlink(folder / "current") == "checkpoint-0002"
+    for name in ("model.keras", "model.json", "history.csv", "loss.png"):
+        assert (folder / name).resolve() == (folder / "checkpoint-0002" / name).resolve(), name
     assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((folder / "model.json").read_text())
     assert config["feature_dim"] == 6 and config["vocab_size"] == 21 and config["max_length"] == 10
-    assert config["epochs_trained"] == 2 and config["variant"] == "merge" and config["mode"] == "sequence"
+    assert config["variant"] == "merge" and config["mode"] == "sequence"
+    assert config["epochs_trained"] == config["best_epoch"] == state["best_epoch"]
     assert config["start_id"] == 1 and config["end_id"] == 2
     rows = list(csv.DictReader(open(folder / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert config["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows), rel=1e-4)
+    # model.keras is the kept epoch's model: the same weights as that epoch's last.keras
+    kept = keras.models.load_model(folder / "model.keras", compile=False).get_weights()
+    expected = a if state["best_epoch"] == 1 else resumed
+    assert all(np.array_equal(x, y) for x, y in zip(kept, expected))
     # a third rerun has nothing to do; a changed setting is refused instead of mixing runs
     assert run(fixture_dir, "--epochs", "2", name="a") == 0
-    assert json.loads((folder / "state.json").read_text()) == state
+    assert json.loads((folder / "current" / "state.json").read_text()) == state
     with pytest.raises(PipelineError, match="another units"):
         train.main(["--features", str(fixture_dir / "features.pkl"), "--data-dir", str(fixture_dir / "data"),
                     "--output-dir", str(fixture_dir / "models"), "--name", "a", "--units", "16",
                     "--embed-dim", "8", "--batch-size", "4", "--verbose", "0", "--seed", "3"])
-    # the decoder's loader: checks the vocabulary by checksum
+    # the decoder's loader takes the folder or its model.keras; checks the vocabulary by checksum
     model, loaded = models.load_run(folder, fixture_dir / "data")
     assert loaded == config and model.get_layer("output").output.shape[-1] == 21
+    assert models.load_run(folder / "model.keras", fixture_dir / "data")[1] == config
     tok = json.loads((fixture_dir / "data" / "tokenizer.json").read_text())
     tok["word_index"]["dog"], tok["word_index"]["cat"] = tok["word_index"]["cat"], tok["word_index"]["dog"]
     other = fixture_dir / "other_tokenizer.json"
     other.write_text(json.dumps(tok))
     with pytest.raises(PipelineError, match="not the one"):
         models.load_run(folder, other)
+    # --overwrite starts again: one epoch, the same weights as the first run's first epoch
+    assert run(fixture_dir, "--epochs", "1", "--overwrite", name="a") == 0
+    again = keras.models.load_model(folder / "current" / "last.keras", compile=False).get_weights()
+    assert os.readlink(folder / "current") == "checkpoint-0001"
+    assert all(np.array_equal(x, y) for x, y in zip(a, again))
+
+
+def run_folder_listing(folder):
+    """What a reader of the folder sees: names, link targets, sizes (a folder's state)."""
+    return sorted((str(p.relative_to(folder)), os.readlink(p) if p.is_symlink() else p.stat().st_size
+                   if p.is_file() else "dir") for p in folder.rglob("*"))
+
+
+def states_after_every_write(monkeypatch, folder, store):
+    """Patch the calls that make writes durable or visible (os.fsync, replace, rename, link,
+    symlink) so that each one is followed by a copy of `folder`: the states that a kill right
+    after that write would leave on disk (temporary files included). Consecutive identical
+    states (e.g. a folder's fsync) are kept once. Returns the list the copies are appended to."""
+    real = {name: getattr(os, name) for name in ("fsync", "replace", "rename", "link", "symlink")}
+    states, seen, busy = [], [None], [False]
+
+    def wrapped(name):
+        def call(*args, **kwargs):
+            result = real[name](*args, **kwargs)
+            if not busy[0] and folder.is_dir():
+                busy[0] = True                   # copytree itself makes links
+                try:
+                    listing = run_folder_listing(folder)
+                    if listing != seen[0]:
+                        seen[0] = listing
+                        copy = store / f"{len(states):03d}" / folder.name
+                        shutil.copytree(folder, copy, symlinks=True)
+                        states.append(copy)
+                finally:
+                    busy[0] = False
+            return result
+        return call
+
+    for name in real:
+        monkeypatch.setattr(os, name, wrapped(name))
+    return states
+
+
+def test_a_kill_after_any_write_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Issue 9: a kill after each file write in turn; the rerun of the same command must end with
+    bit-for-bit the weights (last and kept model), model.json and history of an uninterrupted
+    run with the same seed - dropout RNG included (dropout 0.5 here). A kill is simulated by
+    copying the run folder right after each write (what SIGKILL would leave: no cleanup runs),
+    all in one training run; the same command then resumes from each copy."""
+    import keras
+    make_fixture(tmp_path)
+    argv = ["--features", str(tmp_path / "features.pkl"), "--data-dir", str(tmp_path / "data"),
+            *TINY, "--epochs", "2", "--patience", "5", "--name", "run"]
+    assert train.main([*argv, "--output-dir", str(tmp_path / "clean")]) == 0
+    clean = tmp_path / "clean" / "run"
+
+    def outcome(folder):
+        weights = [keras.models.load_model(folder / "current" / name, compile=False).get_weights()
+                   for name in ("last.keras", "model.keras")]
+        history = json.loads((folder / "current" / "state.json").read_text())["history"]
+        return (weights, json.loads((folder / "model.json").read_text()),
+                [dict(row, seconds=None) for row in history], run_folder_listing(folder))
+
+    expected = outcome(clean)
+    with monkeypatch.context() as patch:
+        states = states_after_every_write(patch, tmp_path / "killed" / "run", tmp_path / "states")
+        assert train.main([*argv, "--output-dir", str(tmp_path / "killed")]) == 0
+    # settings.json, then per epoch: 6 checkpoint files, its rename and the `current` switch
+    assert len(states) >= 2 + 2 * 9, len(states)
+    assert any(p.name.startswith(".checkpoint-") for s in states for p in s.iterdir())
+    for state in states:
+        assert train.main([*argv, "--output-dir", str(state.parent)]) == 0, state
+        weights, config, history, listing = outcome(state)
+        for got, want in zip(weights, expected[0]):
+            assert all(np.array_equal(x, y) for x, y in zip(got, want)), state
+        assert config == expected[1] and history == expected[2], state
+        assert [row[0] for row in listing] == [row[0] for row in expected[3]], state   # no leftovers
 
 
 def test_missing_features_reported_and_thresholded(fixture_dir, capsys):
@@ -256,26 +347,45 @@ def test_cross_validation_writes_table(fixture_dir, capsys):
     assert "±" in capsys.readouterr().out
 
 
-def test_select_by_bleu_keeps_the_epoch_with_the_best_dev_bleu(fixture_dir):
-    import evaluate_bleu
-    data = fixture_dir / "data"
-    references = {}
-    for line in (data / "descriptions.txt").read_text().splitlines():
-        image_id, caption = line.split(" ", 1)
-        references.setdefault(image_id, []).append(caption)
-    write_json(data / "references.json", references)
-    assert run(fixture_dir, "--epochs", "3", "--patience", "5", "--select-by", "bleu",
-               name="bleu") == 0
-    folder = fixture_dir / "models" / "bleu"
-    scores = [float(r["dev_bleu4"]) for r in csv.DictReader(open(folder / "history.csv"))]
-    assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
-    config = json.loads((folder / "model.json").read_text())
-    assert config["best_epoch"] == 1 + scores.index(max(scores))   # first of equals wins
-    assert config["best_dev_bleu4"] == pytest.approx(max(scores), abs=1e-6)
-    # evaluate_bleu.py on the dev split scores the kept model.keras exactly as training did
-    out = fixture_dir / "eval"
-    assert evaluate_bleu.main(["--features", str(fixture_dir / "features.pkl"), "--data-dir",
-                               str(data), "--model", str(folder), "--split", "dev",
-                               "--output", str(out)]) == 0
-    result = json.loads((out / "results.json").read_text())
-    assert result["bleu"]["standard"]["bleu4"] == pytest.approx(config["best_dev_bleu4"], abs=1e-6)
+def test_every_predicted_word_weighs_the_same_across_length_buckets():
+    """Length bucketing makes batches of short and of long captions. The loss must weigh every
+    predicted word alike over the epoch (not each batch's mean alike, which gives a word of a
+    short batch more weight and pulls captions towards ending early): Keras' aggregate of the
+    batches is then exactly the mean over all words."""
+    examples, features = tiny_examples(n=12)
+    assert len({len(ids) for _, ids in examples}) >= 4
+    model = models.build_model("merge", 5, 20, 10, 8, 8, 0.0)
+    models.compile_model(model, words_per_row=data.words_per_row(examples, "sequence"))
+    batches = data.plan_batches([len(ids) for _, ids in examples], 4)          # 3 length buckets
+    reported = model.evaluate(data.make_dataset(examples, features, "sequence", 4, 10), verbose=0)
+    word_losses, batch_means = [], []
+    for index in batches:
+        x, y = data.sequence_batch(examples, index, features)
+        probs = np.asarray(model.predict(x, verbose=0))
+        nll = -np.log(np.take_along_axis(probs, y[..., None], -1)[..., 0][y > 0])
+        word_losses.extend(nll)
+        batch_means.append(nll.mean())
+    assert reported == pytest.approx(np.mean(word_losses), rel=1e-5)
+    # what a per-batch mean would report instead, by rows, differs here
+    assert abs(np.average(batch_means, weights=[len(b) for b in batches]) - np.mean(word_losses)) > 1e-3
+    # a dev set with other caption lengths: dev_loss_scale turns Keras' number into its mean
+    dev = examples[:5]
+    dev_loss = model.evaluate(data.make_dataset(dev, features, "sequence", 4, 10), verbose=0)
+    x, y = data.sequence_batch(dev, np.arange(5), features)
+    probs = np.asarray(model.predict(x, verbose=0))
+    by_hand = -np.log(np.take_along_axis(probs, y[..., None], -1)[..., 0][y > 0]).mean()
+    assert dev_loss * training.dev_loss_scale(model, dev, "sequence") == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_progress_is_one_line_per_epoch_when_not_on_a_terminal(fixture_dir, capsys):
+    """Issue 9: no redrawn Keras bar (ANSI codes, carriage returns) in logs or CI output."""
+    argv = ["--features", str(fixture_dir / "features.pkl"), "--data-dir", str(fixture_dir / "data"),
+            "--output-dir", str(fixture_dir / "models"), "--epochs", "2",
+            *[a for a in TINY if a not in ("--verbose", "0")]]
+    assert "--verbose" not in argv
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out and "\r" not in out and "\x08" not in out
+    keras_lines = [line for line in out.splitlines() if " - loss: " in line]
+    assert len(keras_lines) == 2 and all("val_loss" in line for line in keras_lines)
+

@@ -1,9 +1,9 @@
 """Rebuild the bundled offline sample, data/sample/, from a full Flickr8k copy.
 
-Usage: python tools/make_sample.py --source ../shared/flickr8k [--train 240 --dev 40 --test 40]
+Usage: python tools/make_sample.py --source ../shared/flickr8k [--train 600 --dev 60 --test 60 --size 160]
 
-Picks images at random (seed 0) from each official split, shrinks them to 128x128 JPEG
-(quality 80, ~4 KB each; extract_features.py scales them back up to 224x224), and writes the
+Picks images at random (seed 0) from each official split, shrinks them to 160x160 JPEG
+(quality 80, ~7 KB each; the encoders scale them back up to 224x224. 600 training images is about the least for captions that differ between photos: README, "The sample"), and writes the
 official layout so every script treats the sample like the real dataset:
   data/sample/Flicker8k_Dataset/<id>.jpg
   data/sample/Flickr8k_text/Flickr8k.token.txt           (their 5 captions each)
@@ -25,10 +25,10 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", type=Path, default=Path("../shared/flickr8k"))
     parser.add_argument("--output", type=Path, default=Path("data/sample"))
-    parser.add_argument("--train", type=int, default=240)
-    parser.add_argument("--dev", type=int, default=40)
-    parser.add_argument("--test", type=int, default=40)
-    parser.add_argument("--size", type=int, default=128, help="square side in pixels")
+    parser.add_argument("--train", type=int, default=600)
+    parser.add_argument("--dev", type=int, default=60)
+    parser.add_argument("--test", type=int, default=60)
+    parser.add_argument("--size", type=int, default=160, help="square side in pixels")
     args = parser.parse_args(argv)
 
     rng = random.Random(0)

