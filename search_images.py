@@ -19,9 +19,9 @@ Reads:
                      data_dir recorded in model.json. Its tokenizer must be the model's.
     --images DIR     the photos (captioning.images.list_images: image files directly in DIR).
                      Their features come from the extractor of the backbone named in model.json
-                     (today: vgg16, with --weights), or with --features FILE from a features
-                     pickle keyed by file name without extension (e.g. the shared Lite0 file,
-                     for which no extractor is installed here). A file that cannot be decoded,
+                     (vgg16 or lite0, captioning/encoders.py, with --weights), exactly as
+                     extract_features.py computes them, or with --features FILE from a features
+                     pickle keyed by file name without extension. A file that cannot be decoded,
                      or has no entry in --features, is skipped and reported.
     --features FILE  optional precomputed features (read with the restricted unpickler).
 Writes:
@@ -44,18 +44,18 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import retrieval, vector_index
+from captioning import encoders, retrieval, vector_index
 from captioning.features import load_features
 from captioning.images import list_images
 from captioning.text import encode_caption, load_descriptions, load_splits
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli, sha256_file
 from evaluate_bleu import thumbnail_data_uri
-from extract_features import BATCH_SIZE, build_model as build_vgg16, extract, weights_fingerprint
+from extract_features import BATCH_SIZE, build_model, extract, weights_fingerprint
 
 # ---- settings (argparse defaults) --------------------------------------------------------------
 MODEL_DIR = "models/vse"
 TOP = 10
-WEIGHTS = "imagenet"            # VGG16 weights for the vgg16 backbone: imagenet | none | PATH
+WEIGHTS = "imagenet"            # extractor weights (extract_features.py): imagenet | none | PATH
 CACHE_DIR = "data/search_cache"
 HTML = "results/search.html"
 INDEX = "auto"                  # numpy | faiss | auto (faiss for very large folders, if installed)
@@ -64,15 +64,17 @@ CACHE_VERSION = 1               # bump when the cache layout changes: older file
 
 # ---- image features ----------------------------------------------------------------------------
 def build_extractor(backbone, weights, seed=0):
-    """(keras model (224, 224, 3) -> (D,), weights fingerprint) for the backbone of model.json.
+    """(keras model (H, W, 3) -> (D,), weights fingerprint) for the backbone of model.json.
 
-    Only extractors installed in this project can embed raw photos; for others (e.g. features
-    made elsewhere) pass --features with the photos' precomputed vectors.
+    The backbones of captioning/encoders.py (vgg16, lite0) embed raw photos exactly as
+    extract_features.py does. For any other name (or "unknown": features of unrecorded origin)
+    nothing is guessed: pass --features with the photos' precomputed vectors.
     """
-    if backbone == "vgg16":
-        return build_vgg16(weights, seed), weights_fingerprint(weights, seed)
-    raise PipelineError(f"no extractor for backbone {backbone!r} of this model here (available: "
-                        f"vgg16); pass --features FILE with the photos' precomputed features")
+    if backbone not in encoders.ENCODERS:
+        raise PipelineError(f"no extractor for backbone {backbone!r} of this model here (available: "
+                            f"{', '.join(encoders.BACKBONES)}); pass --features FILE with the "
+                            f"photos' precomputed features")
+    return build_model(weights, seed, backbone), weights_fingerprint(weights, seed, backbone)
 
 
 def check_width(width, config, source):
@@ -87,7 +89,8 @@ def extractor_source(config, weights):
 
     The extractor is built and checked (width, weights) before any image is read.
     """
-    model, fingerprint = build_extractor(config.get("backbone"), weights)
+    backbone = config.get("backbone")
+    model, fingerprint = build_extractor(backbone, weights)
     check_width(int(model.outputs[0].shape[-1]), config, f"the {config.get('backbone')} extractor")
     recorded = config.get("features_fingerprint")
     if recorded and not recorded.startswith(fingerprint):
@@ -97,7 +100,7 @@ def extractor_source(config, weights):
     def features_of(paths):
         # extract pads every batch to batch_size rows: a few photos need not cost a full batch
         return extract(model, paths, batch_size=max(1, min(len(paths), BATCH_SIZE)),
-                       progress=True)   # a bar only on a terminal
+                       progress=True, backbone=backbone)   # the backbone's resize + scaling
     return features_of
 
 
@@ -264,7 +267,8 @@ def parse_args(argv):
     p.add_argument("--data-dir", default=None, help="prepare_text.py folder (default: the data_dir recorded in model.json)")
     p.add_argument("--top", type=int, default=TOP, help="matches to show")
     p.add_argument("--features", default=None, help="precomputed features pickle for the photos")
-    p.add_argument("--weights", default=WEIGHTS, help="VGG16 weights for the vgg16 backbone")
+    p.add_argument("--weights", default=WEIGHTS, help="extractor weights: imagenet | none | PATH "
+                   "(see extract_features.py)")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="where embeddings are cached")
     p.add_argument("--html", default=HTML, help="contact sheet to write")
     p.add_argument("--index", default=INDEX, choices=vector_index.BACKENDS, help="vector index backend")

@@ -392,11 +392,36 @@ def test_search_with_an_extractor_skips_broken_files_and_checks_width(tiny_model
     assert not html.exists() and not (tmp_path / "cache2").exists()
 
 
-def test_no_extractor_for_an_unknown_backbone_is_one_line(tiny_model, photo_folder, small_set, tmp_path, capsys):
-    # lite0 has no extractor in this install (yet): the message says to pass --features
-    assert search(tiny_model, small_set, tmp_path, "a dog", "--images", str(photo_folder)) == 1
+def test_search_with_the_real_lite0_extractor_matches_the_shared_features(tiny_model, small_set, photo_folder,
+                                                                          tmp_path, capsys):
+    # the model's backbone (lite0, from model.json) embeds the photos themselves: the same
+    # matches as the shared reference features of those photos (cosine >= 0.999, issue 10)
+    from captioning import efficientnet_lite
+    try:
+        efficientnet_lite.checkpoint_path("lite0")
+    except PipelineError as exc:
+        pytest.skip(str(exc))
+    query = ["two dogs play in the grass", "--images", str(photo_folder), "--top", "4"]
+    assert search(tiny_model, small_set, tmp_path, *query) == 0
+    out, err = capsys.readouterr()
+    assert "skipped broken.jpg" in err and "8 images indexed, 2 skipped" in err
+    assert search(tiny_model, small_set, tmp_path, *query, "--features", str(small_set / "lite0_small.pkl"),
+                  "--cache-dir", str(tmp_path / "cache_reference")) == 0
+    reference = capsys.readouterr().out
+    assert [line.split("\t")[2] for line in out.splitlines()] == [line.split("\t")[2] for line in reference.splitlines()]
+    np.testing.assert_allclose([float(line.split("\t")[1]) for line in out.splitlines()],
+                               [float(line.split("\t")[1]) for line in reference.splitlines()], atol=0.02)
+
+
+def test_a_model_of_unknown_backbone_needs_precomputed_features(tiny_model, photo_folder, small_set, tmp_path,
+                                                                capsys):
+    unknown = tmp_path / "unknown_model"
+    shutil.copytree(tiny_model, unknown)
+    config = json.loads((unknown / "model.json").read_text())
+    write_json(unknown / "model.json", {**config, "backbone": "unknown"})
+    assert search(unknown, small_set, tmp_path, "a dog", "--images", str(photo_folder)) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no extractor for backbone 'lite0'") and "--features" in err
+    assert err.startswith("error: no extractor for backbone 'unknown'") and "--features" in err
 
 
 def test_reverse_search_finds_training_captions(tiny_model, small_set, flickr8k_dir, tmp_path, capsys):
