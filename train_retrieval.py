@@ -56,7 +56,7 @@ DATA_DIR = "data"
 OUTPUT_DIR = "models"
 NAME = "vse"
 BACKBONE = "auto"         # auto = from the features file's settings.json; else vgg16 | lite0 | ...
-EPOCHS = 10               # upper bound (about 10 minutes on 2 CPU cores); early stopping may end sooner
+EPOCHS = 10               # upper bound, ~9-10 min of CPU time on Lite0 features; may stop sooner
 BATCH_SIZE = 128          # pairs per batch = candidates for the hardest negative (VSE++: 128)
 LEARNING_RATE = 1e-3      # Adam (VSE++: 2e-4 for 15 epochs; 1e-3 got further in our 10, on dev)
 CLIPNORM = 2.0            # gradient norm clipping, as VSE++
