@@ -13,4 +13,5 @@ Modules import one way only, lower layers first (README, "Code layout"):
     training, scst    the epoch loop with atomic checkpoints; self-critical training
     captioner         a trained model + vocabulary + encoder, for the applications:
     video, webapp, web_captioner   caption_video.py and serve.py
+    retrieval, ranking, vector_index, caption_scoring   image-sentence retrieval and search
 """

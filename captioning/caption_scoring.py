@@ -1,0 +1,106 @@
+"""A trained captioner as a ranker: score (image, sentence) by the caption's log-likelihood.
+
+Owns: caption_scores (fast, merge models) and caption_scores_keras (any captioner, slow; the
+independent reference the tests compare against). Reads and writes no files: it takes the
+model and model.json config that captioning.models.load_run / load_captioner return (the
+layer names of captioning.models: image_dense, embedding, lstm, decoder_dense, output).
+
+score(image, caption) = (1 / n) * sum_{t=1..n} log p(w_t | w_0..w_{t-1}, image), where w_0 is
+startseq and w_1..w_n are the caption's words followed by endseq (n = words + 1): the
+length-normalised log-likelihood, so long captions are not ranked last just for being long.
+
+Why merge models are fast: in the merge model the image joins AFTER the LSTM
+(softmax(out(relu(dec(h_t + img))))), so the LSTM states h_t of a caption are the same for
+every image. They are computed once per caption; each (image, caption) pair then costs only
+the two Dense layers and the softmax per word, batched as (images x captions x steps) tensors
+in keras.ops (on a GPU when TensorFlow has one). Init-inject models put the image into the
+LSTM's initial state, so they take the slow path: the whole Keras model per pair.
+"""
+import numpy as np
+
+from captioning.models import rebuild_for_mode
+from captioning.utils import PipelineError, progress as progress_bar
+
+PAIR_BUDGET = 2 ** 24   # floats of the (images x captions x steps x vocab) block, ~64 MB
+CAPTION_CHUNK = 256     # captions per block (sorted by length, so a block is padded little)
+
+
+def _targets(token_lists):
+    """(inputs (M, T) = ids[:-1], targets (M, T) = ids[1:], lengths (M,)); 0 = padding."""
+    width = max(len(ids) for ids in token_lists) - 1
+    inputs = np.zeros((len(token_lists), width), np.int32)
+    targets = np.zeros((len(token_lists), width), np.int32)
+    for row, ids in enumerate(token_lists):
+        if len(ids) < 2:
+            raise PipelineError(f"caption {row} has {len(ids)} tokens; it needs startseq and at least endseq")
+        inputs[row, :len(ids) - 1] = ids[:-1]
+        targets[row, :len(ids) - 1] = ids[1:]
+    return inputs, targets, np.array([len(ids) - 1 for ids in token_lists], np.float32)
+
+
+def caption_scores(model, config, features, token_lists, pair_budget=PAIR_BUDGET,
+                   caption_chunk=CAPTION_CHUNK, progress=False):
+    """(images, captions) float32 matrix of length-normalised log-likelihoods (merge models).
+
+    features (N, D); token_lists: M id lists, each [startseq, ..., endseq]. Other variants fall
+    back to caption_scores_keras.
+    """
+    import keras
+    from keras import ops
+    if config.get("mode", "sequence") != "sequence":
+        model = rebuild_for_mode(model, config, "sequence")   # same weights, every step out
+    if config.get("variant", "merge") != "merge":
+        return caption_scores_keras(model, features, token_lists)
+    features = np.asarray(features, np.float32)
+    lstm_states = keras.Model(model.get_layer("caption_input").output, model.get_layer("lstm").output)
+    images = np.asarray(model.get_layer("image_dense")(features, training=False))   # (N, U)
+    dec_w, dec_b = model.get_layer("decoder_dense").get_weights()
+    out_w, out_b = model.get_layer("output").get_weights()
+    decoder_activation = keras.activations.get(model.get_layer("decoder_dense").get_config()["activation"])
+    vocab = out_w.shape[1]
+
+    scores = np.zeros((len(features), len(token_lists)), np.float32)
+    order = np.argsort([len(ids) for ids in token_lists], kind="stable")
+    chunks = [order[lo:lo + caption_chunk] for lo in range(0, len(order), caption_chunk)]
+    if progress:
+        chunks = progress_bar(chunks, desc="captioner scores", unit="chunk")   # only on a terminal
+    for rows in chunks:
+        inputs, targets, lengths = _targets([token_lists[i] for i in rows])
+        hidden = np.asarray(lstm_states(inputs, training=False))             # (c, T, U)
+        mask = (targets > 0).astype(np.float32)
+        c, width = targets.shape
+        step = max(1, pair_budget // (c * width * vocab))                     # images per block
+        for lo in range(0, len(images), step):
+            img = images[lo:lo + step]                                        # (m, U)
+            x = ops.convert_to_tensor(hidden)[None] + ops.convert_to_tensor(img)[:, None, None]
+            x = decoder_activation(ops.matmul(x, dec_w) + dec_b)
+            log_p = ops.log_softmax(ops.matmul(x, out_w) + out_b, axis=-1)   # (m, c, T, V)
+            picked = ops.take_along_axis(
+                log_p, ops.broadcast_to(ops.convert_to_tensor(targets)[None, :, :, None],
+                                        (len(img), c, width, 1)), axis=-1)[..., 0]
+            total = ops.sum(picked * mask[None], axis=-1)                     # (m, c)
+            scores[lo:lo + len(img), rows] = ops.convert_to_numpy(total) / lengths[None]
+    return scores
+
+
+def caption_scores_keras(model, features, token_lists, batch=256):
+    """The same scores from the whole Keras model, one (image, caption) pair per row.
+
+    Works for every variant in mode "sequence" (caption_scores rebuilds a pairs-mode model
+    first); costs a full forward pass per pair.
+    """
+    features = np.asarray(features, np.float32)
+    inputs, targets, lengths = _targets(token_lists)
+    pairs = [(i, j) for i in range(len(features)) for j in range(len(token_lists))]
+    scores = np.zeros((len(features), len(token_lists)), np.float32)
+    for lo in range(0, len(pairs), batch):
+        block = pairs[lo:lo + batch]
+        img_rows, cap_rows = (np.array(x) for x in zip(*block))
+        probs = np.asarray(model({"image_input": features[img_rows], "caption_input": inputs[cap_rows]},
+                                 training=False), dtype=np.float64)         # (b, T, V)
+        if probs.ndim != 3:
+            raise PipelineError("caption_scores_keras needs a sequence-mode captioner (output (B, T, V))")
+        picked = np.take_along_axis(probs, targets[cap_rows][..., None], axis=-1)[..., 0]
+        log_p = np.where(targets[cap_rows] > 0, np.log(np.maximum(picked, 1e-30)), 0.0)
+        scores[img_rows, cap_rows] = log_p.sum(axis=1) / lengths[cap_rows]
+    return scores

@@ -1,0 +1,440 @@
+"""Tests for image-sentence retrieval (issue 13): metrics, loss, index, training, evaluation, search.
+
+Fast: the metrics, loss and index tests are pure numpy on hand-made numbers. The end-to-end
+tests share one tiny embedding (d 32) trained for a few epochs on 300 training and 100 dev
+images of the real Flickr8k split with the shared EfficientNet-Lite0 features (skipped where
+the shared data is absent); the file runs in well under a minute on 2 CPU cores.
+"""
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+import evaluate_retrieval
+import search_images
+import train_retrieval
+from captioning import caption_scoring, models, ranking, retrieval, vector_index
+from captioning import text
+from captioning.features import load_features
+from captioning.utils import PipelineError, run_cli, write_json
+
+LITE0 = "features_efficientnet_lite0.pkl"
+TINY = ["--embed-dim", "32", "--word-dim", "16", "--batch-size", "32", "--learning-rate", "2e-3",
+        "--warmup-epochs", "1", "--verbose", "0", "--seed", "3"]
+
+
+# ---- ranking metrics ---------------------------------------------------------------------------
+# 3 images, 6 captions: captions 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2
+TOY = np.array([[0.9, 0.1, 0.8, 0.2, 0.3, 0.4],     # image 0: caption 0 is first        -> rank 1
+                [0.5, 0.6, 0.1, 0.3, 0.7, 0.2],     # image 1: best own 0.3, 3 above it  -> rank 4
+                [0.2, 0.3, 0.4, 0.1, 0.35, 0.25]])  # image 2: best own 0.35, 1 above    -> rank 2
+TOY_IMAGE = [0, 0, 1, 1, 2, 2]
+# text -> image, column by column: caption j's own image score vs the other two images
+#   c0 0.9 vs .5 .2 -> 1; c1 0.1 vs .6 .3 -> 3; c2 0.1 vs .8 .4 -> 3;
+#   c3 0.3 vs .2 .1 -> 1; c4 0.35 vs .3 .7 -> 2; c5 0.25 vs .4 .2 -> 2
+TOY_I2T, TOY_T2I = [1, 4, 2], [1, 3, 3, 1, 2, 2]
+
+
+def test_ranks_of_the_toy_matrix():
+    assert ranking.image_to_text_ranks(TOY, TOY_IMAGE).tolist() == TOY_I2T
+    assert ranking.text_to_image_ranks(TOY, TOY_IMAGE).tolist() == TOY_T2I
+    result = ranking.evaluate(TOY, TOY_IMAGE)
+    a, s = result["image_to_text"], result["text_to_image"]
+    assert (a["r1"], a["r5"], a["median_rank"], a["mean_rank"]) == (pytest.approx(100 / 3), 100.0, 2.0,
+                                                                     pytest.approx(7 / 3))
+    assert (s["r1"], s["r5"], s["median_rank"], s["mean_rank"]) == (pytest.approx(100 / 3), 100.0, 2.0,
+                                                                     pytest.approx(2.0))
+    assert result["rsum"] == pytest.approx(100 / 3 + 100 + 100 + 100 / 3 + 100 + 100, abs=1e-3)
+
+
+def argsort_ranks(similarity, caption_image):
+    """The VSE++ reference code's way, a loop of argsorts: (i2t ranks, t2i ranks), 1-based."""
+    caption_image = np.asarray(caption_image)
+    i2t = []
+    for i in range(similarity.shape[0]):
+        order = np.argsort(-similarity[i])
+        i2t.append(1 + min(np.where(order == j)[0][0] for j in np.where(caption_image == i)[0]))
+    t2i = []
+    for j in range(similarity.shape[1]):
+        order = np.argsort(-similarity[:, j])
+        t2i.append(1 + np.where(order == caption_image[j])[0][0])
+    return i2t, t2i
+
+
+def test_ranks_agree_with_an_independent_argsort_computation():
+    rng = np.random.default_rng(0)
+    caption_image = np.repeat(np.arange(40), 5)
+    similarity = rng.normal(size=(40, 200)) + 1.5 * (np.arange(40)[:, None] == caption_image[None])
+    i2t, t2i = argsort_ranks(similarity, caption_image)
+    assert ranking.image_to_text_ranks(similarity, caption_image).tolist() == i2t
+    assert ranking.text_to_image_ranks(similarity, caption_image).tolist() == t2i
+    r = ranking.summarize(t2i)
+    assert r["r10"] == pytest.approx(100 * np.mean(np.array(t2i) <= 10))
+    assert r["median_rank"] == np.median(t2i)
+    assert TOY_I2T == argsort_ranks(TOY, TOY_IMAGE)[0] and TOY_T2I == argsort_ranks(TOY, TOY_IMAGE)[1]
+
+
+# ---- loss --------------------------------------------------------------------------------------
+def test_loss_on_a_hand_made_batch():
+    # 2-d unit vectors; S = I T^T by hand
+    images = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
+    texts = np.array([[1, 0], [0.6, 0.8], [0, 1]], np.float32)
+    scores = images @ texts.T
+    np.testing.assert_allclose(scores, [[1, .6, 0], [0, .8, 1], [.6, 1, .8]], atol=1e-6)
+    # margin .2; diagonal 1, .8, .8
+    # image 0: captions 1,2: .2+.6-1 < 0, .2+0-1 < 0           -> 0
+    # image 1: captions 0,2: .2+0-.8 < 0, .2+1-.8 = .4          -> max .4, sum .4
+    # image 2: captions 0,1: .2+.6-.8 = 0, .2+1-.8 = .4         -> max .4, sum .4
+    # caption 0: images 1,2: .2+0-1 < 0, .2+.6-1 < 0            -> 0
+    # caption 1: images 0,2: .2+.6-.8 = 0, .2+1-.8 = .4         -> max .4, sum .4
+    # caption 2: images 0,1: .2+0-.8 < 0, .2+1-.8 = .4          -> max .4, sum .4
+    ids = np.array([0, 1, 2])
+    hardest = np.asarray(retrieval.contrastive_loss(images, texts, ids, 0.2, 1.0))
+    summed = np.asarray(retrieval.contrastive_loss(images, texts, ids, 0.2, 0.0))
+    np.testing.assert_allclose(hardest, [0.0, 0.8, 0.8], atol=1e-6)
+    np.testing.assert_allclose(summed, [0.0, 0.8, 0.8], atol=1e-6)
+    # the same image twice (rows 1 and 2): their pairs are not negatives of each other
+    masked = np.asarray(retrieval.contrastive_loss(images, texts, np.array([0, 1, 1]), 0.2, 1.0))
+    np.testing.assert_allclose(masked, [0.0, 0.0, 0.0], atol=1e-6)
+    # a batch where the sum and the max differ: image 0 with two violating captions
+    images2 = np.array([[1, 0], [1, 0], [1, 0]], np.float32)
+    texts2 = np.array([[0.8, 0.6], [1, 0], [1, 0]], np.float32)
+    # S rows all [.8, 1, 1]; image 0 (diag .8): captions 1,2 each .2+1-.8 = .4 -> max .4, sum .8
+    #   caption 0 (diag .8): images 1,2 each .2+.8-.8=.2 -> max .2, sum .4
+    np.testing.assert_allclose(np.asarray(retrieval.contrastive_loss(images2, texts2, ids, 0.2, 1.0))[0], 0.6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(retrieval.contrastive_loss(images2, texts2, ids, 0.2, 0.0))[0], 1.2, atol=1e-6)
+
+
+# ---- index -------------------------------------------------------------------------------------
+def brute_force_top(vectors, query, k):
+    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    q = query / np.linalg.norm(query)
+    return np.argsort(-(v @ q), kind="stable")[:k]
+
+
+def test_numpy_index_matches_brute_force_and_cuts_k():
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(500, 24)).astype(np.float32)
+    index = vector_index.NumpyIndex(vectors)
+    queries = rng.normal(size=(3, 24)).astype(np.float32)
+    scores, rows = index.search(queries, 7)
+    for q in range(3):
+        assert rows[q].tolist() == brute_force_top(vectors, queries[q], 7).tolist()
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    assert index.search(queries[:1], 10_000)[1].shape == (1, 500)
+    with pytest.raises(PipelineError, match="unknown index backend"):
+        vector_index.make_index(vectors, "annoy")
+
+
+def test_faiss_and_numpy_give_the_same_top_k(flickr8k_dir):
+    pytest.importorskip("faiss")
+    table = load_lite0(flickr8k_dir)
+    ids = sorted(table)[:3000]
+    vectors = np.stack([table[i] for i in ids])
+    queries = np.stack([table[i] for i in sorted(table)[3000:3020]])
+    np_scores, np_rows = vector_index.make_index(vectors, "numpy").search(queries, 10)
+    fa_scores, fa_rows = vector_index.make_index(vectors, "faiss").search(queries, 10)
+    assert np_rows.tolist() == fa_rows.tolist()
+    np.testing.assert_allclose(np_scores, fa_scores, atol=1e-5)
+
+
+# ---- queries -----------------------------------------------------------------------------------
+TOKENIZER = {"word_index": {"startseq": 1, "endseq": 2, "<unk>": 3, "a": 4, "dog": 5, "runs": 6},
+             "oov_token": "<unk>", "start_token": "startseq", "end_token": "endseq", "pad_id": 0,
+             "cleaning": "default"}
+
+
+def test_encode_query_cleans_and_reports_unknown_words():
+    assert retrieval.encode_query("A dog's zebra runs!", TOKENIZER, 10) == ([1, 4, 5, 3, 6, 2], ["zebra"])
+    with pytest.raises(PipelineError, match="empty query"):
+        retrieval.encode_query("  ?! 42 ", TOKENIZER, 10)
+    with pytest.raises(PipelineError, match="unknown: zebra, giraffe"):
+        retrieval.encode_query("zebra giraffe", TOKENIZER, 10)
+
+
+# ---- the captioner as a ranker -----------------------------------------------------------------
+def test_captioner_scores_fast_path_equals_the_keras_model():
+    config = {"variant": "merge", "mode": "sequence", "feature_dim": 6, "vocab_size": 9,
+              "max_length": 8, "embed_dim": 4, "units": 5, "dropout": 0.0}
+    import keras
+    keras.utils.set_random_seed(0)
+    model = models.build_model("merge", 6, 9, 8, embed_dim=4, units=5, dropout=0.0)
+    features = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
+    tokens = [[1, 4, 5, 2], [1, 6, 2], [1, 7, 8, 4, 3, 2]]
+    fast = caption_scoring.caption_scores(model, config, features, tokens, pair_budget=200)
+    slow = caption_scoring.caption_scores_keras(model, features, tokens)
+    np.testing.assert_allclose(fast, slow, atol=1e-5)
+    # by hand for one pair: mean log p of the words after startseq, endseq included
+    probs = np.asarray(model({"image_input": features[1:2], "caption_input": np.array([[1, 6]])}))[0]
+    assert fast[1, 1] == pytest.approx((np.log(probs[0, 6]) + np.log(probs[1, 2])) / 2, abs=1e-5)
+
+
+# ---- end to end on real data -------------------------------------------------------------------
+def load_lite0(flickr8k_dir):
+    path = flickr8k_dir / LITE0
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return load_features(path)
+
+
+@pytest.fixture(scope="module")
+def small_set(flickr8k_dir, tmp_path_factory):
+    """prepare_text on the real text; splits cut to 300 train / 100 dev / 100 test images;
+    a features pickle of those 500 images."""
+    root = tmp_path_factory.mktemp("retrieval")
+    data = root / "data"
+    outputs, _ = text.prepare(flickr8k_dir / "Flickr8k_text")
+    text.write_outputs(data, outputs)
+    splits = text.load_splits(data)
+    small = {"train": splits["train"][:300], "dev": splits["dev"][:100], "test": splits["test"][:100]}
+    write_json(data / "splits.json", small)
+    table = load_lite0(flickr8k_dir)
+    subset = {i: table[i].astype(np.float16) for name in small for i in small[name]}
+    with open(root / "lite0_small.pkl", "wb") as handle:
+        pickle.dump(subset, handle)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(small_set):
+    code = train_retrieval.main(["--features", str(small_set / "lite0_small.pkl"), "--data-dir",
+                                 str(small_set / "data"), "--output-dir", str(small_set / "models"),
+                                 "--name", "tiny", "--backbone", "lite0", "--epochs", "4", *TINY])
+    assert code == 0
+    return small_set / "models" / "tiny"
+
+
+def test_training_beats_random_and_writes_its_files(tiny_model):
+    config = json.loads((tiny_model / "model.json").read_text())
+    assert config["feature_dim"] == 1280 and config["backbone"] == "lite0" and config["kind"] == "vse++"
+    for name in ("model.keras", "last.keras", "state.json", "history.csv", "settings.json"):
+        assert (tiny_model / name).is_file(), name
+    history = (tiny_model / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,loss,max_violation,dev_i2t_r1")
+    assert len(history) == 1 + config["epochs_trained"]
+    best = config["best_dev"]
+    # random ranking of 100 images: text->image R@10 = 10%; image->text (5 of 500 captions) ~ 9.6%
+    assert best["text_to_image"]["r10"] >= 25.0, best
+    assert best["image_to_text"]["r10"] >= 25.0, best
+    assert best["rsum"] == pytest.approx(max(float(row.split(",")[9]) for row in history[1:]), abs=1e-3)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_model, small_set, capsys):
+    args = ["--features", str(small_set / "lite0_small.pkl"), "--data-dir", str(small_set / "data"),
+            "--output-dir", str(small_set / "models"), "--backbone", "lite0", *TINY]
+    # a rerun of the finished run has nothing to do
+    assert train_retrieval.main([*args, "--name", "tiny", "--epochs", "4"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    # another setting in the same folder is refused with one line
+    assert run_cli(train_retrieval.main, [*args, "--name", "tiny", "--epochs", "4", "--margin", "0.3"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: run folder holds a run with another margin (0.2); "
+                                               f"use another --name or remove it ({tiny_model})")
+    # 1 epoch (the warm-up), then resumed for a second with hardest negatives: the same losses
+    # and dev ranks as the uninterrupted 4-epoch run (same seed), so weights, optimizer state,
+    # the warm-up switch and the per-epoch shuffle were all restored
+    assert train_retrieval.main([*args, "--name", "resumed", "--epochs", "1"]) == 0
+    assert train_retrieval.main([*args, "--name", "resumed", "--epochs", "2"]) == 0
+    assert "resuming" in capsys.readouterr().out
+
+    def rows(run):
+        lines = (small_set / "models" / run / "history.csv").read_text().splitlines()
+        return [line.split(",")[:10] for line in lines[1:]]     # all but seconds and lr
+    assert rows("resumed") == rows("tiny")[:2]
+    assert [r[2] for r in rows("resumed")] == ["0.0", "1.0"]   # max_violation: warm-up first
+
+
+def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, capsys):
+    out = small_set / "results"
+    assert evaluate_retrieval.main(["--model", str(tiny_model), "--split", "test", "--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["images"], results["captions"]) == (100, 500)
+    printed = capsys.readouterr().out
+    assert "embedding, 100 images" in printed and f"{results['embedding']['rsum']:.1f}" in printed
+    # recompute independently: embed, rank with argsort
+    model, config, tokenizer = retrieval.load_embedding(tiny_model)
+    table = load_features(small_set / "lite0_small.pkl")
+    ids = text.load_splits(small_set / "data")["test"]
+    desc = text.load_descriptions(small_set / "data" / "descriptions.txt")
+    caps = [(k, c) for k, i in enumerate(ids) for c in desc[i]]
+    sim = evaluate_retrieval.embedding_scores(model, config, tokenizer, np.stack([table[i] for i in ids]), caps)
+    i2t, t2i = argsort_ranks(sim, [k for k, _ in caps])
+    assert results["embedding"]["image_to_text"]["r5"] == pytest.approx(100 * np.mean(np.array(i2t) <= 5), abs=1e-3)
+    assert results["embedding"]["text_to_image"]["mean_rank"] == pytest.approx(np.mean(t2i), abs=1e-3)
+
+
+def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, capsys):
+    # an untrained merge captioner in train.py's run-folder layout (its ranks are not the point:
+    # the wiring is - subset, columns, its own tokenizer, the fast scorer)
+    import keras
+    keras.utils.set_random_seed(5)
+    meta = text.load_meta(small_set / "data")
+    captioner = models.build_model("merge", 1280, meta["vocab_size"], meta["max_length"], embed_dim=8, units=8)
+    folder = small_set / "models" / "cap"
+    folder.mkdir(parents=True, exist_ok=True)
+    captioner.save(folder / "model.keras")
+    write_json(folder / "model.json", {"variant": "merge", "mode": "sequence", "feature_dim": 1280,
+                                       "vocab_size": meta["vocab_size"], "max_length": meta["max_length"],
+                                       "embed_dim": 8, "units": 8, "dropout": 0.5,
+                                       "tokenizer_sha256": meta["tokenizer_sha256"],
+                                       "data_dir": str(small_set / "data")})
+    out = small_set / "results_cap"
+    assert evaluate_retrieval.main(["--model", str(tiny_model), "--split", "test", "--output", str(out),
+                                    "--captioner", str(folder), "--captioner-images", "20"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    subset = results["subset"]
+    assert (subset["images"], subset["captions"]) == (20, 100)
+    assert "captioner log-lik, first 20 images" in capsys.readouterr().out
+    # the same ranks from the whole Keras model, pair by pair
+    table = load_features(small_set / "lite0_small.pkl")
+    ids = text.load_splits(small_set / "data")["test"][:20]
+    desc = text.load_descriptions(small_set / "data" / "descriptions.txt")
+    tok = text.load_tokenizer(small_set / "data")
+    caps = [(k, text.encode_caption(tok, c)) for k, i in enumerate(ids) for c in desc[i]]
+    scores = caption_scoring.caption_scores_keras(captioner, np.stack([table[i] for i in ids]), [c for _, c in caps])
+    expected = ranking.evaluate(scores, [k for k, _ in caps])
+    for direction in ("image_to_text", "text_to_image"):
+        assert subset["captioner"][direction]["mean_rank"] == pytest.approx(expected[direction]["mean_rank"])
+        assert subset["captioner"][direction]["r5"] == pytest.approx(expected[direction]["r5"])
+    # the embedding on the same subset is the full matrix's top-left block
+    assert subset["embedding"]["text_to_image"]["queries"] == 100
+
+
+@pytest.fixture()
+def photo_folder(flickr8k_dir, small_set, tmp_path):
+    """8 real test images, a broken JPEG, an empty file and a text file."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for image_id in text.load_splits(small_set / "data")["test"][:8]:
+        shutil.copy(flickr8k_dir / "Flicker8k_Dataset" / f"{image_id}.jpg", folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def search(tiny_model, small_set, tmp_path, *extra):
+    return run_cli(search_images.main, ["--model", str(tiny_model), "--cache-dir", str(tmp_path / "cache"),
+                                        "--html", str(tmp_path / "sheet.html"), *extra])
+
+
+def test_search_cli_with_precomputed_features(tiny_model, small_set, photo_folder, tmp_path, capsys):
+    args = ["a dog runs through the grass", "--images", str(photo_folder), "--top", "3",
+            "--features", str(small_set / "lite0_small.pkl")]
+    assert search(tiny_model, small_set, tmp_path, *args) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["1", "2", "3"]
+    scores = [float(line.split("\t")[1]) for line in lines]
+    assert scores == sorted(scores, reverse=True)
+    assert "skipped broken.jpg" in err and "skipped empty.png" in err and "8 images indexed, 2 skipped" in err
+    assert "notes.txt" not in err
+    # the printed order is the model's: recompute the cosines by hand
+    model, config, tokenizer = retrieval.load_embedding(tiny_model)
+    table = load_features(small_set / "lite0_small.pkl")
+    names = sorted(p.name for p in photo_folder.glob("*.jpg") if p.name != "broken.jpg")
+    img = retrieval.embed_images(retrieval.image_encoder(model), np.stack([table[n[:-4]] for n in names]))
+    ids, _ = retrieval.encode_query(args[0], tokenizer, config["max_length"])
+    txt = retrieval.embed_captions(retrieval.text_encoder(model), [ids])[0]
+    expected = [names[k] for k in np.argsort(-(img @ txt))[:3]]
+    assert [line.split("\t")[2] for line in lines] == expected
+    sheet = (tmp_path / "sheet.html").read_text()
+    assert sheet.count("data:image/jpeg;base64") == 3 and expected[0] in sheet
+    # the second run reads the cache: nothing is embedded again, same answer
+    assert search(tiny_model, small_set, tmp_path, *args) == 0
+    out2, err2 = capsys.readouterr()
+    assert out2 == out and "embedding" not in err2
+    # a corrupt cache is rebuilt
+    cache = next((tmp_path / "cache").glob("*.npz"))
+    cache.write_bytes(b"garbage")
+    assert search(tiny_model, small_set, tmp_path, *args) == 0
+    out3, err3 = capsys.readouterr()
+    assert out3 == out and "rebuilding" in err3
+
+
+def test_search_bad_queries_are_one_line(tiny_model, small_set, photo_folder, tmp_path, capsys):
+    base = ["--images", str(photo_folder), "--features", str(small_set / "lite0_small.pkl")]
+    assert search(tiny_model, small_set, tmp_path, "   ", *base) == 1
+    assert capsys.readouterr().err.strip() == "error: empty query: give a sentence to search for"
+    assert search(tiny_model, small_set, tmp_path, "qwxz blorft", *base) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: no word of the query is in the model's vocabulary (unknown: qwxz, blorft)"
+    assert not (tmp_path / "sheet.html").exists()
+    assert search(tiny_model, small_set, tmp_path, "a dog qwxz", *base) == 0
+    assert "not in the vocabulary, read as <unk>: qwxz" in capsys.readouterr().err
+
+
+def test_search_with_an_extractor_skips_broken_files_and_checks_width(tiny_model, small_set, photo_folder,
+                                                                      tmp_path, capsys, monkeypatch):
+    import keras
+    from keras import layers
+
+    def tiny_backbone(width):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((224, 224, 3))
+        x = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, strides=8)(inputs))
+        return keras.Model(inputs, layers.Dense(width)(x))
+
+    monkeypatch.setattr(search_images, "build_extractor", lambda backbone, weights, seed=0: (tiny_backbone(1280), "fake"))
+    assert search(tiny_model, small_set, tmp_path, "a dog", "--images", str(photo_folder), "--top", "2") == 0
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 2
+    assert "skipped broken.jpg: cannot read image" in err and "8 images indexed, 2 skipped" in err
+    # a backbone of another width than the model's features: one line, nothing written
+    monkeypatch.setattr(search_images, "build_extractor", lambda backbone, weights, seed=0: (tiny_backbone(64), "fake"))
+    html = tmp_path / "other.html"
+    code = run_cli(search_images.main, ["a dog", "--images", str(photo_folder), "--model", str(tiny_model),
+                                        "--cache-dir", str(tmp_path / "cache2"), "--html", str(html)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0
+    assert err.startswith("error: the model was trained on 1280-d features (backbone lite0)") and "64-d" in err
+    assert not html.exists() and not (tmp_path / "cache2").exists()
+
+
+def test_search_with_the_real_lite0_extractor_matches_the_shared_features(tiny_model, small_set, photo_folder,
+                                                                          tmp_path, capsys):
+    # the model's backbone (lite0, from model.json) embeds the photos themselves: the same
+    # matches as the shared reference features of those photos (cosine >= 0.999, issue 10)
+    from captioning import efficientnet_lite
+    try:
+        efficientnet_lite.checkpoint_path("lite0")
+    except PipelineError as exc:
+        pytest.skip(str(exc))
+    query = ["two dogs play in the grass", "--images", str(photo_folder), "--top", "4"]
+    assert search(tiny_model, small_set, tmp_path, *query) == 0
+    out, err = capsys.readouterr()
+    assert "skipped broken.jpg" in err and "8 images indexed, 2 skipped" in err
+    assert search(tiny_model, small_set, tmp_path, *query, "--features", str(small_set / "lite0_small.pkl"),
+                  "--cache-dir", str(tmp_path / "cache_reference")) == 0
+    reference = capsys.readouterr().out
+    assert [line.split("\t")[2] for line in out.splitlines()] == [line.split("\t")[2] for line in reference.splitlines()]
+    np.testing.assert_allclose([float(line.split("\t")[1]) for line in out.splitlines()],
+                               [float(line.split("\t")[1]) for line in reference.splitlines()], atol=0.02)
+
+
+def test_a_model_of_unknown_backbone_needs_precomputed_features(tiny_model, photo_folder, small_set, tmp_path,
+                                                                capsys):
+    unknown = tmp_path / "unknown_model"
+    shutil.copytree(tiny_model, unknown)
+    config = json.loads((unknown / "model.json").read_text())
+    write_json(unknown / "model.json", {**config, "backbone": "unknown"})
+    assert search(unknown, small_set, tmp_path, "a dog", "--images", str(photo_folder)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no extractor for backbone 'unknown'") and "--features" in err
+
+
+def test_reverse_search_finds_training_captions(tiny_model, small_set, flickr8k_dir, tmp_path, capsys):
+    train_id = text.load_splits(small_set / "data")["train"][0]
+    photo = flickr8k_dir / "Flicker8k_Dataset" / f"{train_id}.jpg"
+    assert search(tiny_model, small_set, tmp_path, "--image", str(photo), "--top", "5",
+                  "--features", str(small_set / "lite0_small.pkl"),
+                  "--images", str(flickr8k_dir / "Flicker8k_Dataset")) == 0
+    out = capsys.readouterr().out.splitlines()
+    captions = out[1:6]
+    images = out[7:12]
+    assert out[0] == "closest training captions:" and out[6] == "closest training images:"
+    # the photo is itself a training image: it is its own nearest training image, cosine 1
+    assert images[0].split("\t")[2] == train_id and float(images[0].split("\t")[1]) == pytest.approx(1.0, abs=1e-4)
+    assert all(len(line.split("\t")) == 4 for line in captions)
+    assert (tmp_path / "sheet.html").read_text().count("data:image/jpeg;base64") >= 5
