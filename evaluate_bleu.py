@@ -44,7 +44,7 @@ from captioning import coco_metrics, metrics, text
 from captioning.captioner import Captioner
 from captioning.decoding import ALPHA, BEAM
 from captioning.features import load_features
-from captioning.utils import PipelineError, atomic_write, run_cli, write_json
+from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli, write_json
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
 MODEL_DIR = "models/merge"
@@ -102,7 +102,7 @@ def gallery_html(rows, title):
 # ---- command line -----------------------------------------------------------------------------
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--features", default=FEATURES, help="features.pkl of the split's images")
     parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
     parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder, or its model.keras")

@@ -36,7 +36,7 @@ from captioning.captioner import WEIGHTS, Captioner
 from captioning.decoding import ALPHA, BEAM
 from captioning.features import load_features
 from captioning.images import list_images, open_rgb
-from captioning.utils import PipelineError, run_cli
+from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 # The captioner shipped in the repository (merge model, Lite0 features, tokenizer beside it;
 # README "The shipped captioner"), so `python generate_caption.py photo.jpg` works out of the box.
@@ -71,7 +71,7 @@ def expand_inputs(paths):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="*", help="image files or folders")
     parser.add_argument("--model", default=MODEL_DIR,
                         help="train.py run folder, or its model.keras (default: the shipped "

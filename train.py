@@ -59,7 +59,7 @@ from captioning import training
 from captioning.models import DROPOUT, EMBED_DIM, LABEL_SMOOTHING, LEARNING_RATE, MODE, MODES, UNITS, VARIANTS
 from captioning.training import (BATCH_SIZE, CV_EPOCHS, CV_SUBSET, CV_VARIANTS, EPOCHS, MAX_MISSING,
                                  PATIENCE, SEED, SELECT_BY)
-from captioning.utils import PipelineError, keras_verbose, run_cli
+from captioning.utils import HelpFormatter, PipelineError, keras_verbose, run_cli
 
 FEATURES = "data/features.pkl"  # extract_features.py default output; ../shared/... for real features
 DATA_DIR = "data"               # prepare_text.py's output folder
@@ -69,7 +69,7 @@ VARIANT = "merge"
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--features", type=Path, default=Path(FEATURES), help="features pickle")
     p.add_argument("--data-dir", type=Path, default=Path(DATA_DIR), help="prepare_text.py output folder")
     p.add_argument("--output-dir", type=Path, default=Path(OUTPUT_DIR), help="parent of run folders")

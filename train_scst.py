@@ -44,7 +44,7 @@ import numpy as np
 
 from captioning import data, models, scst, text, training
 from captioning.features import load_features
-from captioning.utils import (PipelineError, atomic_write, progress, read_json, run_cli, save_settings,
+from captioning.utils import (HelpFormatter, PipelineError, atomic_write, progress, read_json, run_cli, save_settings,
                               sha256_file, write_json)
 
 DATA_DIR = "data"
@@ -62,7 +62,7 @@ RESUME_KEYS = ("init", "init_sha256", "features_sha256", "tokenizer_sha256", "sa
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--init", type=Path, required=True, help="train.py run folder to fine-tune")
     p.add_argument("--features", type=Path, required=True, help="features pickle the model was trained on")
     p.add_argument("--data-dir", type=Path, default=Path(DATA_DIR), help="prepare_text.py output folder")

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules
 
 from captioning.coco_metrics import CiderD, python_tokenize  # noqa: E402
-from captioning.utils import PipelineError, run_cli  # noqa: E402
+from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 TEXT_DIR = "../shared/flickr8k/Flickr8k_text"
 SAMPLES = 5          # hypotheses per image (SCST samples per image)
@@ -45,7 +45,7 @@ SEED = 0
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--text-dir", default=TEXT_DIR, help="Flickr8k_text folder")
     parser.add_argument("--samples", type=int, default=SAMPLES, help="hypotheses per image")
     parser.add_argument("--batch-images", type=int, default=BATCH_IMAGES,

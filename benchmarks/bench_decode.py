@@ -35,7 +35,7 @@ import bench_common  # noqa: F401  (puts the repository on sys.path)
 import train
 from captioning import decoding, models, text
 from captioning.features import load_features
-from captioning.utils import PipelineError, run_cli
+from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 SPLIT = "test"
 SUBSET = 20        # images decoded the coursework way (~1 s each)
@@ -45,7 +45,7 @@ TRAIN_EPOCHS = 1   # epochs of the stand-in model trained when no --model is giv
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", type=Path, default=None,
                         help="train.py run folder (unset: one trained in a temporary folder)")
     parser.add_argument("--data-dir", type=Path, default=None,

@@ -29,7 +29,7 @@ import numpy as np
 
 import bench_common  # noqa: F401  (puts the repository on sys.path)
 from captioning import data, models, training
-from captioning.utils import PipelineError, run_cli
+from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 PAIRS_PHOTOS = 150        # ~750 captions: the tutorial mode is slow, a small sample suffices
 SEQUENCE_PHOTOS = 1500    # ~7500 captions: enough batches for realistic length buckets
@@ -85,7 +85,7 @@ def photo_sample(examples, n_photos, seed):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--features", type=Path, default=None,
                    help="features pickle (unset: the shared Lite0 file, else random vectors)")
     p.add_argument("--data-dir", type=Path, default=None,

@@ -44,7 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from captioning.utils import PipelineError, run_cli, sha256_file, write_json  # noqa: E402
+from captioning.utils import HelpFormatter, PipelineError, run_cli, sha256_file, write_json  # noqa: E402
 
 SECONDS = 60
 PER_IMAGE = 3.0     # seconds each image stays on screen: 60 / 3 = 20 scenes
@@ -130,7 +130,7 @@ def timed(clip, caption_images, repeat):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--seconds", type=float, default=SECONDS, help="clip length")
     parser.add_argument("--per-image", type=float, default=PER_IMAGE, help="seconds per image")
     parser.add_argument("--backbones", default=BACKBONES, help="comma-separated: vgg16, lite0")

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from captioning import efficientnet_lite as el  # noqa: E402
 from captioning.features import load_features  # noqa: E402
 from captioning.images import load_rgb  # noqa: E402
-from captioning.utils import PipelineError, run_cli  # noqa: E402
+from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"
 REFERENCE = "features_efficientnet_lite0.pkl"
@@ -80,7 +80,7 @@ def run(model, paths, batch_size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", default=str(DATA), help="shared Flickr8k folder")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
