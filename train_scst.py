@@ -25,18 +25,23 @@ Reads:
                       the width the model was trained on.
     --data-dir DIR    prepare_text.py's outputs: tokenizer.json (must be the model's),
                       descriptions.txt (rewards), references.json (dev CIDEr-D), splits.json.
-Writes, into <output-dir>/<name> (each file atomically; state.json last):
+Writes, into <output-dir>/<name>, one checkpoint-NNNN folder per epoch (built under a
+temporary name, fsync'd, renamed: a kill at any moment leaves the previous epoch or this one,
+never a mix; train.py's layout, captioning.training.write_checkpoint), `current` (a link to
+it) and, as links through `current`:
     model.keras       the best epoch by dev CIDEr-D (epoch 0 = the --init model).
     model.json        the --init model.json plus "scst": {init, epochs_trained, best_epoch,
                       best_dev_cider_d, samples, batch_images, learning_rate, seed}.
-    last.keras        the model and Adam state after the last finished epoch (for resuming).
-    state.json        {epoch, best_epoch, best_dev_cider_d, wait, stopped_early, history}.
     history.csv       epoch, sample_reward, greedy_reward (mean training CIDEr-D), loss,
                       dev_cider_d, dev_distinct_captions, dev_vocabulary_used, seconds, cpu_seconds.
-    settings.json     the arguments plus derived values.
+Inside the checkpoint only (for resuming):
+    last.keras        the model and Adam state after the last finished epoch.
+    state.json        {epoch, best_epoch, best_dev_cider_d, wait, stopped_early, history}.
+And settings.json: the arguments plus derived values.
 """
 import argparse
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -44,15 +49,14 @@ import numpy as np
 
 from captioning import data, models, scst, text, training
 from captioning.features import load_features
-from captioning.utils import (HelpFormatter, PipelineError, atomic_write, progress, read_json, run_cli, save_settings,
-                              sha256_file, write_json)
+from captioning.utils import (HelpFormatter, PipelineError, progress, read_json, run_cli, save_settings,
+                              sha256_file)
 
 DATA_DIR = "data"
 OUTPUT_DIR = "models"
 EPOCHS = 10             # upper bound; early stopping on dev CIDEr-D usually ends sooner
 PATIENCE = 3            # epochs without a better dev CIDEr-D before stopping
 SEED = 1
-LAST_FILE, STATE_FILE = "last.keras", "state.json"
 HISTORY_FIELDS = ["epoch", "sample_reward", "greedy_reward", "loss", "dev_cider_d",
                   "dev_distinct_captions", "dev_vocabulary_used", "seconds", "cpu_seconds"]
 # settings that must match for a rerun to continue the run in its folder
@@ -110,12 +114,13 @@ def load_inputs(args):
     return init_dir, model, config, tokenizer, splits, references, matrix, row_of_id, rewards
 
 
-def write_history(run_dir, history):
-    with atomic_write(run_dir / "history.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
+def history_csv(history):
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
+    return buffer.getvalue()
 
 
 def dev_row(score, model, config):
@@ -125,17 +130,12 @@ def dev_row(score, model, config):
             "dev_vocabulary_used": len({w for ws in words for w in ws})}
 
 
-def save_epoch(run_dir, model, config, state, improved):
-    """The run folder after an epoch: model.keras if it improved, last.keras, model.json,
-    history.csv, then state.json (last: its epoch vouches for the files before it)."""
-    if improved:
-        models.save_keras(model, run_dir / models.MODEL_FILE)
-    models.save_keras(model, run_dir / LAST_FILE)
+def save_epoch(run_dir, model, config, state, improved, previous):
+    """The state after state["epoch"] SCST epochs as one atomic checkpoint folder; returns it."""
     config["scst"].update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
                           best_dev_cider_d=state["best_dev_cider_d"])
-    write_json(run_dir / models.CONFIG_FILE, config)
-    write_history(run_dir, state["history"])
-    write_json(run_dir / STATE_FILE, state)
+    return training.write_checkpoint(run_dir, model, state, config, improved, previous,
+                                     files={"history.csv": history_csv(state["history"])})
 
 
 def main(argv=None):
@@ -144,29 +144,39 @@ def main(argv=None):
         if not path.exists():
             raise PipelineError(f"missing {what} {path}")
     init_dir, model, config, tokenizer, splits, references, matrix, row_of_id, rewards = load_inputs(args)
-    run_dir = args.output_dir / (args.name or init_dir.name + "-scst")
+    # the folder the user named (init_dir is the checkpoint its links resolve to, which a later
+    # train.py epoch replaces): it names the run and is what model.json records
+    named_dir = args.init if args.init.is_dir() else args.init.parent
+    run_dir = args.output_dir / (args.name or named_dir.resolve().name + "-scst")
     if run_dir.resolve() == init_dir.resolve():
         raise PipelineError(f"the output folder is the --init folder ({run_dir}); choose another --name")
-    settings = {"init": str(init_dir), "init_sha256": sha256_file(init_dir / models.MODEL_FILE),
+    settings = {"init": str(named_dir), "init_sha256": sha256_file(init_dir / models.MODEL_FILE),
                 "features_sha256": sha256_file(args.features), "tokenizer_sha256": config["tokenizer_sha256"],
                 "samples": args.samples, "batch_images": args.batch_images,
                 "learning_rate": args.learning_rate, "seed": args.seed}
 
     training.seed_everything(args.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / STATE_FILE).is_file() and (run_dir / LAST_FILE).is_file():
-        state = read_json(run_dir / STATE_FILE)
+    previous = training.latest_checkpoint(run_dir)
+    if previous is not None:
+        state = read_json(previous / training.STATE_FILE)
         old = read_json(run_dir / "settings.json")
         for key in RESUME_KEYS:
             if old.get(key) != settings[key]:
                 raise PipelineError(f"run folder holds an SCST run with another {key} ({old.get(key)!r}); "
                                     f"use another --name or remove it ({run_dir})")
-        model = models.load_keras(run_dir / LAST_FILE)      # weights + Adam state
-        config = read_json(run_dir / models.CONFIG_FILE)
+        model = models.load_keras(previous / training.LAST_FILE)      # weights + Adam state
+        config = read_json(previous / models.CONFIG_FILE)
+        published = (models.MODEL_FILE, models.CONFIG_FILE, "history.csv")
+        training.point_current(run_dir, previous, published)    # repairs what a kill left half done
+        training.tidy(run_dir, previous, published)
         print(f"resuming {run_dir} after SCST epoch {state['epoch']}", flush=True)
     else:
         state = None
         models.compile_model(model, args.learning_rate)    # gives the model its Adam, saved with it
+        # its (zero) moments exist before the first step, so epoch 0's checkpoint saves them and
+        # a resume from it loads a whole optimizer (Keras warns on a partial one)
+        model.optimizer.build(model.trainable_variables)
         config = dict(config, scst=dict(settings, epochs_trained=0))
     save_settings(run_dir / "settings.json", args, **settings,
                   train_images=len(splits["train"]), dev_images=len(splits["dev"]))
@@ -177,7 +187,7 @@ def main(argv=None):
         row = dict(epoch=0, **dev_row(score, model, config))
         state = {"epoch": 0, "best_epoch": 0, "best_dev_cider_d": row["dev_cider_d"], "wait": 0,
                  "stopped_early": False, "history": [row]}
-        save_epoch(run_dir, model, config, state, improved=True)
+        previous = save_epoch(run_dir, model, config, state, True, None)
         print(f"epoch 0 (the --init model): dev CIDEr-D {row['dev_cider_d']:.4f}", flush=True)
     if state["stopped_early"] or state["epoch"] >= args.epochs:
         print(f"{run_dir}: already trained {state['epoch']} SCST epochs; nothing to do")
@@ -198,7 +208,7 @@ def main(argv=None):
         else:
             state["wait"] += 1
         state["stopped_early"] = state["wait"] >= args.patience
-        save_epoch(run_dir, model, config, state, improved)
+        previous = save_epoch(run_dir, model, config, state, improved, previous)
         print(f"SCST epoch {epoch}: reward sample {row['sample_reward']:.4f} greedy {row['greedy_reward']:.4f}  "
               f"dev CIDEr-D {row['dev_cider_d']:.4f} (best epoch {state['best_epoch']})  "
               f"{row['seconds']:.0f} s ({row['cpu_seconds']:.0f} s CPU)", flush=True)

@@ -215,15 +215,19 @@ def _link_or_copy(source, target):
         fsync_path(target)
 
 
-def write_checkpoint(run_dir, model, state, config, improved, previous):
+def write_checkpoint(run_dir, model, state, config, improved, previous, files=None):
     """Write the state after state["epoch"] epochs as ONE new checkpoint folder; return it.
 
     Built under a temporary name (every file fsync'd, then the folder), renamed to
     checkpoint-NNNN (atomic), then `current` is pointed at it (atomic link swap) and older
     checkpoints are deleted. A kill at any moment leaves the previous checkpoint or this one,
     never a mix. model.keras is the new model when it improved, else the previous checkpoint's
-    (hard link).
+    (hard link). `files` ({name: text or bytes}, default train.py's history.csv and loss.png)
+    are written into the checkpoint and published beside model.keras and model.json.
     """
+    if files is None:
+        files = {"history.csv": history_csv(state["history"]), "loss.png": loss_png(state["history"])}
+    published = (models.MODEL_FILE, models.CONFIG_FILE, *files)
     name = f"{CHECKPOINT_PREFIX}{state['epoch']:04d}"
     tmp, final = run_dir / f".{name}.tmp", run_dir / name
     _remove(tmp)                                       # a killed earlier attempt's leftovers
@@ -235,19 +239,19 @@ def write_checkpoint(run_dir, model, state, config, improved, previous):
     else:
         _link_or_copy(previous / models.MODEL_FILE, tmp / models.MODEL_FILE)
     _write_synced(tmp / models.CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _write_synced(tmp / "history.csv", history_csv(state["history"]))
-    _write_synced(tmp / "loss.png", loss_png(state["history"]))
+    for file_name, content in files.items():
+        _write_synced(tmp / file_name, content)
     _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
     fsync_path(tmp, directory=True)
     _remove(final)          # only a checkpoint of the same epoch from an abandoned branch
     os.rename(tmp, final)
     fsync_path(run_dir, directory=True)
-    point_current(run_dir, final)
-    tidy(run_dir, final)
+    point_current(run_dir, final, published)
+    tidy(run_dir, final, published)
     return final
 
 
-def point_current(run_dir, checkpoint):
+def point_current(run_dir, checkpoint, published=PUBLISHED):
     """Make run_dir/current name `checkpoint` (one atomic link swap), and the published files
     (model.keras, model.json, history.csv, loss.png: links through `current`) follow it. Where
     the OS has no symbolic links the published files are copied instead, one by one."""
@@ -256,11 +260,11 @@ def point_current(run_dir, checkpoint):
     try:
         _set_link(run_dir / CURRENT, checkpoint.name)
     except (OSError, NotImplementedError):
-        for name in PUBLISHED:
+        for name in published:
             with atomic_write(run_dir / name, "wb") as handle:
                 handle.write((checkpoint / name).read_bytes())
         return
-    for name in PUBLISHED:
+    for name in published:
         _set_link(run_dir / name, f"{CURRENT}/{name}")     # also replaces an earlier layout's file
     fsync_path(run_dir, directory=True)
 
@@ -278,11 +282,11 @@ def _set_link(path, target):
     os.replace(tmp, path)
 
 
-def tidy(run_dir, keep):
+def tidy(run_dir, keep, published=PUBLISHED):
     """Delete what a finished checkpoint makes obsolete or a kill left behind: temporary
     checkpoint folders and links, older checkpoints, the earlier layout's last.keras/state.json."""
     for path in [*run_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"),
-                 *(run_dir / f".{name}.tmp" for name in (CURRENT, *PUBLISHED))]:
+                 *(run_dir / f".{name}.tmp" for name in (CURRENT, *published))]:
         _remove(path)
     for _, path in checkpoint_dirs(run_dir):
         if path != keep:

@@ -12,6 +12,7 @@ import train_scst
 from captioning import decoding, models, scst
 from captioning.utils import PipelineError, run_cli
 from test_generate_caption import make_tiny_run, random_captioner
+from test_train import run_folder_listing, states_after_every_write
 
 # ---- sampling from a hand-written table ---------------------------------------------------------
 WORDS = ["<pad>", "startseq", "endseq", "<unk>", "a", "the", "dog", "cat", "runs"]
@@ -129,7 +130,7 @@ def run_stage(tiny, out_dir, *extra):
 def test_stage_writes_the_run_folder_resumes_and_repeats(tiny, tmp_path, capsys):
     assert run_stage(tiny, tmp_path / "a", "--epochs", "1") == 0
     run_dir = tmp_path / "a" / "model-scst"
-    state = json.loads((run_dir / "state.json").read_text())
+    state = json.loads((run_dir / "current" / "state.json").read_text())
     assert state["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0, 1]
     rows = (run_dir / "history.csv").read_text().splitlines()
     assert rows[0].split(",")[:3] == ["epoch", "sample_reward", "greedy_reward"] and len(rows) == 3
@@ -144,11 +145,12 @@ def test_stage_writes_the_run_folder_resumes_and_repeats(tiny, tmp_path, capsys)
     assert run_stage(tiny, tmp_path / "a", "--epochs", "1") == 0
     assert "nothing to do" in capsys.readouterr().out
     assert run_stage(tiny, tmp_path / "a", "--epochs", "2") == 0
-    assert json.loads((run_dir / "state.json").read_text())["epoch"] == 2
+    assert json.loads((run_dir / "current" / "state.json").read_text())["epoch"] == 2
     # same seed, same run: a fresh folder trained 2 epochs at once has the same weights
     assert run_stage(tiny, tmp_path / "b", "--epochs", "2") == 0
-    one = models.load_keras(run_dir / "last.keras", compile=False).get_weights()
-    two = models.load_keras(tmp_path / "b" / "model-scst" / "last.keras", compile=False).get_weights()
+    one = models.load_keras(run_dir / "current" / "last.keras", compile=False).get_weights()
+    two = models.load_keras(tmp_path / "b" / "model-scst" / "current" / "last.keras",
+                            compile=False).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(one, two))
     # settings that differ from the folder's run are refused
     capsys.readouterr()
@@ -179,3 +181,57 @@ def test_stage_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def learnt(tmp_path_factory):
+    """A model 3 epochs into learning tests/learnable_data.py: its samples differ and some match
+    the references, so SCST rewards and updates are not zero (a random model's CIDEr-D is 0)."""
+    import train
+    from learnable_data import TRAIN_ARGS, make_learnable
+    root = tmp_path_factory.mktemp("learnt")
+    features, data_dir, _ = make_learnable(root)
+    assert train.main(["--features", str(features), "--data-dir", str(data_dir), *TRAIN_ARGS,
+                       "--epochs", "3", "--output-dir", str(root / "models"), "--name", "m"]) == 0
+    return data_dir, root / "models" / "m", features
+
+
+def run_learnt(learnt, out_dir, *extra):
+    data_dir, model_dir, features = learnt
+    return run_cli(train_scst.main, ["--init", str(model_dir), "--features", str(features),
+                                     "--data-dir", str(data_dir), "--output-dir", str(out_dir),
+                                     "--samples", "3", "--batch-images", "8", "--learning-rate",
+                                     "0.01", *extra])
+
+
+def test_a_kill_after_any_write_resumes_to_the_same_run(learnt, tmp_path, monkeypatch):
+    """As train.py's test: the SCST run folder is copied right after every durable write (what a
+    SIGKILL there would leave); the same command rerun from each copy must end with bit-for-bit
+    the weights, model.json and history of an uninterrupted run, and no leftover files."""
+    assert run_learnt(learnt, tmp_path / "clean", "--epochs", "2") == 0
+
+    def outcome(folder):
+        weights = [models.load_keras(folder / "current" / name, compile=False).get_weights()
+                   for name in ("last.keras", "model.keras")]
+        history = json.loads((folder / "current" / "state.json").read_text())["history"]
+        return (weights, json.loads((folder / "model.json").read_text()),
+                [dict(row, seconds=None, cpu_seconds=None) for row in history],
+                [row[0] for row in run_folder_listing(folder)])
+
+    expected = outcome(tmp_path / "clean" / "m-scst")
+    assert "checkpoint-0002/last.keras" in expected[3] and "current" in expected[3]
+    # the rewards were not all zero and the weights moved: the comparison below can fail
+    assert any(row["sample_reward"] != 0 for row in expected[2][1:]), expected[2]
+    init = models.load_keras(learnt[1] / "model.keras", compile=False).get_weights()
+    assert not all(np.array_equal(x, y) for x, y in zip(init, expected[0][0]))
+    with monkeypatch.context() as patch:
+        states = states_after_every_write(patch, tmp_path / "killed" / "m-scst", tmp_path / "states")
+        assert run_learnt(learnt, tmp_path / "killed", "--epochs", "2") == 0
+    # settings.json, then per checkpoint (epoch 0 = the init model, 1, 2): its files, rename, link
+    assert len(states) >= 3 * 7, len(states)
+    for state in states:
+        assert run_learnt(learnt, state.parent, "--epochs", "2") == 0, state
+        weights, config, history, listing = outcome(state)
+        for got, want in zip(weights, expected[0]):
+            assert all(np.array_equal(x, y) for x, y in zip(got, want)), state
+        assert (config, history, listing) == expected[1:], state
