@@ -6,12 +6,14 @@ Usage:
     python serve.py --model models/ls-bleu --features ../shared/flickr8k/features_efficientnet_lite0.pkl \\
         --images ../shared/flickr8k/Flicker8k_Dataset      # dataset photos from their cached vectors
     python serve.py --results results/ --port 8080          # browse results only, no model
+    python serve.py --retrieval models/vse --features ../shared/flickr8k/features_efficientnet_lite0.pkl \
+        --images ../shared/flickr8k/Flicker8k_Dataset      # + text search over those images
 
 The page has three views: (1) photos dropped or picked -> the greedy caption and the beam-search
 alternatives with their scores (attention maps for models that have them); (2) a results folder
 from evaluate_bleu.py -> its scores and diagnostics, then each caption beside its five
-references, filterable by sentence BLEU and by words; (3) a text query -> images, when a
-retrieval model is loaded (none can be loaded yet: the view says so).
+references, filterable by sentence BLEU and by words; (3) a text query -> the closest images,
+when a retrieval model (train_retrieval.py) is loaded with --retrieval.
 
 Reads:
     --model DIR       train.py run folder (model.keras, model.json), loaded once. If the default
@@ -25,6 +27,10 @@ Reads:
     --images DIR      the dataset images (thumbnails in the results view, cached features).
     --results DIR     evaluate_bleu.py output: a folder with results.json + captions.tsv, or a
                       folder of such folders (one run each).
+    --retrieval DIR   train_retrieval.py run folder (model.keras, model.json; its tokenizer from
+                      the data_dir it records, or --retrieval-data-dir): every image of --features
+                      is embedded once at start-up and the search view ranks them by cosine
+                      (captioning/image_search.py). Needs --features of the model's backbone.
 Writes: nothing (the server's log goes to stderr).
 Binds to 127.0.0.1 by default, so only this machine can open the page; the page has no login,
 so think twice before --host 0.0.0.0.
@@ -37,6 +43,7 @@ from pathlib import Path
 
 from captioning.captioner import WEIGHTS
 from captioning.decoding import ALPHA
+from captioning.image_search import ImageSearch
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 from captioning.web_captioner import WebCaptioner
 from captioning.webapp import MB, Limits, create_app
@@ -59,6 +66,10 @@ def parse_args(argv):
     parser.add_argument("--features", default=None, help="cached features.pkl of --images")
     parser.add_argument("--images", default=None, help="dataset image folder")
     parser.add_argument("--results", default=None, help="evaluate_bleu.py output folder")
+    parser.add_argument("--retrieval", default=None,
+                        help="train_retrieval.py run folder: text search over the --features images")
+    parser.add_argument("--retrieval-data-dir", default=None,
+                        help="the retrieval model's prepare_text.py folder (default: the one in its model.json)")
     parser.add_argument("--host", default=HOST, help="address to listen on")
     parser.add_argument("--port", type=int, default=PORT, help="port to listen on")
     parser.add_argument("--max-image-mb", type=float, default=limits.max_image_bytes / MB,
@@ -68,6 +79,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.features and not args.images:
         parser.error("--features needs --images (the folder the features were computed from)")
+    if args.retrieval and not args.features:
+        parser.error("--retrieval needs --features (the vectors of the images to search) and --images")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0..65535")
     return args
@@ -105,8 +118,10 @@ def main(argv=None):
     limits = Limits(max_image_bytes=int(args.max_image_mb * MB), max_images=args.max_images,
                     max_request_bytes=max(Limits().max_request_bytes,
                                           int(args.max_images * args.max_image_mb * MB) + MB))
-    app = create_app(load_captioner(args), results_dir=args.results, images_dir=args.images,
-                     limits=limits)
+    search = (ImageSearch(args.retrieval, args.features, args.retrieval_data_dir)
+              if args.retrieval else None)
+    app = create_app(load_captioner(args), results_dir=args.results, retrieval=search,
+                     images_dir=args.images, limits=limits)
     host, port = sock.getsockname()[:2]
     if host not in ("127.0.0.1", "::1"):
         print(f"warning: listening on {host}, reachable from other machines; the page has no "

@@ -16,16 +16,21 @@ Reads:
                  the backbone and the extractor fingerprint recorded in model.json.
     --data-dir   prepare_text.py's outputs: meta.json, tokenizer.json (checked against meta's
                  sha256), descriptions.txt, splits.json.
-Writes, into <output-dir>/<name>/ (each file atomically):
+Writes, into <output-dir>/<name>/, train.py's layout: one checkpoint-NNNN folder per epoch
+(built under a temporary name, fsync'd, renamed: a kill at any moment leaves the previous epoch
+or this one, never a mix; captioning.training.write_checkpoint), `current` (a link to it) and,
+as links through `current`:
     model.keras    the best epoch by dev R@1+R@5+R@10 summed over both directions (rsum).
     model.json     {kind "vse++", feature_dim, embed_dim, word_dim, vocab_size, max_length,
                     margin, backbone, features_file, features_sha256, features_fingerprint,
                     tokenizer_sha256, cleaning, data_dir, epochs_trained, best_epoch,
                     best_dev_rsum, best_dev (both directions' R@K and ranks), layers}.
-    last.keras     the last finished epoch with its optimizer state (for resuming).
-    state.json     {epoch, best_epoch, best_dev_rsum, wait, stopped_early, history}; written last.
     history.csv    epoch, loss, max_violation (1 hardest negative, 0 warm-up), dev R@1/5/10 of
                    both directions, dev rsum, seconds, lr.
+  inside the checkpoint only (for resuming):
+    last.keras     the last finished epoch with its optimizer state.
+    state.json     {epoch, best_epoch, best_dev_rsum, wait, stopped_early, history}.
+  and beside it:
     settings.json  every argument plus derived values (feature_dim, vocab_size, counts).
 
 Every training caption is one example per epoch; batches of --batch-size come from
@@ -36,19 +41,19 @@ their 5000 captions after every epoch and ranks them (captioning/ranking.py).
 """
 import argparse
 import csv
+import io
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from captioning import ranking, retrieval
+from captioning import ranking, retrieval, training
 from captioning.data import encode_split, feature_matrix, load_text, plan_batches
 from captioning.features import load_features
-from captioning.models import save_keras
 from captioning.training import seed_everything
-from captioning.utils import (HelpFormatter, PipelineError, atomic_write, keras_verbose, read_json, run_cli,
-                              save_settings, sha256_file, write_json)
+from captioning.utils import (HelpFormatter, PipelineError, keras_verbose, read_json, run_cli,
+                              save_settings, sha256_file)
 
 # ---- settings (argparse defaults) --------------------------------------------------------------
 FEATURES = "data/features.pkl"
@@ -66,9 +71,9 @@ PATIENCE = 3              # epochs without a better dev rsum before stopping
 SEED = 1
 MAX_MISSING = 0.01        # fraction of train+dev images allowed to lack features
 
-LAST_FILE, STATE_FILE = "last.keras", "state.json"
 RESUME_KEYS = ("embed_dim", "word_dim", "margin", "batch_size", "learning_rate", "clipnorm",
                "warmup_epochs", "lr_decay_epoch", "seed", "features_sha256", "tokenizer_sha256")
+PUBLISHED = (retrieval.MODEL_FILE, retrieval.CONFIG_FILE, "history.csv")   # links through `current`
 HISTORY_FIELDS = ["epoch", "loss", "max_violation", "dev_i2t_r1", "dev_i2t_r5", "dev_i2t_r10",
                   "dev_t2i_r1", "dev_t2i_r5", "dev_t2i_r10", "dev_rsum", "seconds", "lr"]
 
@@ -164,22 +169,25 @@ def rank_examples(encoders, features, examples):
 
 
 # ---- training ----------------------------------------------------------------------------------
-def write_history(run_dir, history):
-    with atomic_write(run_dir / "history.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
+def history_csv(history):
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
+    return buffer.getvalue()
 
 
-def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience):
-    """Keras callback: warm-up switch before each epoch; after it, dev ranks, checkpoints, files."""
+def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience, previous):
+    """Keras callback: warm-up switch before each epoch; after it, dev ranks and one atomic
+    checkpoint (previous: the checkpoint resumed from, or None)."""
     import keras
 
     class Keeper(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             # built once: they share the model's weights, and their compiled graphs are reused
             self.encoders = retrieval.image_encoder(self.model), retrieval.text_encoder(self.model)
+            self.previous = previous
 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.time()
@@ -197,10 +205,10 @@ def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience):
                 "dev_rsum": round(dev_result["rsum"], 4), "seconds": round(time.time() - self.started, 1),
                 "lr": float(f"{lr:.6g}")})
             state["epoch"] = epoch + 1
-            if state["best_dev_rsum"] is None or dev_result["rsum"] > state["best_dev_rsum"]:
+            improved = state["best_dev_rsum"] is None or dev_result["rsum"] > state["best_dev_rsum"]
+            if improved:
                 state.update(best_dev_rsum=dev_result["rsum"], best_epoch=epoch + 1, wait=0,
                              best_dev=dev_result)
-                save_keras(self.model, run_dir / retrieval.MODEL_FILE)
             else:
                 state["wait"] += 1
             # warm-up epochs do not count towards patience: the loss changes after them
@@ -209,10 +217,9 @@ def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience):
                 self.model.stop_training = True
             config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
                           best_dev_rsum=state["best_dev_rsum"], best_dev=state["best_dev"])
-            save_keras(self.model, run_dir / LAST_FILE)
-            write_json(run_dir / retrieval.CONFIG_FILE, config)
-            write_history(run_dir, state["history"])
-            write_json(run_dir / STATE_FILE, state)  # last: its epoch vouches for the files above
+            self.previous = training.write_checkpoint(
+                run_dir, self.model, state, config, improved, self.previous,
+                files={"history.csv": history_csv(state["history"])})
             print(f"epoch {epoch + 1}: loss {logs['loss']:.4f}  dev R@1/5/10 image->text "
                   f"{a['r1']:.1f}/{a['r5']:.1f}/{a['r10']:.1f}  text->image "
                   f"{s['r1']:.1f}/{s['r5']:.1f}/{s['r10']:.1f}  rsum {dev_result['rsum']:.1f}  "
@@ -222,15 +229,19 @@ def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience):
 
 
 def check_resumable(run_dir, args, config):
-    """The saved state of an earlier run in run_dir with the same settings, else None / an error."""
-    if not ((run_dir / STATE_FILE).is_file() and (run_dir / LAST_FILE).is_file()):
-        return None
+    """(checkpoint folder, its state) of an earlier run in run_dir with the same settings, else
+    (None, None) / an error."""
+    checkpoint = training.latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return None, None
     old = read_json(run_dir / "settings.json")
     for key in RESUME_KEYS:
         if old.get(key) != (config[key] if key in config else getattr(args, key)):
             raise PipelineError(f"run folder holds a run with another {key} ({old.get(key)!r}); "
                                 f"use another --name or remove it ({run_dir})")
-    return read_json(run_dir / STATE_FILE)
+    training.point_current(run_dir, checkpoint, PUBLISHED)     # repairs what a kill left half done
+    training.tidy(run_dir, checkpoint, PUBLISHED)
+    return checkpoint, read_json(checkpoint / training.STATE_FILE)
 
 
 def train_run(args, run_dir, matrix, train, dev, config):
@@ -238,14 +249,14 @@ def train_run(args, run_dir, matrix, train, dev, config):
     import keras
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
-    state = check_resumable(run_dir, args, config)
+    checkpoint, state = check_resumable(run_dir, args, config)
     loss_class = retrieval.embedding_loss_class()
     if state is not None:
         if state["stopped_early"] or state["epoch"] >= args.epochs:
             print(f"{run_dir}: already trained {state['epoch']} epochs (best dev rsum "
                   f"{state['best_dev_rsum']:.1f}, epoch {state['best_epoch']}); nothing to do")
             return state
-        model = keras.models.load_model(run_dir / LAST_FILE)   # weights + optimizer state
+        model = keras.models.load_model(checkpoint / training.LAST_FILE)   # weights + optimizer state
         config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
                       best_dev_rsum=state["best_dev_rsum"], best_dev=state["best_dev"])
         print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
@@ -271,7 +282,7 @@ def train_run(args, run_dir, matrix, train, dev, config):
               epochs=args.epochs, initial_epoch=state["epoch"], verbose=args.verbose, shuffle=False,
               callbacks=[keras.callbacks.LearningRateScheduler(learning_rate),
                          make_keeper(run_dir, state, config, matrix, dev, args.warmup_epochs,
-                                     args.patience)])
+                                     args.patience, checkpoint)])
     return state
 
 

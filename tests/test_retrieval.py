@@ -209,7 +209,7 @@ def tiny_model(small_set):
 def test_training_beats_random_and_writes_its_files(tiny_model):
     config = json.loads((tiny_model / "model.json").read_text())
     assert config["feature_dim"] == 1280 and config["backbone"] == "lite0" and config["kind"] == "vse++"
-    for name in ("model.keras", "last.keras", "state.json", "history.csv", "settings.json"):
+    for name in ("model.keras", "current/last.keras", "current/state.json", "history.csv", "settings.json"):
         assert (tiny_model / name).is_file(), name
     history = (tiny_model / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,loss,max_violation,dev_i2t_r1")
@@ -243,6 +243,36 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_model, small_set, capsys):
         return [line.split(",")[:10] for line in lines[1:]]     # all but seconds and lr
     assert rows("resumed") == rows("tiny")[:2]
     assert [r[2] for r in rows("resumed")] == ["0.0", "1.0"]   # max_violation: warm-up first
+
+
+def test_a_kill_after_any_write_resumes_to_the_same_run(small_set, tmp_path, monkeypatch):
+    """As train.py's test: the run folder is copied right after every durable write (what a
+    SIGKILL there would leave); the same command rerun from each copy ends bit for bit where an
+    uninterrupted run ends (weights, model.json, history but for seconds), with no leftovers."""
+    import keras
+    from test_train import run_folder_listing, states_after_every_write
+    argv = ["--features", str(small_set / "lite0_small.pkl"), "--data-dir", str(small_set / "data"),
+            "--backbone", "lite0", *TINY, "--epochs", "2", "--name", "k"]
+    assert train_retrieval.main([*argv, "--output-dir", str(tmp_path / "clean")]) == 0
+
+    def outcome(folder):
+        weights = [keras.models.load_model(folder / "current" / name, compile=False).get_weights()
+                   for name in ("last.keras", "model.keras")]
+        history = [line.split(",")[:-2] for line in (folder / "history.csv").read_text().splitlines()]
+        return weights, json.loads((folder / "model.json").read_text()), history, \
+            [row[0] for row in run_folder_listing(folder)]
+
+    expected = outcome(tmp_path / "clean" / "k")
+    with monkeypatch.context() as patch:
+        states = states_after_every_write(patch, tmp_path / "killed" / "k", tmp_path / "states")
+        assert train_retrieval.main([*argv, "--output-dir", str(tmp_path / "killed")]) == 0
+    assert len(states) >= 2 * 6, len(states)       # settings.json, then per epoch its files, rename, link
+    for state in states:
+        assert train_retrieval.main([*argv, "--output-dir", str(state.parent)]) == 0, state
+        weights, config, history, listing = outcome(state)
+        for got, want in zip(weights, expected[0]):
+            assert all(np.array_equal(x, y) for x, y in zip(got, want)), state
+        assert (config, history, listing) == expected[1:], state
 
 
 def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, capsys):
@@ -438,3 +468,41 @@ def test_reverse_search_finds_training_captions(tiny_model, small_set, flickr8k_
     assert images[0].split("\t")[2] == train_id and float(images[0].split("\t")[1]) == pytest.approx(1.0, abs=1e-4)
     assert all(len(line.split("\t")) == 4 for line in captions)
     assert (tmp_path / "sheet.html").read_text().count("data:image/jpeg;base64") >= 5
+
+
+# ---- the web page's search view (serve.py --retrieval) -----------------------------------------
+def test_web_search_ranks_every_feature_image_by_the_models_cosine(tiny_model, small_set):
+    from fastapi.testclient import TestClient
+    from captioning.image_search import ImageSearch
+    from captioning.webapp import create_app
+    features = small_set / "lite0_small.pkl"
+    search = ImageSearch(tiny_model, features, small_set / "data")
+    client = TestClient(create_app(None, retrieval=search))
+    info = client.get("/api/info").json()["retrieval"]
+    assert info["images"] == 500 and info["backbone"] == "lite0"
+    body = client.get("/api/search", params={"q": "a dog runs through the grass", "top": 4}).json()
+    # the same ranking by hand: all 500 images' embeddings against the query's
+    model, config, tokenizer = retrieval.load_embedding(tiny_model)
+    table = load_features(features)
+    ids = sorted(table)
+    img = retrieval.embed_images(retrieval.image_encoder(model), np.stack([table[i] for i in ids]))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    query, _ = retrieval.encode_query("a dog runs through the grass", tokenizer, config["max_length"])
+    txt = retrieval.embed_captions(retrieval.text_encoder(model), [query])[0]
+    txt /= np.linalg.norm(txt)
+    order = np.argsort(-(img @ txt))[:4]
+    assert [h["image_id"] for h in body["results"]] == [ids[k] for k in order]
+    assert np.allclose([h["score"] for h in body["results"]], (img @ txt)[order], atol=1e-5)
+    first = body["results"][0]
+    assert first["captions"] == text.load_descriptions(small_set / "data")[first["image_id"]]
+    # a query of unknown words is the page's one-line error, not a server error
+    response = client.get("/api/search", params={"q": "qwxz blorft"})
+    assert response.status_code == 400 and "qwxz" in response.json()["error"]
+
+
+def test_web_search_refuses_features_of_another_width(tiny_model, small_set, tmp_path):
+    from captioning.features import save_features
+    from captioning.image_search import ImageSearch
+    save_features(tmp_path / "wide.pkl", {"x": np.zeros(7, np.float32)})
+    with pytest.raises(PipelineError, match="1280-d features .* holds 7-d"):
+        ImageSearch(tiny_model, tmp_path / "wide.pkl", small_set / "data")
