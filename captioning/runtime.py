@@ -11,9 +11,10 @@ Runtimes:
             fc2 by ~1e-2 relative) and PERFORMANCE_HINT LATENCY (one stream using every core;
             THROUGHPUT, several streams fed by splitting the batch, is the alternative that
             benchmarks/bench_runtime.py measures).
-  auto      openvino if the package is installed, the conversion works and its output on a
-            probe batch agrees with TF's (max |ov - tf| <= PROBE_RTOL * max |tf|); otherwise tf,
-            with one line on stderr saying why.
+  auto      tf when TensorFlow sees a GPU (a GPU runs VGG16 hundreds of times faster than any
+            CPU runtime; docs/readme/runtime.md). Otherwise openvino if the package is installed,
+            the conversion works and its output on a probe batch agrees with TF's
+            (max |ov - tf| <= PROBE_RTOL * max |tf|); otherwise tf. A fallback says why on stderr.
 
 Telemetry: the openvino wheel depends on `openvino-telemetry`, which is opt-OUT. Importing
 openvino (its model-conversion tools are imported with it) and converting a model send events
@@ -96,6 +97,9 @@ def make_predict_fn(keras_model, runtime=RUNTIME, cache_dir=None, fingerprint=No
     tf_predict = make_tf_predict(keras_model)
     if runtime == "tf":
         return tf_predict
+    if runtime == "auto" and tf_sees_gpu():
+        note("runtime auto: TensorFlow sees a GPU, using tf")
+        return tf_predict
     if not openvino_installed():
         if runtime == "openvino":
             raise PipelineError("runtime openvino needs the openvino package (pip install "
@@ -118,6 +122,12 @@ def make_tf_predict(keras_model):
     def predict(batch):
         return np.asarray(keras_model(batch, training=False))
     return Predictor(predict, "tf", f"tf {tf.__version__}")
+
+
+def tf_sees_gpu():
+    """True when TensorFlow has a GPU to run on (CUDA set up)."""
+    import tensorflow as tf
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def openvino_installed():

@@ -77,6 +77,13 @@ def test_auto_without_openvino_uses_tf_and_openvino_is_an_error(net, monkeypatch
         runtime.make_predict_fn(net, "openvino")
 
 
+def test_auto_uses_tf_where_tensorflow_sees_a_gpu(net, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "tf_sees_gpu", lambda: True)
+    monkeypatch.setattr(runtime, "make_openvino_predict", None)  # would fail if it were tried
+    assert runtime.make_predict_fn(net, "auto").runtime == "tf"
+    assert "TensorFlow sees a GPU, using tf" in capsys.readouterr().err
+
+
 @needs_openvino
 def test_openvino_equals_tf_and_converts_once(net, tmp_path, capsys):
     x = images(5)
