@@ -65,7 +65,8 @@ MANIFEST = "manifest.json"
 
 
 class Predictor:
-    """batch (N, H, W, C) float32 numpy -> features (N, ...) float32 numpy.
+    """batch (N, H, W, C) float32 numpy -> features (N, ...) float32 numpy, or a list of such
+    arrays, in the model's output order, for a model with several outputs (pooled + grid).
 
     `runtime` is "tf" or "openvino" (what actually runs); `description` adds the details, for
     summary lines and settings files.
@@ -120,7 +121,8 @@ def make_tf_predict(keras_model):
     import tensorflow as tf
 
     def predict(batch):
-        return np.asarray(keras_model(batch, training=False))
+        out = keras_model(batch, training=False)
+        return [np.asarray(o) for o in out] if isinstance(out, (list, tuple)) else np.asarray(out)
     return Predictor(predict, "tf", f"tf {tf.__version__}")
 
 
@@ -197,7 +199,13 @@ def default_probe(keras_model):
 
 
 def relative_error(actual, expected):
-    """max |actual - expected| / max |expected| (0 when both are all zeros)."""
+    """max |actual - expected| / max |expected| (0 when both are all zeros); for lists of
+    outputs, the largest over the outputs; inf when the shapes or the output counts differ."""
+    if isinstance(expected, list) or isinstance(actual, list):
+        if not (isinstance(expected, list) and isinstance(actual, list)
+                and len(actual) == len(expected)):
+            return float("inf")
+        return max(relative_error(a, e) for a, e in zip(actual, expected))
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if actual.shape != expected.shape:
         return float("inf")
@@ -310,18 +318,25 @@ def compile_ir(ov, data, hint):
 
 
 def make_compiled_predict(ov, compiled, hint):
-    """numpy batch -> numpy output through a compiled model.
+    """numpy batch -> numpy output (a list for several outputs) through a compiled model.
 
     LATENCY: one infer request takes the whole batch. THROUGHPUT: the batch is split across the
     plugin's optimal number of requests, run concurrently (one per stream). A lock makes the
     function safe to call from several threads (a request serves one call at a time).
     """
     lock = threading.Lock()
+    n_outputs = len(compiled.outputs)
+
+    def outputs_of(request):  # copies: a request reuses its output buffers on the next call
+        return [request.get_output_tensor(i).data.copy() for i in range(n_outputs)]
+
+    def result(arrays):
+        return arrays[0] if n_outputs == 1 else arrays
+
     if hint == "THROUGHPUT":
         queue = ov.AsyncInferQueue(compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         parts = {}
-        queue.set_callback(lambda request, index: parts.__setitem__(
-            index, request.get_output_tensor(0).data.copy()))
+        queue.set_callback(lambda request, index: parts.__setitem__(index, outputs_of(request)))
 
         def predict(batch):
             with lock:
@@ -330,7 +345,8 @@ def make_compiled_predict(ov, compiled, hint):
                 for index, chunk in enumerate(c for c in chunks if len(c)):
                     queue.start_async({0: chunk}, index)
                 queue.wait_all()
-                return np.concatenate([parts[i] for i in sorted(parts)])
+                ordered = [parts[i] for i in sorted(parts)]
+                return result([np.concatenate([p[k] for p in ordered]) for k in range(n_outputs)])
         return predict
 
     request = compiled.create_infer_request()
@@ -338,5 +354,5 @@ def make_compiled_predict(ov, compiled, hint):
     def predict(batch):
         with lock:
             request.infer({0: np.ascontiguousarray(batch, np.float32)})
-            return request.get_output_tensor(0).data.copy()  # the buffer is reused next call
+            return result(outputs_of(request))
     return predict

@@ -110,6 +110,25 @@ def test_openvino_equals_tf_and_converts_once(net, tmp_path, capsys):
     assert "THROUGHPUT" in split.description and within_tolerance(split(x), expected)
 
 
+@needs_openvino
+def test_two_output_model_gives_both_outputs_in_order(tmp_path):
+    """Pooled vector and spatial grid from one pass (extract_features --spatial's models)."""
+    import keras
+    inputs = keras.Input((32, 32, 3))
+    grid = keras.layers.Conv2D(6, 3, strides=2, activation="relu",
+                               kernel_initializer=keras.initializers.GlorotUniform(3))(inputs)
+    pooled = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(4))(
+        keras.layers.GlobalAveragePooling2D()(grid))
+    model = keras.Model(inputs, [pooled, grid])
+    x = images(3)
+    expected = runtime.make_predict_fn(model, "tf")(x)
+    assert [e.shape for e in expected] == [(3, 4), (3, 15, 15, 6)]
+    for hint in ("LATENCY", "THROUGHPUT"):
+        got = runtime.make_predict_fn(model, "openvino", cache_dir=tmp_path, hint=hint)(x)
+        assert [g.shape for g in got] == [(3, 4), (3, 15, 15, 6)]
+        assert all(within_tolerance(g, e) for g, e in zip(got, expected))
+
+
 def truncate_bin(folder):
     path = folder / "model.bin"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
