@@ -7,6 +7,7 @@ back to TF; and no OpenVINO telemetry leaves the machine. Most tests use a tiny 
 net; one converts the real (random-weight) VGG16 fc2 extractor. Tests that need OpenVINO are
 skipped, with the reason, where the openvino package is not installed.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -217,6 +218,23 @@ def test_vgg16_fc2_on_openvino_equals_tf(tmp_path):
     assert (tf_features > 0).mean() > 0.1                # a real signal through the ReLUs
     assert within_tolerance(ov_features, tf_features)
     assert (only_conversion(tmp_path) / "model.bin").stat().st_size > 4 * 134_000_000  # float32
+
+
+@needs_openvino
+@pytest.mark.skipif(importlib.util.find_spec("captioning.efficientnet_lite") is None,
+                    reason="captioning/efficientnet_lite.py (issue 10) is not in this tree yet")
+def test_lite0_pooled_and_grid_on_openvino_equal_tf(tmp_path):
+    from captioning import efficientnet_lite
+    model = efficientnet_lite.build_feature_extractor(weights="none", output="both", quiet=True)
+    x = images(2, size=224, scale=1.0)                # Lite0's (x - 127) / 128 range
+    tf_out = runtime.make_predict_fn(model, "tf")(x)
+    predict = runtime.make_predict_fn(model, "openvino", cache_dir=tmp_path,
+                                      fingerprint="lite0 random seed=0")
+    ov_out = predict(x)
+    assert predict.runtime == "openvino"
+    assert [o.shape for o in ov_out] == [o.shape for o in tf_out] == [(2, 1280), (2, 7, 7, 1280)]
+    assert np.abs(tf_out[0]).max() > 0                  # a real signal, not all zeros
+    assert all(within_tolerance(o, t) for o, t in zip(ov_out, tf_out))
 
 
 def tiny_224(seed=1):
