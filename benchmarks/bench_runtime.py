@@ -2,11 +2,14 @@
 
 Usage (from the repo root):
     python benchmarks/bench_runtime.py                          # VGG16 fc2, 128 shared images
+    python benchmarks/bench_runtime.py --backbone lite0 --n-images 256
     python benchmarks/bench_runtime.py --n-images 256 --rounds 4 --batch-size 32
 
-Measures, on the same images and the same (random, seeded) VGG16 fc2 weights:
-  (a) per_image: the course notes' loop: keras.utils.load_img + img_to_array + preprocess_input,
-      then model.predict on a batch of one, image after image (TensorFlow);
+Measures, on the same images and the same random, seeded weights of the --backbone (VGG16 up to
+fc2, or EfficientNet-Lite0 up to its pooled 1280-d layer; the weights' values do not change the
+speed):
+  (a) per_image: the course notes' loop: keras.utils.load_img + img_to_array + the backbone's
+      preprocessing, then model.predict on a batch of one, image after image (TensorFlow);
   for every runtime R (tf; openvino with PERFORMANCE_HINT LATENCY; openvino THROUGHPUT):
   (b) extract: extract_features.extract with R's predict function (threaded decoding
       overlapped with batched forward passes), as `extract_features.py --runtime R` runs it;
@@ -23,6 +26,8 @@ largest (c) of all runtimes. Reads the images; writes only the OpenVINO conversi
 ($KERAS_HOME/openvino, see captioning/runtime.py).
 """
 import argparse
+import importlib.util
+import inspect
 import os
 import platform
 import sys
@@ -44,22 +49,48 @@ ROUNDS = 4              # chunks; the methods alternate chunk by chunk
 BATCH_SIZE = extract_features.BATCH_SIZE
 WORKERS = extract_features.WORKERS
 SEED = 0
-FINGERPRINT = f"random seed={SEED}; layer=fc2"   # as extract_features.py --weights none keys it
+IMAGE_SIZE = (224, 224)   # both backbones' input
 
 
-def per_image(model, paths):
+class Backbone:
+    """What the benchmark needs of a backbone: its model (random, seeded), the course loop's
+    preprocessing, the extractor's decode function and the extra arguments extract() takes."""
+
+    def __init__(self, name):
+        self.name, self.fingerprint = name, f"{name} random seed={SEED}"
+        if name == "vgg16":
+            self.fingerprint = f"random seed={SEED}; layer=fc2"  # extract_features.py's, same cache
+            from keras.applications.vgg16 import preprocess_input
+            from vgg16_build import build_feature_extractor
+            self.model = build_feature_extractor(weights=None, seed=SEED, quiet=True)
+            self.preprocess, self.decode, self.extract_kwargs = (
+                preprocess_input, extract_features.load_image, {})
+            return
+        # Lite0 comes with issue 10 (captioning/efficientnet_lite.py, extract --backbone)
+        if (importlib.util.find_spec("captioning.efficientnet_lite") is None
+                or "backbone" not in inspect.signature(extract_features.extract).parameters):
+            raise PipelineError("--backbone lite0 needs EfficientNet-Lite0 in extract_features "
+                                "(issue 10) in this tree")
+        from captioning import efficientnet_lite
+        self.model = efficientnet_lite.build_feature_extractor(weights="none", seed=SEED,
+                                                               quiet=True)
+        self.preprocess = efficientnet_lite.preprocess
+        self.decode = lambda path: extract_features.load_image(path, backbone=name)
+        self.extract_kwargs = {"backbone": name}
+
+
+def per_image(backbone, paths):
     """(a) the course notes' loop: one load_img and one model.predict per image."""
     import keras
-    from keras.applications.vgg16 import preprocess_input
-    from vgg16_build import IMAGE_SIZE
     for path in paths:
         image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=IMAGE_SIZE))
-        model.predict(preprocess_input(image.reshape((1, *image.shape))), verbose=0)
+        backbone.model.predict(backbone.preprocess(image.reshape((1, *image.shape))), verbose=0)
 
 
-def extract(model, predict, paths, batch_size, workers):
+def extract(backbone, predict, paths, batch_size, workers):
     """(b) extract_features.extract, exactly as the CLI runs it (without the progress bar)."""
-    extract_features.extract(model, paths, batch_size=batch_size, workers=workers, predict=predict)
+    extract_features.extract(backbone.model, paths, batch_size=batch_size, workers=workers,
+                             predict=predict, **backbone.extract_kwargs)
 
 
 def ceiling(predict, tensors, batch_size):
@@ -78,16 +109,16 @@ def timed(fn, *args):
     return time.perf_counter() - start
 
 
-def make_runtimes(model):
+def make_runtimes(model, fingerprint):
     """{name: predict} for tf and both OpenVINO hints (when installed), and auto's choice."""
     runtimes = {"tf": runtime.make_predict_fn(model, "tf")}
     if runtime.openvino_installed():
         for hint in ("LATENCY", "THROUGHPUT"):
             runtimes[f"openvino {hint}"] = runtime.make_predict_fn(
-                model, "openvino", fingerprint=FINGERPRINT, hint=hint)
+                model, "openvino", fingerprint=fingerprint, hint=hint)
     else:
         print("openvino is not installed: only tf is measured", file=sys.stderr)
-    auto = runtime.make_predict_fn(model, "auto", fingerprint=FINGERPRINT)
+    auto = runtime.make_predict_fn(model, "auto", fingerprint=fingerprint)
     auto_name = "tf" if auto.runtime == "tf" else f"openvino {runtime.PERFORMANCE_HINT}"
     return runtimes, auto_name
 
@@ -106,6 +137,8 @@ def check_agreement(runtimes, tensors):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backbone", default="vgg16", choices=["vgg16", "lite0"],
+                        help="network measured (random, seeded weights)")
     parser.add_argument("--images", default=str(IMAGES), help="folder of images")
     parser.add_argument("--n-images", type=int, default=N_IMAGES, help="images to time (first N)")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating chunks")
@@ -114,20 +147,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import tensorflow as tf
-    from vgg16_build import build_feature_extractor
 
     paths = extract_features.list_images(args.images)[:args.n_images]
     if len(paths) < args.rounds:
         raise PipelineError(f"need at least {args.rounds} images in {args.images}")
-    model = build_feature_extractor(weights=None, seed=SEED, quiet=True)
-    tensors = np.stack([extract_features.load_image(p) for p in paths])
-    runtimes, auto_name = make_runtimes(model)
+    backbone = Backbone(args.backbone)
+    tensors = np.stack([backbone.decode(p) for p in paths])
+    runtimes, auto_name = make_runtimes(backbone.model, backbone.fingerprint)
     errors = check_agreement(runtimes, tensors[:args.batch_size])
 
     # warm-up: every method once, so tracing and first-call allocation are not timed
-    per_image(model, paths[:2])
+    per_image(backbone, paths[:2])
     for predict in runtimes.values():
-        extract(model, predict, paths[:args.batch_size], args.batch_size, args.workers)
+        extract(backbone, predict, paths[:args.batch_size], args.batch_size, args.workers)
         ceiling(predict, tensors[:args.batch_size], args.batch_size)
         ceiling(predict, tensors[:1], 1)
 
@@ -137,9 +169,9 @@ def main(argv=None):
     chunks = np.array_split(np.arange(len(paths)), args.rounds)
     for index, chunk in enumerate(chunks, 1):
         chunk_paths = [paths[i] for i in chunk]
-        seconds["per_image"] += timed(per_image, model, chunk_paths)
+        seconds["per_image"] += timed(per_image, backbone, chunk_paths)
         for name, predict in runtimes.items():
-            seconds[name, "b"] += timed(extract, model, predict, chunk_paths, args.batch_size,
+            seconds[name, "b"] += timed(extract, backbone, predict, chunk_paths, args.batch_size,
                                         args.workers)
             seconds[name, "c"] += timed(ceiling, predict, tensors[chunk], args.batch_size)
             seconds[name, "d"] += timed(ceiling, predict, tensors[chunk], 1)
@@ -151,7 +183,7 @@ def main(argv=None):
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     print(f"machine: {platform.node()} {cpu}, {os.cpu_count()} CPUs ({simd}), TF {tf.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f} at the end; VGG16 fc2 (random weights); {n} "
+          f"load average {os.getloadavg()[0]:.1f} at the end; {args.backbone} (random weights); {n} "
           f"images from {args.images}; batch {args.batch_size}, {args.workers} decode threads, "
           f"{args.rounds} rounds")
     print("| method | runtime | seconds | img/s | max rel. error vs tf |")
