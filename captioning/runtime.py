@@ -36,6 +36,7 @@ Files written: the conversion cache, beside Keras's own cache:
   made in a temporary folder and not kept.
 Files read: that cache.
 """
+import functools
 import hashlib
 import importlib.util
 import json
@@ -309,9 +310,21 @@ def build_cache(keras_model, folder):
     return data
 
 
+@functools.lru_cache(maxsize=None)
+def openvino_core():
+    """The process's one ov.Core, kept for the life of the process.
+
+    Why kept: the CPU plugin installs an alternate signal stack on the thread that first
+    compiles; when the last Core goes away the plugin is unloaded and that stack with it, and
+    the next signal (Ctrl-C, SIGTERM: extract_features' checkpoint-on-kill) crashes the process
+    with a segmentation fault (seen with openvino 2026.4.1; tests/test_runtime.py checks it).
+    """
+    return import_openvino().Core()
+
+
 def compile_ir(ov, data, hint):
     """Compile IR bytes for DEVICE with the precision and performance hints."""
-    core = ov.Core()
+    core = openvino_core()
     model = core.read_model(model=data["model.xml"], weights=data["model.bin"])
     return core.compile_model(model, DEVICE, {"PERFORMANCE_HINT": hint,
                                               "INFERENCE_PRECISION_HINT": PRECISION})

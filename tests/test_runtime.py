@@ -250,7 +250,7 @@ def test_extract_features_runtime_flag(tmp_path, monkeypatch, capsys):
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
     model = tiny_224()
-    monkeypatch.setattr(ef, "build_model", lambda weights, seed=0: model)
+    monkeypatch.setattr(ef, "build_model", lambda weights, *args, **kwargs: model)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     outputs = {}
     for choice in ("tf", "openvino"):
@@ -266,6 +266,40 @@ def test_extract_features_runtime_flag(tmp_path, monkeypatch, capsys):
     stacked = {k: np.stack([v[i] for i in sorted(v)]) for k, v in outputs.items()}
     assert within_tolerance(stacked["openvino"], stacked["tf"])
     assert len(list((tmp_path / "keras" / "openvino").iterdir())) == 1  # beside Keras's cache
+
+
+SIGNAL_AFTER_OPENVINO = r"""
+import gc, os, signal, sys
+import numpy as np
+import keras
+from captioning import runtime
+inputs = keras.Input((8, 8, 3))
+model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+runtime.PROBE_RTOL = -1.0          # OpenVINO "disagrees": auto compiles twice, then falls back
+for attempt in range(2):
+    predict = runtime.make_predict_fn(model, "auto", cache_dir=sys.argv[1])
+    assert predict.runtime == "tf"
+gc.collect()                       # every OpenVINO object of ours is gone now
+predict(np.ones((4, 8, 8, 3), np.float32))
+
+def interrupt(signum, frame):      # what extract_features does with SIGTERM
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, interrupt)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+except KeyboardInterrupt:
+    print("interrupted cleanly")
+"""
+
+
+@needs_openvino
+def test_a_signal_after_openvino_is_handled_not_a_crash(tmp_path):
+    """OpenVINO's CPU plugin leaves an alternate signal stack behind; unloading the plugin
+    (when its last Core goes) turned the next Ctrl-C or SIGTERM into a segmentation fault."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_OPENVINO, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "interrupted cleanly" in result.stdout, result.returncode
 
 
 # -- telemetry ---------------------------------------------------------------------------------
