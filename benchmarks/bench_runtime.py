@@ -26,8 +26,6 @@ largest (c) of all runtimes. Reads the images; writes only the OpenVINO conversi
 ($KERAS_HOME/openvino, see captioning/runtime.py).
 """
 import argparse
-import importlib.util
-import inspect
 import os
 import platform
 import sys
@@ -57,20 +55,16 @@ class Backbone:
     preprocessing, the extractor's decode function and the extra arguments extract() takes."""
 
     def __init__(self, name):
-        self.name, self.fingerprint = name, f"{name} random seed={SEED}"
+        # the key extract_features.py --weights none gives its conversion: the same cache
+        self.name = name
+        self.fingerprint = f"{extract_features.weights_fingerprint(None, SEED, name)}; {name}"
         if name == "vgg16":
-            self.fingerprint = f"random seed={SEED}; layer=fc2"  # extract_features.py's, same cache
             from keras.applications.vgg16 import preprocess_input
             from vgg16_build import build_feature_extractor
             self.model = build_feature_extractor(weights=None, seed=SEED, quiet=True)
             self.preprocess, self.decode, self.extract_kwargs = (
                 preprocess_input, extract_features.load_image, {})
             return
-        # Lite0 comes with issue 10 (captioning/efficientnet_lite.py, extract --backbone)
-        if (importlib.util.find_spec("captioning.efficientnet_lite") is None
-                or "backbone" not in inspect.signature(extract_features.extract).parameters):
-            raise PipelineError("--backbone lite0 needs EfficientNet-Lite0 in extract_features "
-                                "(issue 10) in this tree")
         from captioning import efficientnet_lite
         self.model = efficientnet_lite.build_feature_extractor(weights="none", seed=SEED,
                                                                quiet=True)

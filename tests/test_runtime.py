@@ -7,7 +7,6 @@ back to TF; and no OpenVINO telemetry leaves the machine. Most tests use a tiny 
 net; one converts the real (random-weight) VGG16 fc2 extractor. Tests that need OpenVINO are
 skipped, with the reason, where the openvino package is not installed.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -221,8 +220,6 @@ def test_vgg16_fc2_on_openvino_equals_tf(tmp_path):
 
 
 @needs_openvino
-@pytest.mark.skipif(importlib.util.find_spec("captioning.efficientnet_lite") is None,
-                    reason="captioning/efficientnet_lite.py (issue 10) is not in this tree yet")
 def test_lite0_pooled_and_grid_on_openvino_equal_tf(tmp_path):
     from captioning import efficientnet_lite
     model = efficientnet_lite.build_feature_extractor(weights="none", output="both", quiet=True)
