@@ -30,6 +30,8 @@ Writes:
       D = 4096 (VGG16) or 1280 (Lite0) (1-D, not the tutorial's (1, D); load_features accepts
       both, and float16), image_id = file name without extension. Written atomically once the
       run is complete.
+  $KERAS_HOME/openvino/<key>/ (default ~/.keras/openvino/): with --runtime auto|openvino and the
+      openvino package installed, the network converted once to OpenVINO IR (captioning/runtime.py).
   FILE.partial: checkpoint while running ({"fingerprint": ..., "features": {...}}), rewritten
       atomically every --checkpoint-every images and on Ctrl-C/SIGTERM; deleted at the end.
   --spatial G.h5 (optional): the last convolutional grid of every image, float16, HDF5. Layout
@@ -58,6 +60,7 @@ import numpy as np
 from captioning import encoders
 from captioning.features import load_features, load_pickle, save_features  # noqa: F401 (re-exported)
 from captioning.images import IMAGE_EXTENSIONS, list_images, load_rgb
+from captioning.runtime import RUNTIMES, make_predict_fn as make_runtime_predict_fn
 from captioning.spatial import SpatialFeatures, SpatialWriter
 from captioning.utils import (HelpFormatter, PipelineError, atomic_write, on_terminal, read_json,
                               run_cli, save_settings)
@@ -72,6 +75,7 @@ WORKERS = 2                 # decode/resize threads, overlapped with the forward
 PREFETCH_BATCHES = 2        # decoded batches kept ready ahead of the model (bounds memory)
 CHECKPOINT_EVERY = 512      # images between checkpoints of FILE.partial (~30 s of CPU work)
 RESIZE_FILTER = "bilinear"  # PIL filter for images that are not already 224x224
+RUNTIME = "auto"            # auto | tf | openvino: which runtime runs the network (captioning/runtime.py)
 
 
 def load_image(path, resize_filter=RESIZE_FILTER, backbone=BACKBONE):
@@ -82,19 +86,16 @@ def load_image(path, resize_filter=RESIZE_FILTER, backbone=BACKBONE):
     return encoder.preprocess(load_rgb(path, encoder.image_size, resize_filter))
 
 
-def make_predict_fn(model):
-    """numpy batch → numpy features, one graph call per batch.
+def make_predict_fn(model, runtime="tf", fingerprint=None):
+    """numpy batch → numpy features (a list for a [pooled, spatial] model), one call per batch,
+    on `runtime` (captioning.runtime: what auto picks, the cached OpenVINO conversion keyed by
+    the weights' `fingerprint`); its .runtime and .description say what runs.
 
-    model(x, training=False) on a fixed batch shape is as fast as predict_on_batch and a
+    tf is model(x, training=False): on a fixed batch shape as fast as predict_on_batch and a
     tf.function here (benchmarks/bench_extract.py measures the choices); no per-call Keras
     predict() machinery (callbacks, dataset adapters) runs.
     """
-    def predict(batch):
-        out = model(batch, training=False)
-        if isinstance(out, (list, tuple)):  # [pooled, spatial] models
-            return [np.asarray(o) for o in out]
-        return np.asarray(out)
-    return predict
+    return make_runtime_predict_fn(model, runtime, fingerprint=fingerprint)
 
 
 def decoded_in_order(paths, workers=WORKERS, prefetch=PREFETCH_BATCHES * BATCH_SIZE,
@@ -128,7 +129,7 @@ def decoded_in_order(paths, workers=WORKERS, prefetch=PREFETCH_BATCHES * BATCH_S
 
 
 def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=RESIZE_FILTER,
-            on_batch=None, progress=False, backbone=BACKBONE):
+            on_batch=None, progress=False, backbone=BACKBONE, predict=None):
     """Features of `paths` from `model`: a Keras model (224, 224, 3) -> (D,), or -> [(D,),
     (H, W, C)] (pooled and spatial); images are preprocessed for `backbone`.
 
@@ -139,7 +140,7 @@ def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=
     Every batch is padded to `batch_size` rows, so the model always sees one shape (one graph,
     and per-image results that do not depend on how many images were left over).
     """
-    predict = make_predict_fn(model)
+    predict = make_predict_fn(model) if predict is None else predict
     features, failures, seen = {}, [], {}
     batch_ids, batch_arrays, batch_failures = [], [], []
     bar = progress_bar(total=len(paths), unit="img", desc="features",
@@ -260,6 +261,10 @@ def main(argv=None):
     parser.add_argument("--resize-filter", default=RESIZE_FILTER,
                         choices=["nearest", "bilinear", "bicubic", "lanczos"],
                         help="PIL filter for images that are not 224x224")
+    parser.add_argument("--runtime", default=RUNTIME, choices=RUNTIMES,
+                        help="what runs the network: auto = tf if TensorFlow sees a GPU, else "
+                             "openvino if installed and equal to tf on a probe batch, else tf "
+                             "(captioning/runtime.py)")
     parser.add_argument("--overwrite", action="store_true",
                         help="ignore an existing output/checkpoint instead of continuing it")
     args = parser.parse_args(argv)
@@ -277,7 +282,8 @@ def main(argv=None):
     if note:
         print(f"note: {note}", file=sys.stderr)
     encoder = encoders.get(backbone)
-    fingerprint = (f"{weights_fingerprint(args.weights, args.seed, backbone)}; "
+    weights_id = weights_fingerprint(args.weights, args.seed, backbone)
+    fingerprint = (f"{weights_id}; "
                    f"resize={args.resize_filter}; preprocess={encoder.preprocess_name}; "
                    f"layer={encoder.pooled_layer}")
 
@@ -296,7 +302,7 @@ def main(argv=None):
     print(f"{len(paths)} images in {args.images}: {resumed} already done, {len(pending)} to go "
           f"({backbone})", file=sys.stderr)
 
-    failures, since_checkpoint, seconds = [], [0], 0.0
+    failures, since_checkpoint, seconds, runtime = [], [0], 0.0, "none (nothing to compute)"
 
     def checkpoint():
         save_partial(partial, fingerprint, done)
@@ -318,10 +324,12 @@ def main(argv=None):
         if pending:
             model = build_model(args.weights, args.seed, backbone,
                                 "both" if spatial is not None else "pooled")
+            predict = make_predict_fn(model, args.runtime, f"{weights_id}; {backbone}")
+            runtime = predict.description
             start = time.perf_counter()  # the rate below is extraction only, not the model build
             extract(model, pending, batch_size=args.batch_size, workers=args.workers,
                     resize_filter=args.resize_filter, on_batch=on_batch, progress=True,
-                    backbone=backbone)
+                    backbone=backbone, predict=predict)
             seconds = time.perf_counter() - start
     except BaseException:
         if since_checkpoint[0]:
@@ -345,7 +353,7 @@ def main(argv=None):
                   images=len(done), feature_shape=[width], width=width, grid=grid,
                   pooled_layer=encoder.pooled_layer,
                   spatial_layer=encoder.spatial_layer if spatial is not None else None,
-                  dtype="float32", seconds=round(seconds, 1),
+                  dtype="float32", seconds=round(seconds, 1), runtime_used=runtime,
                   skipped=[[p.name, reason] for p, reason in failures])
     if partial.exists():
         partial.unlink()
@@ -354,7 +362,7 @@ def main(argv=None):
     grids = f" and {grid[0]}x{grid[1]}x{grid[2]} grids -> {args.spatial}" if grid else ""
     print(f"summary: {len(done)} {backbone} features ({width} wide) -> {output}{grids}; "
           f"{computed} computed, {resumed} resumed, {len(failures)} skipped; {seconds:.1f} s, "
-          f"{rate:.1f} img/s")
+          f"{rate:.1f} img/s; runtime {runtime}")
     for path, reason in failures:
         print(f"  skipped {path.name}: {reason}")
     return 0

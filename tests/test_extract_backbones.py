@@ -55,6 +55,7 @@ def fake_encoder(monkeypatch, tiny_models):
         calls.append((backbone, output))
         return tiny_models[1] if output == "both" else tiny_models[0]
     monkeypatch.setattr(ef, "build_model", build)
+    monkeypatch.setattr(ef, "RUNTIME", "tf")  # runtimes are tests/test_runtime.py's subject
     return calls
 
 
@@ -152,14 +153,15 @@ def test_killed_spatial_run_resumes_to_the_same_files(folder, tmp_path, fake_enc
     assert run(folder, full, "--spatial", str(full / "g.h5")) == 0
     real_make, calls = ef.make_predict_fn, []
 
-    def make_killable(model):
-        predict = real_make(model)
+    def make_killable(model, *args, **kwargs):
+        predict = real_make(model, *args, **kwargs)
 
         def predict_then_maybe_die(batch):
             calls.append(1)
             if len(calls) == 3:  # SIGTERM during the third forward pass
                 os.kill(os.getpid(), signal.SIGTERM)
             return predict(batch)
+        predict_then_maybe_die.description = predict.description
         return predict_then_maybe_die
     monkeypatch.setattr(ef, "make_predict_fn", make_killable)
     assert run_cli(lambda argv: run(folder, resumed, "--spatial", str(resumed / "g.h5"))) == 130
@@ -247,7 +249,8 @@ def test_real_lite0_cli_matches_the_reference(tmp_path, flickr8k_dir, capsys):
     for name in names:
         os.symlink(flickr8k_dir / "Flicker8k_Dataset" / name, images / name)
     assert ef.main(["--images", str(images), "--output", str(tmp_path / "f.pkl"), "--backbone",
-                    "lite0", "--spatial", str(tmp_path / "g.h5"), "--batch-size", "4"]) == 0
+                    "lite0", "--spatial", str(tmp_path / "g.h5"), "--batch-size", "4",
+                    "--runtime", "tf"]) == 0
     assert "4 lite0 features (1280 wide)" in capsys.readouterr().out
     ours, reference = load_features(tmp_path / "f.pkl"), load_features(flickr8k_dir / "features_efficientnet_lite0.pkl")
     grids, grid, width, ids = read_grids(tmp_path / "g.h5")
@@ -268,7 +271,8 @@ def test_random_vgg16_spatial_grid(tmp_path, capsys):
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(images / f"p{i}.jpg")
     assert ef.main(["--images", str(images), "--output", str(tmp_path / "f.pkl"), "--weights",
-                    "none", "--spatial", str(tmp_path / "g.h5"), "--batch-size", "2"]) == 0
+                    "none", "--spatial", str(tmp_path / "g.h5"), "--batch-size", "2",
+                    "--runtime", "tf"]) == 0
     assert "RANDOM weights" in capsys.readouterr().err
     grids, grid, width, ids = read_grids(tmp_path / "g.h5")
     assert grid == (14, 14) and width == 512 and ids == ["p0", "p1"]

@@ -160,6 +160,7 @@ def test_extract_skips_bad_files_and_ignores_batch_layout(folder, tiny_model):
 def fake_vgg(monkeypatch, tiny_model):
     monkeypatch.setattr(ef, "build_model",
                         lambda weights, seed=0, backbone="vgg16", output="pooled": tiny_model)
+    monkeypatch.setattr(ef, "RUNTIME", "tf")  # runtimes are tests/test_runtime.py's subject
 
 
 def read_pickle(path):
@@ -193,14 +194,15 @@ def test_killed_run_resumes_to_the_same_file(folder, tmp_path, fake_vgg, monkeyp
     real_make = ef.make_predict_fn
     calls = []
 
-    def make_killable(model):
-        predict = real_make(model)
+    def make_killable(model, *args, **kwargs):
+        predict = real_make(model, *args, **kwargs)
 
         def predict_then_maybe_die(batch):
             calls.append(1)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGTERM)
             return predict(batch)
+        predict_then_maybe_die.description = predict.description
         return predict_then_maybe_die
     monkeypatch.setattr(ef, "make_predict_fn", make_killable)
     output = tmp_path / "resumed.pkl"
@@ -252,7 +254,7 @@ def test_real_cli_with_random_vgg16_end_to_end(tmp_path, capsys):
     Image.new("L", (100, 80), 90).save(folder / "photo3.png")
     output = tmp_path / "data" / "features.pkl"
     assert ef.main(["--images", str(folder), "--output", str(output), "--weights", "none",
-                    "--batch-size", "2"]) == 0
+                    "--batch-size", "2", "--runtime", "tf"]) == 0
     captured = capsys.readouterr()
     assert "RANDOM weights" in captured.err and "4 computed" in captured.out
     features = ef.load_features(output)
