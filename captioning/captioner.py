@@ -21,6 +21,7 @@ import extract_features
 import vgg16_build
 from captioning import decoding, encoders, models
 from captioning.images import resize_rgb
+from captioning.runtime import RUNTIME, make_predict_fn
 from captioning.utils import PipelineError
 
 WEIGHTS = "imagenet"    # VGG16 weights of the default encoder: imagenet | none | path to .h5/.keras
@@ -36,20 +37,35 @@ class KerasEncoder:
     batch_size images (fewer for a short list: a few photos need not cost a full batch).
     """
 
-    def __init__(self, build, size, preprocess, batch_size=extract_features.BATCH_SIZE):
+    def __init__(self, build, size, preprocess, batch_size=extract_features.BATCH_SIZE,
+                 runtime=RUNTIME, fingerprint=None):
+        """runtime, fingerprint: captioning.runtime.make_predict_fn's (auto: OpenVINO on a CPU
+        when installed and equal to TF, cached under the weights' fingerprint; else TF)."""
         self.build, self.size, self.preprocess, self.batch_size = build, size, preprocess, batch_size
-        self._predict = self._width = None
+        self.runtime, self.fingerprint = runtime, fingerprint
+        self._extractor = self._predict = self._width = None
+
+    def _built(self):
+        if self._extractor is None:
+            self._extractor = self.build()
+            self._width = int(self._extractor.outputs[0].shape[-1])
+        return self._extractor
 
     def _ready(self):
+        # the runtime (and a first OpenVINO conversion) only once images are to be encoded:
+        # a width mismatch is found without it
         if self._predict is None:
-            extractor = self.build()
-            self._width = int(extractor.outputs[0].shape[-1])
-            self._predict = extract_features.make_predict_fn(extractor)
+            self._predict = make_predict_fn(self._built(), self.runtime, fingerprint=self.fingerprint)
         return self._predict
 
     @property
+    def runtime_used(self):
+        """What runs the network ("tf 2.21.0", "openvino 2026.4.1 CPU f32 LATENCY", ...)."""
+        return self._ready().description
+
+    @property
     def width(self):
-        self._ready()
+        self._built()
         return self._width
 
     def __call__(self, images):
@@ -63,7 +79,7 @@ class KerasEncoder:
         return np.concatenate(out).astype(np.float32)
 
 
-def backbone_encoder(backbone, weights=WEIGHTS):
+def backbone_encoder(backbone, weights=WEIGHTS, runtime=RUNTIME):
     """The encoder of `backbone` ("vgg16" or "lite0", captioning/encoders.py) with its resize
     and input scaling: what extract_features.py computes for the same picture."""
     encoder = encoders.get(backbone)
@@ -71,7 +87,10 @@ def backbone_encoder(backbone, weights=WEIGHTS):
     def build():
         return encoders.build(backbone, None if weights == "none" else weights, quiet=True)
 
-    return KerasEncoder(build, encoder.image_size, encoder.preprocess)
+    # extract_features.py's cache key for the same network, so both share one conversion
+    fingerprint = f"{extract_features.weights_fingerprint(weights, extract_features.SEED, backbone)}; {backbone}"
+    return KerasEncoder(build, encoder.image_size, encoder.preprocess, runtime=runtime,
+                        fingerprint=fingerprint)
 
 
 def vgg16_encoder(weights=WEIGHTS):

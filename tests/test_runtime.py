@@ -234,6 +234,26 @@ def test_lite0_pooled_and_grid_on_openvino_equal_tf(tmp_path):
     assert all(within_tolerance(o, t) for o, t in zip(ov_out, tf_out))
 
 
+@needs_openvino
+def test_the_applications_encoder_runs_on_the_same_runtime(tmp_path, monkeypatch):
+    """generate_caption, caption_video and serve.py encode photos through
+    captioner.backbone_encoder: auto picks OpenVINO there too, under extract_features.py's cache
+    key, and its features equal TF's within the tolerance."""
+    from captioning.captioner import backbone_encoder
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    rng = np.random.default_rng(4)
+    photos = [Image.fromarray(rng.integers(0, 256, (150 + 10 * i, 200, 3), dtype=np.uint8))
+              for i in range(3)]
+    tf_encoder, auto_encoder = (backbone_encoder("lite0", "none", runtime=r) for r in ("tf", "auto"))
+    assert auto_encoder.width == 1280 and auto_encoder._predict is None   # width: no conversion yet
+    want, got = tf_encoder(photos), auto_encoder(photos)
+    assert tf_encoder.runtime_used.startswith("tf ") and auto_encoder.runtime_used.startswith("openvino ")
+    assert got.shape == want.shape == (3, 1280) and np.abs(want).max() > 0
+    assert within_tolerance(got, want)
+    assert auto_encoder.fingerprint == f"{ef.weights_fingerprint('none', ef.SEED, 'lite0')}; lite0"
+    assert len(list((tmp_path / "keras" / "openvino").iterdir())) == 1
+
+
 def tiny_224(seed=1):
     """extract_features needs 224x224 inputs; same tiny net at that size."""
     return tiny_net(seed, size=224)
