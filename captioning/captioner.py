@@ -18,7 +18,6 @@ Reads the run folder and tokenizer.json; writes nothing.
 import numpy as np
 
 import extract_features
-import vgg16_build
 from captioning import decoding, encoders, models
 from captioning.images import resize_rgb
 from captioning.runtime import RUNTIME, make_predict_fn
