@@ -3,13 +3,14 @@
 Usage:
     python train_scst.py --init models/merge --features ../shared/flickr8k/features_efficientnet_lite0.pkl \\
         --data-dir data --output-dir models [--name merge-scst] [--epochs 10] [--samples 5]
-        [--batch-images 50] [--learning-rate 5e-5] [--patience 3] [--seed 1]
+        [--batch-images 50] [--learning-rate 5e-5] [--baseline mean|greedy] [--patience 3] [--seed 1]
 
 Fine-tunes the model of a train.py run folder (--init) with SCST (Rennie et al. 2017): for each
 batch of training images, the fast decoder produces the greedy caption and --samples sampled
-captions per image; reward = CIDEr-D(sample) - CIDEr-D(greedy) against the image's 5 training
-captions; loss = -mean(reward x log p(sample)), the log-probabilities coming from one batched
-forward pass of the Keras model on the sampled tokens. The reward's CIDEr-D document
+captions per image; each sample's advantage is its CIDEr-D against the image's 5 training
+captions minus a baseline (--baseline: the mean of the image's other samples, Luo 2020, or the
+greedy caption's, Rennie et al.); loss = -mean(advantage x log p(sample)), the log-probabilities
+coming from one batched forward pass of the Keras model on the sampled tokens. The reward's CIDEr-D document
 frequencies come from the training references and are computed once (captioning.coco_metrics.
 CiderD). After every epoch the dev split is captioned greedily and scored with CIDEr-D (COCO
 convention, document frequencies from the dev references); model.keras keeps the best epoch,
@@ -61,7 +62,7 @@ HISTORY_FIELDS = ["epoch", "sample_reward", "greedy_reward", "loss", "dev_cider_
                   "dev_distinct_captions", "dev_vocabulary_used", "seconds", "cpu_seconds"]
 # settings that must match for a rerun to continue the run in its folder
 RESUME_KEYS = ("init", "init_sha256", "features_sha256", "tokenizer_sha256", "samples",
-               "batch_images", "learning_rate", "seed")
+               "batch_images", "learning_rate", "baseline", "seed")
 
 
 def parse_args(argv):
@@ -76,12 +77,18 @@ def parse_args(argv):
     p.add_argument("--samples", type=int, default=scst.SAMPLES, help="sampled captions per image per update")
     p.add_argument("--batch-images", type=int, default=scst.BATCH_IMAGES, help="images per update")
     p.add_argument("--learning-rate", type=float, default=scst.LEARNING_RATE, help="Adam")
+    p.add_argument("--baseline", choices=scst.BASELINES, default=scst.BASELINE,
+                   help="what a sample's CIDEr-D is compared with: the mean of the image's other "
+                        "samples (Luo 2020) or the greedy caption's (Rennie et al. 2017)")
     p.add_argument("--patience", type=int, default=PATIENCE, help="early stopping on dev CIDEr-D, in epochs")
     p.add_argument("--seed", type=int, default=SEED, help="same seed, same run")
     args = p.parse_args(argv)
     for name in ("epochs", "samples", "batch_images", "patience"):
         if getattr(args, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.baseline == "mean" and args.samples < 2:
+        raise PipelineError("--baseline mean compares each sample with the image's others: "
+                            "--samples must be at least 2")
     if not args.learning_rate > 0:
         raise PipelineError("--learning-rate must be positive")
     return args
@@ -153,7 +160,7 @@ def main(argv=None):
     settings = {"init": str(named_dir), "init_sha256": sha256_file(init_dir / models.MODEL_FILE),
                 "features_sha256": sha256_file(args.features), "tokenizer_sha256": config["tokenizer_sha256"],
                 "samples": args.samples, "batch_images": args.batch_images,
-                "learning_rate": args.learning_rate, "seed": args.seed}
+                "learning_rate": args.learning_rate, "baseline": args.baseline, "seed": args.seed}
 
     training.seed_everything(args.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +201,7 @@ def main(argv=None):
         return 0
 
     trainer = scst.Trainer(model, config, tokenizer, matrix, row_of_id, splits["train"], rewards,
-                           model.optimizer, args.samples, args.batch_images)
+                           model.optimizer, args.samples, args.batch_images, args.baseline)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         rng = np.random.default_rng([args.seed, epoch])     # per epoch: a resumed run draws the same
         stats = trainer.epoch(rng, lambda it: progress(it, desc=f"SCST epoch {epoch}", unit="batch"))

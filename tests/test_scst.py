@@ -113,6 +113,19 @@ def test_reward_references_are_ids_with_endseq_and_refuse_empty_captions():
         scst.reward_references({}, ["z"], tokenizer)
 
 
+def test_advantages_of_both_baselines_on_hand_made_rewards():
+    # 2 images x 3 samples; greedy rewards 0.5 and 0.0
+    rewards = [0.2, 0.5, 0.8, 0.0, 0.3, 0.0]
+    greedy = scst.advantages(rewards, np.array([0.5, 0.0]), 3, "greedy")
+    np.testing.assert_allclose(greedy, [-0.3, 0.0, 0.3, 0.0, 0.3, 0.0], atol=1e-7)
+    # mean of the image's other samples: image 1 -> 0.2 - 0.65, 0.5 - 0.5, 0.8 - 0.35
+    mean = scst.advantages(rewards, np.array([0.5, 0.0]), 3, "mean")
+    np.testing.assert_allclose(mean, [-0.45, 0.0, 0.45, -0.15, 0.3, -0.15], atol=1e-7)
+    assert abs(mean[:3].sum()) < 1e-7 and abs(mean[3:].sum()) < 1e-7    # zero mean per image
+    with pytest.raises(PipelineError, match="at least 2"):
+        scst.advantages([0.1, 0.2], np.array([0.0, 0.0]), 1, "mean")
+
+
 # ---- the stage on a tiny model ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
