@@ -1,0 +1,592 @@
+"""The two captioners that read a spatial grid per image: soft attention and a Transformer.
+
+Owns the model maths of variants "attention" (Show, Attend and Tell, Xu et al. 2015, soft
+attention) and "transformer" (an encoder over the grid cells and a causal decoder over words,
+as in the Keras "image captioning" example), their one-step decoders for greedy/beam search,
+the per-word attention weights for maps, and the checks that a features array is a grid of the
+size a model was built for. Reads and writes no files: callers save/load the Keras models (the
+custom layers below are registered, so keras.models.load_model restores them).
+
+Inputs of both training models (layer names fixed, decoders look layers up by name):
+    image_input    (B, G, C) float32: G grid cells of C channels, e.g. EfficientNet-Lite0
+                   7x7x1280 -> G 49, C 1280; VGG16 block5_conv3 14x14x512 -> G 196, C 512.
+                   G and C come from the features file; the model records them in its input.
+    caption_input  (B, T) int32 token ids, 0 = padding after the caption (any T).
+Output "output": (B, T, V) softmax; output[:, t] is the distribution of token t+1 given
+tokens 0..t (teacher forcing). Both decoders are causal, so running the model on a prefix and
+taking the last step is the course's re-run-the-prefix decoding (prefix_greedy, the reference).
+
+Decoding (grid_step_fns) follows the project's step interface: init_fn(grid (N, G, C)) -> states,
+step_fn(states, last_ids) -> (log_probs (N, V), new_states), states a tuple of numpy arrays whose
+first axis is the partial caption. Each caption's image is carried as its row number into the
+batch that init_fn encoded (kept by the closure), so beam search reorders an int per caption
+instead of copying grids. The step calls the very layers of the training model (one source of
+truth for the maths), compiled with tf.function.
+    attention:   states (rows, h, c): the LSTM state is carried.
+    transformer: states (rows, k_0, v_0, k_1, v_1, ...): a key/value cache of every decoder
+                 block's self-attention, (N, t, heads, key_dim) each; the cross-attention keys
+                 and values of the grid are projected once per image by init_fn.
+"""
+import numpy as np
+
+from captioning.utils import PipelineError
+
+VARIANTS = ("attention", "transformer")
+
+# ---- defaults (the train.py options of these variants show them) ----
+EMBED_DIM = 256          # attention: word vector size (and the deep output's width)
+UNITS = 512              # attention: LSTM units
+ANNOTATION_DIM = 512     # attention: grid cells are projected to this width (the paper's a_i)
+ATTENTION_DIM = 256      # attention: width of the additive attention's hidden layer
+PENALTY = 1.0            # attention: lambda of the doubly stochastic penalty (paper: 1)
+DROPOUT = 0.5            # attention: on the projected grid, the word vectors and the deep output
+D_MODEL = 256            # transformer: width of every token and grid cell
+HEADS = 4                # transformer: attention heads (key_dim = D_MODEL / HEADS)
+ENCODER_LAYERS = 1       # transformer: blocks over the grid cells
+DECODER_LAYERS = 2       # transformer: blocks over the words
+FF_DIM = 1024            # transformer: hidden width of the feed-forward sublayers
+TRANSFORMER_DROPOUT = 0.1
+
+PACKAGE = "captioning"   # Keras registry package of the custom layers (saved in model.keras)
+
+
+def _keras():
+    """Keras and its TF backend are heavy imports: loaded on first use, not at import."""
+    import keras
+    return keras
+
+
+# ---- input checks -----------------------------------------------------------------------------
+def grid_shape(model):
+    """(G, C) the model was built for, read from its image_input."""
+    shape = model.get_layer("image_input").output.shape if hasattr(model, "get_layer") else model
+    return int(shape[-2]), int(shape[-1])
+
+
+def check_grid(features_shape, expected, where, variant="attention"):
+    """PipelineError (one line, naming `where` and both shapes) unless features are (N, G, C).
+
+    features_shape: shape of the features array (N, G, C), or of one image's grid (G, C) /
+    pooled vector (D,) when given with a leading N of 1. expected: (G, C) of the model.
+    """
+    shape = tuple(int(s) for s in features_shape)
+    expected = tuple(int(s) for s in expected)
+    if len(shape) == 2:
+        raise PipelineError(f"{variant} model needs a spatial grid (N, G, C) = (N, {expected[0]}, "
+                            f"{expected[1]}) but got pooled features {shape}; extract a grid with "
+                            f"extract_features.py --spatial ({where})")
+    if len(shape) != 3 or shape[1:] != expected:
+        raise PipelineError(f"grid of shape {shape} does not fit the {variant} model, which was "
+                            f"trained on (N, {expected[0]}, {expected[1]}) grids ({where})")
+
+
+def attention_penalty(alphas, mask):
+    """Xu et al.'s doubly stochastic penalty per caption: sum_i (1 - sum_t alpha_ti)^2.
+
+    alphas (B, T, G): attention weights per word t over grid cells i; mask (B, T): 1 for the
+    caption's real words (padding steps do not count). Returns (B,). keras.ops, any backend.
+    """
+    ops = _keras().ops
+    mask = ops.cast(mask, alphas.dtype)
+    coverage = ops.sum(alphas * ops.expand_dims(mask, -1), axis=1)          # (B, G)
+    return ops.sum(ops.square(1.0 - coverage), axis=-1)
+
+
+# ---- custom layers ----------------------------------------------------------------------------
+def _register(cls):
+    return _keras().saving.register_keras_serializable(package=PACKAGE)(cls)
+
+
+def _layer_classes():
+    """Define (once) and return the custom layer classes; Keras is imported only here."""
+    if _LAYERS:
+        return _LAYERS
+    keras = _keras()
+    ops, layers = keras.ops, keras.layers
+
+    @_register
+    class PositionEmbedding(layers.Layer):
+        """Adds a learned vector per position: x[:, t] + table[start + t] (positions < length)."""
+
+        def __init__(self, length, **kwargs):
+            super().__init__(**kwargs)
+            self.length = int(length)
+
+        def build(self, input_shape):
+            self.table = self.add_weight(shape=(self.length, int(input_shape[-1])),
+                                         initializer="glorot_uniform", name="table")
+
+        def call(self, x, start=0):
+            width = ops.shape(x)[1]
+            return x + ops.expand_dims(ops.slice(self.table, (start, 0), (width, self.table.shape[1])), 0)
+
+        def get_config(self):
+            return {**super().get_config(), "length": self.length}
+
+    @_register
+    class SoftAttentionLSTM(layers.Layer):
+        """Show, Attend and Tell's decoder core: an LSTM that attends over the annotations.
+
+        For each word t (teacher forcing: the input word vectors):
+            e_ti  = w . tanh(W_a a_i + b + W_h h_{t-1})          AdditiveAttention(use_scale)
+            alpha = softmax_i(e_t)                               context z = sum_i alpha_ti a_i
+            beta  = sigmoid(f_beta(h_{t-1}));  z <- beta * z     the paper's gating scalar
+            h_t, c_t = LSTMCell([word_t, z], (h_{t-1}, c_{t-1}))
+        with h_0, c_0 = tanh(Dense(mean_i a_i)) (two Dense layers). call returns the sequences
+        (h_t, z_t, alpha_t); in training it adds penalty * sum of attention_penalty over the
+        batch / number of real words to the loss (the paper's ratio to the summed caption
+        cross-entropy, since our cross-entropy is a mean per word).
+        """
+
+        def __init__(self, units, attention_dim, penalty=PENALTY, **kwargs):
+            super().__init__(**kwargs)
+            self.units, self.attention_dim, self.penalty = int(units), int(attention_dim), float(penalty)
+            self.key_dense = layers.Dense(self.attention_dim, name="key_dense")
+            self.query_dense = layers.Dense(self.attention_dim, use_bias=False, name="query_dense")
+            self.attention = layers.AdditiveAttention(use_scale=True, name="additive_attention")
+            self.gate_dense = layers.Dense(1, activation="sigmoid", name="gate_dense")
+            self.init_h = layers.Dense(self.units, activation="tanh", name="init_h")
+            self.init_c = layers.Dense(self.units, activation="tanh", name="init_c")
+            self.cell = layers.LSTMCell(self.units, name="lstm_cell")
+
+        def build(self, words_shape, annotations_shape, caption_mask_shape=None):
+            # every sublayer is built here: variables cannot be created inside the scan loop
+            width = int(annotations_shape[-1])
+            self.key_dense.build((None, None, width))
+            self.query_dense.build((None, self.units))
+            self.attention.build([(None, 1, self.attention_dim), (None, None, width),
+                                  (None, None, self.attention_dim)])
+            self.gate_dense.build((None, self.units))
+            self.init_h.build((None, width))
+            self.init_c.build((None, width))
+            self.cell.build((None, int(words_shape[-1]) + width))
+
+        def encode(self, annotations):
+            """(keys (B, G, attention_dim), h0, c0) of the annotations (B, G, A)."""
+            mean = ops.mean(annotations, axis=1)
+            return self.key_dense(annotations), self.init_h(mean), self.init_c(mean)
+
+        def step(self, word, h, c, keys, annotations):
+            """One word: (h_t, c_t, gated context z_t (B, A), alpha_t (B, G))."""
+            query = ops.expand_dims(self.query_dense(h), 1)
+            context, alpha = self.attention([query, annotations, keys], return_attention_scores=True)
+            context = self.gate_dense(h) * context[:, 0]
+            _, (h, c) = self.cell(ops.concatenate([word, context], axis=-1), [h, c])
+            return h, c, context, alpha[:, 0]
+
+        def call(self, words, annotations, caption_mask, training=False):
+            keys, h, c = self.encode(annotations)
+            batch, cells, width = ops.shape(annotations)[0], ops.shape(annotations)[1], annotations.shape[-1]
+            # keras.ops.scan on TF stacks outputs shaped like the carry, so the carry holds the
+            # outputs too: (h, c, z, alpha), each step's value being the new carry
+            init = (h, c, ops.zeros((batch, width), h.dtype), ops.zeros((batch, cells), h.dtype))
+
+            def body(carry, word):
+                out = self.step(word, carry[0], carry[1], keys, annotations)
+                return out, out
+
+            _, (hs, _, contexts, alphas) = ops.scan(body, init, ops.transpose(words, (1, 0, 2)))
+            hs, contexts, alphas = (ops.transpose(x, (1, 0, 2)) for x in (hs, contexts, alphas))
+            if training and self.penalty:
+                mask = ops.cast(caption_mask, alphas.dtype)
+                self.add_loss(self.penalty * ops.sum(attention_penalty(alphas, mask))
+                              / ops.maximum(ops.sum(mask), 1.0))
+            return hs, contexts, alphas
+
+        def compute_output_shape(self, words_shape, annotations_shape, caption_mask_shape=None):
+            b, t = words_shape[0], words_shape[1]
+            return (b, t, self.units), (b, t, annotations_shape[-1]), (b, t, annotations_shape[1])
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units,
+                    "attention_dim": self.attention_dim, "penalty": self.penalty}
+
+    def attend_projected(mha, query, key, value, scores=False):
+        """MultiHeadAttention on already-projected keys/values (B, S, heads, key_dim).
+
+        The same sublayers and _compute_attention that MultiHeadAttention.call uses (as KerasHub's
+        CachedMultiHeadAttention does); only the projection of key/value is skipped because it
+        is cached. Returns (output (B, T, d), weights (B, heads, T, S) or None).
+        """
+        out, weights = mha._compute_attention(mha.query_dense(query), key, value,
+                                              return_attention_scores=scores, training=False)
+        return mha.output_dense(out), weights
+
+    def feed_forward(block, x, training):
+        return block.ff_out(block.ff_dropout(block.ff_hidden(x), training=training))
+
+    @_register
+    class TransformerEncoderBlock(layers.Layer):
+        """Pre-norm Transformer block over grid cells: x + MHA(LN x); x + FFN(LN x)."""
+
+        def __init__(self, d_model, heads, ff_dim, dropout=0.0, **kwargs):
+            super().__init__(**kwargs)
+            self.d_model, self.heads, self.ff_dim, self.rate = int(d_model), int(heads), int(ff_dim), float(dropout)
+            self.norm1 = layers.LayerNormalization(epsilon=1e-5, name="norm1")
+            self.attention = layers.MultiHeadAttention(self.heads, self.d_model // self.heads, name="attention")
+            self.norm2 = layers.LayerNormalization(epsilon=1e-5, name="norm2")
+            self.ff_hidden = layers.Dense(self.ff_dim, activation="relu", name="ff_hidden")
+            self.ff_out = layers.Dense(self.d_model, name="ff_out")
+            self.dropout = layers.Dropout(self.rate)
+            self.ff_dropout = layers.Dropout(self.rate)
+
+        def build(self, x_shape):
+            shape = (None, None, self.d_model)
+            self.norm1.build(shape)
+            self.attention.build(shape, shape)
+            self.norm2.build(shape)
+            self.ff_hidden.build(shape)
+            self.ff_out.build((None, None, self.ff_dim))
+
+        def call(self, x, training=False):
+            n = self.norm1(x)
+            x = x + self.dropout(self.attention(n, n, training=training), training=training)
+            return x + self.dropout(feed_forward(self, self.norm2(x), training), training=training)
+
+        def get_config(self):
+            return {**super().get_config(), "d_model": self.d_model, "heads": self.heads,
+                    "ff_dim": self.ff_dim, "dropout": self.rate}
+
+    @_register
+    class TransformerDecoderBlock(TransformerEncoderBlock):
+        """Pre-norm decoder block: causal self-attention, cross-attention to the grid, FFN.
+
+        call(y, memory) runs whole captions (use_causal_mask); step(y_t, ...) runs one position
+        against cached keys/values. Both go through _block, so the wiring exists once.
+        """
+
+        def __init__(self, d_model, heads, ff_dim, dropout=0.0, **kwargs):
+            super().__init__(d_model, heads, ff_dim, dropout, **kwargs)
+            self.cross_norm = layers.LayerNormalization(epsilon=1e-5, name="cross_norm")
+            self.cross_attention = layers.MultiHeadAttention(self.heads, self.d_model // self.heads,
+                                                             name="cross_attention")
+
+        def build(self, y_shape, memory_shape=None):
+            super().build(y_shape)
+            shape = (None, None, self.d_model)
+            self.cross_norm.build(shape)
+            self.cross_attention.build(shape, shape)
+
+        def _block(self, y, self_attend, cross_attend, training):
+            y = y + self.dropout(self_attend(self.norm1(y)), training=training)
+            context, weights = cross_attend(self.cross_norm(y))
+            y = y + self.dropout(context, training=training)
+            y = y + self.dropout(feed_forward(self, self.norm2(y), training), training=training)
+            return y, weights
+
+        def call(self, y, memory, training=False):
+            y, _ = self._block(
+                y, lambda n: self.attention(n, n, use_causal_mask=True, training=training),
+                lambda n: (self.cross_attention(n, memory, training=training), None), training)
+            return y
+
+        def project_memory(self, memory):
+            """Cross-attention keys and values of the grid, (B, G, heads, key_dim) each."""
+            return self.cross_attention.key_dense(memory), self.cross_attention.value_dense(memory)
+
+        def step(self, y, past_k, past_v, memory_k, memory_v):
+            """One position y (N, 1, d) after cached (N, t, heads, key_dim) keys/values.
+
+            Returns (y_out, k, v (with this position appended), cross weights (N, heads, 1, G)).
+            Attending to every cached position is the causal mask of the last position.
+            """
+            cache = {}
+
+            def self_attend(n):
+                cache["k"] = ops.concatenate([past_k, self.attention.key_dense(n)], axis=1)
+                cache["v"] = ops.concatenate([past_v, self.attention.value_dense(n)], axis=1)
+                return attend_projected(self.attention, n, cache["k"], cache["v"])[0]
+
+            y, weights = self._block(
+                y, self_attend,
+                lambda n: attend_projected(self.cross_attention, n, memory_k, memory_v, scores=True),
+                False)
+            return y, cache["k"], cache["v"], weights
+
+    _LAYERS.update(PositionEmbedding=PositionEmbedding, SoftAttentionLSTM=SoftAttentionLSTM,
+                   TransformerEncoderBlock=TransformerEncoderBlock,
+                   TransformerDecoderBlock=TransformerDecoderBlock)
+    return _LAYERS
+
+
+_LAYERS = {}
+
+
+# ---- the two networks, written once for training and decoding ---------------------------------
+def _attention_annotations(parts, image, training=None):
+    """a_i: the grid cells projected to annotation_dim (Dense relu), with dropout."""
+    return parts["grid_dropout"](parts["grid_dense"](image), training=training)
+
+
+def _deep_output(parts, words, h, context, training=None):
+    """Xu et al.'s deep output: logits = L_o(E y_{t-1} + L_h h_t + L_z z_t)."""
+    keras = _keras()
+    hidden = keras.ops.add(keras.ops.add(words, parts["deep_h"](h)), parts["deep_z"](context))
+    return parts["logits"](parts["deep_dropout"](hidden, training=training))
+
+
+def _transformer_encode(parts, image, training=None):
+    """Grid (B, G, C) -> memory (B, G, d): projection + learned cell positions + encoder blocks."""
+    x = parts["grid_position"](parts["grid_dense"](image))
+    x = parts["grid_dropout"](x, training=training)
+    for block in _blocks(parts, "encoder_block"):
+        x = block(x, training=training)
+    return parts["encoder_norm"](x)
+
+
+def _transformer_words(parts, tokens, start=0, training=None):
+    y = parts["word_position"](parts["embedding"](tokens), start=start)
+    return parts["word_dropout"](y, training=training)
+
+
+def _blocks(parts, prefix):
+    blocks = sorted((name for name in parts if name.startswith(prefix + "_")),
+                    key=lambda name: int(name.rsplit("_", 1)[1]))
+    return [parts[name] for name in blocks]
+
+
+def _parts(model):
+    """{layer name: layer} of a built or loaded model."""
+    return {layer.name: layer for layer in model.layers}
+
+
+def build_attention_model(grid_size, grid_dim, vocab_size, embed_dim=EMBED_DIM, units=UNITS,
+                          annotation_dim=ANNOTATION_DIM, attention_dim=ATTENTION_DIM,
+                          dropout=DROPOUT, penalty=PENALTY):
+    """Show, Attend and Tell (soft) for grids (grid_size, grid_dim); see SoftAttentionLSTM.
+
+    Departures from the paper, each to fit 2 CPU cores: the grid is first projected to
+    annotation_dim (Dense relu; Lite0's 1280 channels would make the LSTM input 5x wider), and
+    the LSTM is one layer of `units`.
+    """
+    keras = _keras()
+    layers = keras.layers
+    classes = _layer_classes()
+    image = keras.Input((grid_size, grid_dim), name="image_input", dtype="float32")
+    tokens = keras.Input((None,), name="caption_input", dtype="int32")
+    parts = {
+        "grid_dense": layers.Dense(annotation_dim, activation="relu", name="grid_dense"),
+        "grid_dropout": layers.Dropout(dropout, name="grid_dropout"),
+        "embedding": layers.Embedding(vocab_size, embed_dim, name="embedding"),
+        "embed_dropout": layers.Dropout(dropout, name="embed_dropout"),
+        "decoder": classes["SoftAttentionLSTM"](units, attention_dim, penalty, name="decoder"),
+        "deep_h": layers.Dense(embed_dim, name="deep_h"),
+        "deep_z": layers.Dense(embed_dim, name="deep_z"),
+        "deep_dropout": layers.Dropout(dropout, name="deep_dropout"),
+        "logits": layers.Dense(vocab_size, name="logits"),
+    }
+    annotations = _attention_annotations(parts, image)
+    words = parts["embed_dropout"](parts["embedding"](tokens))
+    mask = keras.ops.not_equal(tokens, 0)
+    hs, contexts, _ = parts["decoder"](words, annotations, mask)
+    logits = _deep_output(parts, words, hs, contexts)
+    out = layers.Activation("softmax", name="output")(logits)
+    return keras.Model({"image_input": image, "caption_input": tokens}, out, name="caption_attention")
+
+
+def build_transformer_model(grid_size, grid_dim, vocab_size, max_length, d_model=D_MODEL,
+                            heads=HEADS, encoder_layers=ENCODER_LAYERS,
+                            decoder_layers=DECODER_LAYERS, ff_dim=FF_DIM,
+                            dropout=TRANSFORMER_DROPOUT):
+    """Transformer captioner: encoder blocks over the grid cells, causal decoder over words.
+
+    Grid cells are projected to d_model and get a learned position vector each (grid_size of
+    them); words get a learned position vector per position (max_length of them, meta.json's).
+    Pre-norm blocks (as nanoGPT), final LayerNorms, a linear "logits" layer and a softmax.
+    """
+    if d_model % heads:
+        raise PipelineError(f"--d-model {d_model} must be a multiple of --heads {heads}")
+    keras = _keras()
+    layers = keras.layers
+    classes = _layer_classes()
+    image = keras.Input((grid_size, grid_dim), name="image_input", dtype="float32")
+    tokens = keras.Input((None,), name="caption_input", dtype="int32")
+    parts = {
+        "grid_dense": layers.Dense(d_model, name="grid_dense"),
+        "grid_position": classes["PositionEmbedding"](grid_size, name="grid_position"),
+        "grid_dropout": layers.Dropout(dropout, name="grid_dropout"),
+        "encoder_norm": layers.LayerNormalization(epsilon=1e-5, name="encoder_norm"),
+        "embedding": layers.Embedding(vocab_size, d_model, name="embedding"),
+        "word_position": classes["PositionEmbedding"](max_length, name="word_position"),
+        "word_dropout": layers.Dropout(dropout, name="word_dropout"),
+        "decoder_norm": layers.LayerNormalization(epsilon=1e-5, name="decoder_norm"),
+        "logits": layers.Dense(vocab_size, name="logits"),
+    }
+    for i in range(encoder_layers):
+        parts[f"encoder_block_{i}"] = classes["TransformerEncoderBlock"](
+            d_model, heads, ff_dim, dropout, name=f"encoder_block_{i}")
+    for i in range(decoder_layers):
+        parts[f"decoder_block_{i}"] = classes["TransformerDecoderBlock"](
+            d_model, heads, ff_dim, dropout, name=f"decoder_block_{i}")
+    memory = _transformer_encode(parts, image)
+    y = _transformer_words(parts, tokens)
+    for block in _blocks(parts, "decoder_block"):
+        y = block(y, memory)
+    logits = parts["logits"](parts["decoder_norm"](y))
+    out = layers.Activation("softmax", name="output")(logits)
+    return keras.Model({"image_input": image, "caption_input": tokens}, out, name="caption_transformer")
+
+
+def build_grid_model(variant, grid_size, grid_dim, vocab_size, max_length, **options):
+    """build_attention_model or build_transformer_model by name; options are their keywords."""
+    if variant == "attention":
+        return build_attention_model(grid_size, grid_dim, vocab_size, **options)
+    if variant == "transformer":
+        return build_transformer_model(grid_size, grid_dim, vocab_size, max_length, **options)
+    raise PipelineError(f"unknown grid variant {variant!r} (choose from {', '.join(VARIANTS)})")
+
+
+def model_variant(model):
+    """'attention' or 'transformer' from a built/loaded model's layers."""
+    names = {layer.name for layer in model.layers}
+    if "decoder" in names:
+        return "attention"
+    if "decoder_block_0" in names:
+        return "transformer"
+    raise PipelineError(f"model {model.name!r} is neither an attention nor a transformer captioner")
+
+
+# ---- one-step decoding ------------------------------------------------------------------------
+def _attention_stepper(parts):
+    import tensorflow as tf
+    keras = _keras()
+    ops = keras.ops
+    decoder = parts["decoder"]
+
+    @tf.function(reduce_retracing=True)
+    def encode(grid):
+        annotations = _attention_annotations(parts, grid, training=False)
+        keys, h, c = decoder.encode(annotations)
+        return keys, annotations, h, c
+
+    @tf.function(reduce_retracing=True)
+    def step(rows, h, c, last_ids, keys, annotations):
+        keys, annotations = ops.take(keys, rows, axis=0), ops.take(annotations, rows, axis=0)
+        words = parts["embedding"](last_ids)
+        h, c, context, alpha = decoder.step(words, h, c, keys, annotations)
+        logits = _deep_output(parts, words, h, context, training=False)
+        return ops.log_softmax(logits, axis=-1), h, c, alpha
+
+    memory = {}
+
+    def init_fn(grid):
+        keys, annotations, h, c = encode(np.asarray(grid, dtype=np.float32))
+        memory.update(keys=keys, annotations=annotations)
+        return np.arange(len(h)), h.numpy(), c.numpy()
+
+    def raw_step(states, last_ids):
+        rows, h, c = states
+        log_probs, h, c, alpha = step(rows, h, c, np.asarray(last_ids, dtype=np.int32),
+                                      memory["keys"], memory["annotations"])
+        return log_probs.numpy(), (rows, h.numpy(), c.numpy()), alpha.numpy()
+
+    return init_fn, raw_step
+
+
+def _transformer_stepper(parts):
+    import tensorflow as tf
+    keras = _keras()
+    ops = keras.ops
+    blocks = _blocks(parts, "decoder_block")
+    heads = blocks[0].heads
+    key_dim = blocks[0].d_model // heads
+
+    @tf.function(reduce_retracing=True)
+    def encode(grid):
+        memory = _transformer_encode(parts, grid, training=False)
+        return [kv for block in blocks for kv in block.project_memory(memory)]
+
+    @tf.function(reduce_retracing=True)
+    def step(rows, cache, last_ids, memory):
+        position = ops.shape(cache[0])[1]
+        y = _transformer_words(parts, ops.expand_dims(last_ids, 1), start=position, training=False)
+        new_cache = []
+        for i, block in enumerate(blocks):
+            y, k, v, weights = block.step(y, cache[2 * i], cache[2 * i + 1],
+                                          ops.take(memory[2 * i], rows, axis=0),
+                                          ops.take(memory[2 * i + 1], rows, axis=0))
+            new_cache += [k, v]
+        logits = parts["logits"](parts["decoder_norm"](y[:, 0]))
+        # the map of a word: the last block's cross-attention, averaged over its heads
+        return ops.log_softmax(logits, axis=-1), new_cache, ops.mean(weights[:, :, 0], axis=1)
+
+    memory = {}
+
+    def init_fn(grid):
+        memory["kv"] = encode(np.asarray(grid, dtype=np.float32))
+        n = len(grid)
+        empty = np.zeros((n, 0, heads, key_dim), np.float32)
+        return (np.arange(n),) + tuple(empty.copy() for _ in range(2 * len(blocks)))
+
+    def raw_step(states, last_ids):
+        rows, cache = states[0], list(states[1:])
+        log_probs, cache, weights = step(rows, cache, np.asarray(last_ids, dtype=np.int32), memory["kv"])
+        return log_probs.numpy(), (rows,) + tuple(x.numpy() for x in cache), weights.numpy()
+
+    return init_fn, raw_step
+
+
+def raw_step_fns(model):
+    """(init_fn, raw_step) where raw_step also returns the step's attention weights (N, G)."""
+    parts = _parts(model)
+    variant = model_variant(model)
+    return (_attention_stepper if variant == "attention" else _transformer_stepper)(parts)
+
+
+def grid_step_fns(model):
+    """(init_fn(grid (N, G, C)) -> states, step_fn(states, last_ids) -> (log_probs, states))."""
+    init_fn, raw_step = raw_step_fns(model)
+
+    def step_fn(states, last_ids):
+        log_probs, states, _ = raw_step(states, last_ids)
+        return log_probs, states
+
+    return init_fn, step_fn
+
+
+def attention_weights(model, grid, ids, start_id):
+    """Per-word attention over the grid for captions already decoded: (N, len(ids[0]), G).
+
+    ids: (N, L) generated ids (after startseq); the weights of word t are those the model used
+    while predicting it (fed startseq, ids[:t]). For maps: reshape G to the grid's rows x cols.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    init_fn, raw_step = raw_step_fns(model)
+    states = init_fn(grid)
+    last = np.full(len(ids), start_id, dtype=np.int64)
+    maps = []
+    for t in range(ids.shape[1]):
+        _, states, weights = raw_step(states, last)
+        maps.append(weights)
+        last = ids[:, t]
+    return np.stack(maps, axis=1)
+
+
+def prefix_greedy(model, grid, start_id, end_id, max_length, banned_ids=(), batch=64):
+    """The re-run-the-whole-prefix loop, N images at once: the reference decoder for tests.
+
+    Every step runs the full training model (encoder included) on (grid, startseq + words so
+    far) and takes the last position's distribution; no state is carried. Returns N lists of
+    generated ids, with the same rules as greedy decoding (banned ids never chosen, at most
+    max_length - 1 tokens, a caption stops at end_id).
+    """
+    grid = np.asarray(grid, dtype=np.float32)
+    out = []
+    for lo in range(0, len(grid), batch):
+        images = grid[lo:lo + batch]
+        prefix = np.full((len(images), 1), start_id, dtype=np.int32)
+        done = np.zeros(len(images), bool)
+        captions = [[] for _ in images]
+        for _ in range(max_length - 1):
+            probs = model.predict_on_batch({"image_input": images, "caption_input": prefix})
+            probs = np.array(probs[:, -1], dtype=np.float64)
+            probs[:, list(banned_ids)] = -1.0
+            words = np.argmax(probs, axis=1)
+            for row in np.flatnonzero(~done):
+                captions[row].append(int(words[row]))
+            done |= words == end_id
+            if done.all():
+                break
+            prefix = np.concatenate([prefix, words[:, None].astype(np.int32)], axis=1)
+        out.extend(captions)
+    return out
