@@ -3,8 +3,8 @@
 Owns the model maths of variants "attention" (Show, Attend and Tell, Xu et al. 2015, soft
 attention) and "transformer" (an encoder over the grid cells and a causal decoder over words,
 as in the Keras "image captioning" example), their one-step decoders for greedy/beam search,
-the per-word attention weights for maps, and the checks that a features array is a grid of the
-size a model was built for. Reads and writes no files: callers save/load the Keras models (the
+and the per-word attention weights for maps (captioning.features checks that a features
+array is a grid of the size a model was built for). Reads and writes no files: callers save/load the Keras models (the
 custom layers below are registered, so keras.models.load_model restores them).
 
 Inputs of both training models (layer names fixed, decoders look layers up by name):
@@ -37,19 +37,25 @@ from captioning.utils import PipelineError
 
 VARIANTS = ("attention", "transformer")
 
-# ---- defaults (the train.py options of these variants show them) ----
-EMBED_DIM = 256          # attention: word vector size (and the deep output's width)
-UNITS = 512              # attention: LSTM units
-ANNOTATION_DIM = 512     # attention: grid cells are projected to this width (the paper's a_i)
-ATTENTION_DIM = 256      # attention: width of the additive attention's hidden layer
-PENALTY = 1.0            # attention: lambda of the doubly stochastic penalty (paper: 1)
-DROPOUT = 0.5            # attention: on the projected grid, the word vectors and the deep output
-D_MODEL = 256            # transformer: width of every token and grid cell
-HEADS = 4                # transformer: attention heads (key_dim = D_MODEL / HEADS)
-ENCODER_LAYERS = 1       # transformer: blocks over the grid cells
-DECODER_LAYERS = 2       # transformer: blocks over the words
-FF_DIM = 1024            # transformer: hidden width of the feed-forward sublayers
-TRANSFORMER_DROPOUT = 0.1
+# ---- each variant's options and defaults (train.py's options; model.json records the values) ----
+OPTIONS = {
+    # plus embed_dim (word vectors and the deep output's width), units (LSTM) and dropout (on
+    # the projected grid, the word vectors and the deep output), shared with merge/inject
+    "attention": {
+        "annotation_dim": 512,   # grid cells are projected to this width (the paper's a_i)
+        "attention_dim": 256,    # width of the additive attention's hidden layer
+        "penalty": 1.0,          # lambda of the doubly stochastic penalty (the paper's 1)
+    },
+    "transformer": {
+        "d_model": 256,          # width of every word and grid cell vector
+        "heads": 4,              # attention heads (key_dim = d_model / heads)
+        "encoder_layers": 1,     # blocks over the grid cells
+        "decoder_layers": 2,     # blocks over the words
+        "ff_dim": 1024,          # hidden width of the feed-forward sublayers
+        "dropout": 0.1,          # after every sublayer and on the inputs
+    },
+}
+_A, _T = OPTIONS["attention"], OPTIONS["transformer"]
 
 PACKAGE = "captioning"   # Keras registry package of the custom layers (saved in model.keras)
 
@@ -60,30 +66,7 @@ def _keras():
     return keras
 
 
-# ---- input checks -----------------------------------------------------------------------------
-def grid_shape(model):
-    """(G, C) the model was built for, read from its image_input."""
-    shape = model.get_layer("image_input").output.shape if hasattr(model, "get_layer") else model
-    return int(shape[-2]), int(shape[-1])
-
-
-def check_grid(features_shape, expected, where, variant="attention"):
-    """PipelineError (one line, naming `where` and both shapes) unless features are (N, G, C).
-
-    features_shape: shape of the features array (N, G, C), or of one image's grid (G, C) /
-    pooled vector (D,) when given with a leading N of 1. expected: (G, C) of the model.
-    """
-    shape = tuple(int(s) for s in features_shape)
-    expected = tuple(int(s) for s in expected)
-    if len(shape) == 2:
-        raise PipelineError(f"{variant} model needs a spatial grid (N, G, C) = (N, {expected[0]}, "
-                            f"{expected[1]}) but got pooled features {shape}; extract a grid with "
-                            f"extract_features.py --spatial ({where})")
-    if len(shape) != 3 or shape[1:] != expected:
-        raise PipelineError(f"grid of shape {shape} does not fit the {variant} model, which was "
-                            f"trained on (N, {expected[0]}, {expected[1]}) grids ({where})")
-
-
+# ---- the doubly stochastic attention penalty ---------------------------------------------
 def attention_penalty(alphas, mask):
     """Xu et al.'s doubly stochastic penalty per caption: sum_i (1 - sum_t alpha_ti)^2.
 
@@ -142,7 +125,7 @@ def _layer_classes():
         cross-entropy, since our cross-entropy is a mean per word).
         """
 
-        def __init__(self, units, attention_dim, penalty=PENALTY, **kwargs):
+        def __init__(self, units, attention_dim, penalty=_A["penalty"], **kwargs):
             super().__init__(**kwargs)
             self.units, self.attention_dim, self.penalty = int(units), int(attention_dim), float(penalty)
             self.key_dense = layers.Dense(self.attention_dim, name="key_dense")
@@ -367,9 +350,9 @@ def _inputs(grid_size, grid_dim):
             keras.Input((), name="image_index", dtype="int32"))
 
 
-def build_attention_model(grid_size, grid_dim, vocab_size, embed_dim=EMBED_DIM, units=UNITS,
-                          annotation_dim=ANNOTATION_DIM, attention_dim=ATTENTION_DIM,
-                          dropout=DROPOUT, penalty=PENALTY):
+def build_attention_model(grid_size, grid_dim, vocab_size, embed_dim, units, dropout,
+                          annotation_dim=_A["annotation_dim"], attention_dim=_A["attention_dim"],
+                          penalty=_A["penalty"]):
     """Show, Attend and Tell (soft) for grids (grid_size, grid_dim); see SoftAttentionLSTM.
 
     Departures from the paper, each to fit 2 CPU cores: the grid is first projected to
@@ -401,10 +384,10 @@ def build_attention_model(grid_size, grid_dim, vocab_size, embed_dim=EMBED_DIM, 
                        name="caption_attention")
 
 
-def build_transformer_model(grid_size, grid_dim, vocab_size, max_length, d_model=D_MODEL,
-                            heads=HEADS, encoder_layers=ENCODER_LAYERS,
-                            decoder_layers=DECODER_LAYERS, ff_dim=FF_DIM,
-                            dropout=TRANSFORMER_DROPOUT):
+def build_transformer_model(grid_size, grid_dim, vocab_size, max_length, d_model=_T["d_model"],
+                            heads=_T["heads"], encoder_layers=_T["encoder_layers"],
+                            decoder_layers=_T["decoder_layers"], ff_dim=_T["ff_dim"],
+                            dropout=_T["dropout"]):
     """Transformer captioner: encoder blocks over the grid cells, causal decoder over words.
 
     Grid cells are projected to d_model and get a learned position vector each (grid_size of
@@ -453,6 +436,27 @@ def build_grid_model(variant, grid_size, grid_dim, vocab_size, max_length, **opt
     raise PipelineError(f"unknown grid variant {variant!r} (choose from {', '.join(VARIANTS)})")
 
 
+def grid_cells(config):
+    """G, the number of grid cells, from model.json's "grid" [H, W]."""
+    height, width = config["grid"]
+    return int(height) * int(width)
+
+
+def build_from_config(config, mode="sequence"):
+    """The grid model of model.json's fields: variant, grid [H, W], feature_dim (C),
+    vocab_size, max_length and the variant's OPTIONS (missing ones take their defaults;
+    attention also embed_dim, units, dropout)."""
+    variant = config["variant"]
+    if mode != "sequence":
+        raise PipelineError(f"the {variant} model trains on whole captions only (mode "
+                            f"'sequence'), not {mode!r}")
+    options = {key: config.get(key, default) for key, default in OPTIONS[variant].items()}
+    if variant == "attention":
+        options.update(embed_dim=config["embed_dim"], units=config["units"], dropout=config["dropout"])
+    return build_grid_model(variant, grid_cells(config), config["feature_dim"],
+                            config["vocab_size"], config["max_length"], **options)
+
+
 def model_variant(model):
     """'attention' or 'transformer' from a built/loaded model's layers."""
     names = {layer.name for layer in model.layers}
@@ -464,19 +468,26 @@ def model_variant(model):
 
 
 # ---- one-step decoding ------------------------------------------------------------------------
-def _attention_stepper(parts):
+def _attention_stepper(parts, grid_shape):
     import tensorflow as tf
     keras = _keras()
     ops = keras.ops
     decoder = parts["decoder"]
+    cells, width = grid_shape
+    spec = tf.TensorSpec
+    state = spec((None, decoder.units), tf.float32)
+    memory = (spec((None, cells, decoder.attention_dim), tf.float32),
+              spec((None, cells, parts["grid_dense"].units), tf.float32))
 
-    @tf.function(reduce_retracing=True)
+    # fixed input signatures: one trace whatever the batch (greedy drops finished rows)
+    @tf.function(input_signature=[spec((None, cells, width), tf.float32)])
     def encode(grid):
         annotations = _attention_annotations(parts, grid, training=False)
         keys, h, c = decoder.encode(annotations)
         return keys, annotations, h, c
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[spec((None,), tf.int64), state, state, spec((None,), tf.int32),
+                                  *memory])
     def step(rows, h, c, last_ids, keys, annotations):
         keys, annotations = ops.take(keys, rows, axis=0), ops.take(annotations, rows, axis=0)
         words = parts["embedding"](last_ids)
@@ -484,36 +495,41 @@ def _attention_stepper(parts):
         logits = _deep_output(parts, words, h, context, training=False)
         return ops.log_softmax(logits, axis=-1), h, c, alpha
 
-    memory = {}
+    batch = {}
 
     def init_fn(grid):
         keys, annotations, h, c = encode(np.asarray(grid, dtype=np.float32))
-        memory.update(keys=keys, annotations=annotations)
-        return np.arange(len(h)), h.numpy(), c.numpy()
+        batch.update(keys=keys, annotations=annotations)
+        return np.arange(len(h), dtype=np.int64), h.numpy(), c.numpy()
 
     def raw_step(states, last_ids):
         rows, h, c = states
         log_probs, h, c, alpha = step(rows, h, c, np.asarray(last_ids, dtype=np.int32),
-                                      memory["keys"], memory["annotations"])
+                                      batch["keys"], batch["annotations"])
         return log_probs.numpy(), (rows, h.numpy(), c.numpy()), alpha.numpy()
 
     return init_fn, raw_step
 
 
-def _transformer_stepper(parts):
+def _transformer_stepper(parts, grid_shape):
     import tensorflow as tf
     keras = _keras()
     ops = keras.ops
     blocks = _blocks(parts, "decoder_block")
     heads = blocks[0].heads
     key_dim = blocks[0].d_model // heads
+    cells, width = grid_shape
+    spec = tf.TensorSpec
+    cache = [spec((None, None, heads, key_dim), tf.float32)] * (2 * len(blocks))
+    memory = [spec((None, cells, heads, key_dim), tf.float32)] * (2 * len(blocks))
 
-    @tf.function(reduce_retracing=True)
+    # fixed input signatures: one trace whatever the batch and the caption length so far
+    @tf.function(input_signature=[spec((None, cells, width), tf.float32)])
     def encode(grid):
         memory = _transformer_encode(parts, grid, training=False)
         return [kv for block in blocks for kv in block.project_memory(memory)]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[spec((None,), tf.int64), cache, spec((None,), tf.int32), memory])
     def step(rows, cache, last_ids, memory):
         position = ops.shape(cache[0])[1]
         y = _transformer_words(parts, ops.expand_dims(last_ids, 1), start=position, training=False)
@@ -527,17 +543,17 @@ def _transformer_stepper(parts):
         # the map of a word: the last block's cross-attention, averaged over its heads
         return ops.log_softmax(logits, axis=-1), new_cache, ops.mean(weights[:, :, 0], axis=1)
 
-    memory = {}
+    batch = {}
 
     def init_fn(grid):
-        memory["kv"] = encode(np.asarray(grid, dtype=np.float32))
+        batch["kv"] = encode(np.asarray(grid, dtype=np.float32))
         n = len(grid)
         empty = np.zeros((n, 0, heads, key_dim), np.float32)
-        return (np.arange(n),) + tuple(empty.copy() for _ in range(2 * len(blocks)))
+        return (np.arange(n, dtype=np.int64),) + tuple(empty.copy() for _ in range(2 * len(blocks)))
 
     def raw_step(states, last_ids):
         rows, cache = states[0], list(states[1:])
-        log_probs, cache, weights = step(rows, cache, np.asarray(last_ids, dtype=np.int32), memory["kv"])
+        log_probs, cache, weights = step(rows, cache, np.asarray(last_ids, dtype=np.int32), batch["kv"])
         return log_probs.numpy(), (rows,) + tuple(x.numpy() for x in cache), weights.numpy()
 
     return init_fn, raw_step
@@ -547,11 +563,14 @@ def raw_step_fns(model):
     """(init_fn, raw_step) where raw_step also returns the step's attention weights (N, G)."""
     parts = _parts(model)
     variant = model_variant(model)
-    return (_attention_stepper if variant == "attention" else _transformer_stepper)(parts)
+    shape = tuple(int(s) for s in model.get_layer("image_input").output.shape[1:])
+    return (_attention_stepper if variant == "attention" else _transformer_stepper)(parts, shape)
 
 
-def grid_step_fns(model):
-    """(init_fn(grid (N, G, C)) -> states, step_fn(states, last_ids) -> (log_probs, states))."""
+def grid_step_fns(model, config=None):
+    """(init_fn(grid (N, G, C)) -> states, step_fn(states, last_ids) -> (log_probs, states)).
+
+    The signature of decoding.STEP_BUILDERS; the variant is read from the model's layers."""
     init_fn, raw_step = raw_step_fns(model)
 
     def step_fn(states, last_ids):

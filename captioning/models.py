@@ -6,12 +6,14 @@ Owns
                 dropout, and whatever a variant adds); `mode` is "sequence" or "pairs". A new
                 variant adds its builder here and its step builder to decoding.STEP_BUILDERS.
   the wiring and layer names of merge and inject (below); decoders find layers by these names.
+                The grid variants "attention" and "transformer" (spatial grid inputs) live in
+                captioning/grid_models.py and are registered here under their names.
   CaptionLoss   masked sparse cross-entropy, every predicted word weighing the same (caption_loss_class).
   the run folder's model files: model.keras (the kept model) + model.json (all a decoder needs),
                 read back by load_run / load_captioner, which accept the folder or its model.keras.
 Reads  model.keras, model.json, tokenizer.json (its sha256 must match model.json's).
 Writes .keras files atomically (save_keras).
-Imports captioning.utils and captioning.text only; Keras is imported inside the functions that
+Imports captioning.utils, captioning.text and captioning.grid_models only; Keras is imported inside the functions that
 build or load models (heavy, and not needed to read a config).
 
 The models. Inputs: image_input (B, feature_dim) float32 and caption_input (B, T) int32 token
@@ -43,7 +45,7 @@ import functools
 import os
 from pathlib import Path
 
-from captioning import text
+from captioning import grid_models, text
 from captioning.utils import PipelineError, read_json, sha256_file
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
@@ -118,7 +120,9 @@ def build_inject(config, mode=MODE):
                        name="caption_inject")
 
 
-VARIANTS = {"merge": build_merge, "inject": build_inject}
+VARIANTS = {"merge": build_merge, "inject": build_inject,
+            "attention": grid_models.build_from_config, "transformer": grid_models.build_from_config}
+GRID_VARIANTS = grid_models.VARIANTS   # these take spatial grids (N, G, C), the others (N, D)
 
 
 def build_from_config(config, mode=None):
@@ -280,7 +284,7 @@ def load_captioner(model_dir, data_dir):
                             f"tokenizer ({tok_vocab} ids); use the data dir the model was trained "
                             f"with ({model_dir / CONFIG_FILE})")
     model, config = load_run(model_dir, data_dir / "tokenizer.json")  # checks the sha256
-    out_width = model.get_layer("output").get_weights()[1].shape[0]
+    out_width = int(model.outputs[0].shape[-1])
     if out_width != tok_vocab:
         raise PipelineError(f"model outputs {out_width} words but the tokenizer has {tok_vocab} "
                             f"ids ({model_dir / MODEL_FILE})")
