@@ -110,7 +110,8 @@ def is_spatial_file(path):
 
 
 def read_grids(path, ids, dtype=np.float32):
-    """Grids of the `ids` found in a spatial file -> (found ids, array (n, G, C), [H, W]).
+    """Grids of the `ids` found in a spatial file -> (found ids, array (n, G, C), info), info =
+    {"grid": [H, W], "backbone": the encoder recorded in the file}.
 
     G = H*W cells in row-major order (row h, column w is cell h*W + w). The array is `dtype`:
     float16 keeps the file's values and half the memory (training), float32 for decoding.
@@ -125,7 +126,8 @@ def read_grids(path, ids, dtype=np.float32):
         found = [i for i in ids if i in grids.index]
         out = grids.rows(found, dtype=dtype)
         height, width = grids.grid
-    return found, out.reshape(len(found), height * width, grids.width), [height, width]
+        info = {"grid": [height, width], "backbone": grids.backbone}
+    return found, out.reshape(len(found), height * width, grids.width), info
 
 
 def read_rows(path, ids):
@@ -134,7 +136,8 @@ def read_rows(path, ids):
     A pooled pickle gives (n, D) and grid None; a spatial file gives (n, G, C) and [H, W].
     """
     if is_spatial_file(path):
-        return read_grids(path, ids)
+        found, grids, info = read_grids(path, ids)
+        return found, grids, info["grid"]
     table = load_features(path)
     found = [i for i in ids if i in table]
     width = len(next(iter(table.values()))) if table else 0

@@ -6,11 +6,35 @@ captioning.grid_models: {"image_input": (M, G, C) float32, "caption_input": (B, 
 batch_size captions in all), so the grid is projected and encoded once per image; images
 are bucketed by their longest caption and every batch is cut to its longest caption.
 The grid matrix stays in its file's dtype (float16 for ~1 GB of Lite0 grids) and only each
-batch's images are cast to float32. Reads and writes no files.
+batch's images are cast to float32. grid_matrix reads the spatial file of
+extract_features.py --spatial (through captioning.features); nothing is written.
 """
 import numpy as np
 
+from captioning.data import check_missing
+from captioning.features import is_spatial_file, load_features, read_grids
+from captioning.utils import PipelineError
+
 BUCKET_POOL = 20      # batches per length-sorted pool: bigger = less padding, less random
+
+
+def grid_matrix(path, ids, max_missing, variant):
+    """Grids of `ids` from a spatial file -> (float16 (N, G, C), row_of_id, missing ids, info),
+    info = {"grid": [H, W], "backbone": the file's encoder}.
+
+    float16 as stored: Lite0's 7x7x1280 grids of Flickr8k's 7000 train+dev images are 0.9 GB so,
+    1.8 GB as float32; batches cast their own images. A pooled features pickle is a one-line
+    error naming the file and its shape; missing ids follow data.check_missing's rules.
+    """
+    if not is_spatial_file(path):
+        table = load_features(path)        # a pooled pickle: say so, with its shape
+        width = len(next(iter(table.values()))) if table else 0
+        raise PipelineError(f"pooled features {(len(table), width)} given to the {variant} model, "
+                            f"which needs spatial grids (N, G, C) from extract_features.py "
+                            f"--spatial ({path})")
+    found, matrix, info = read_grids(path, ids, dtype=np.float16)
+    missing = check_missing(ids, found, max_missing, str(path))
+    return matrix, {image_id: row for row, image_id in enumerate(found)}, missing, info
 
 
 def group_by_image(examples):

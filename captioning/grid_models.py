@@ -447,6 +447,9 @@ def build_from_config(config, mode="sequence"):
     vocab_size, max_length and the variant's OPTIONS (missing ones take their defaults;
     attention also embed_dim, units, dropout)."""
     variant = config["variant"]
+    if not config.get("grid"):
+        raise PipelineError(f"the {variant} model reads a spatial grid per image: model.json needs "
+                            f"its grid [H, W] (train it on extract_features.py --spatial grids)")
     if mode != "sequence":
         raise PipelineError(f"the {variant} model trains on whole captions only (mode "
                             f"'sequence'), not {mode!r}")

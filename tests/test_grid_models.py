@@ -210,8 +210,9 @@ def write_spatial(path, ids, grids):
 def test_read_grids_in_the_asked_order(tmp_path):
     grids = np.arange(4 * 2 * 3 * 2, dtype=np.float32).reshape(4, 2, 3, 2)
     write_spatial(tmp_path / "g.h5", ["a", "b", "c", "d"], grids)
-    found, out, hw = read_grids(tmp_path / "g.h5", ["c", "x", "a"], dtype=np.float16)
-    assert found == ["c", "a"] and hw == [2, 3] and out.dtype == np.float16
+    found, out, info = read_grids(tmp_path / "g.h5", ["c", "x", "a"], dtype=np.float16)
+    assert found == ["c", "a"] and info == {"grid": [2, 3], "backbone": "lite0"}
+    assert out.dtype == np.float16
     np.testing.assert_array_equal(out, grids[[2, 0]].reshape(2, 6, 2))
     assert out[0, 4, 1] == grids[2, 1, 1, 1]          # cell h*W + w
     found, out, hw = read_rows(tmp_path / "g.h5", ["b"])
