@@ -1,11 +1,14 @@
 """Tests for the grid captioners (captioning/grid_models.py, grid_data.py, the grid checks of
 features.py): decoding through the step functions equals the re-run-the-whole-prefix loop,
 the doubly stochastic penalty on a hand-made alpha matrix, batches, files and bad input."""
+import json
+
 import numpy as np
 import pytest
 
-from captioning import decoding, grid_data, grid_models, models
-from captioning.features import check_features, read_grids, read_rows
+from captioning import attention_maps, decoding, grid_data, grid_models, models
+from captioning.features import check_features, load_features, read_grids, read_rows
+from learnable_data import CAPTIONS, FEATURE_DIM, TRAIN_ARGS, make_learnable
 from captioning.spatial import SpatialWriter
 from captioning.utils import PipelineError
 
@@ -251,3 +254,120 @@ def test_grid_batch_inputs_targets_and_index():
     np.testing.assert_array_equal(inputs["image_index"], [1, 0, 1])
     np.testing.assert_array_equal(inputs["caption_input"], [[1, 7, 0, 0], [1, 5, 6, 0], [1, 8, 9, 3]])
     np.testing.assert_array_equal(targets, [[7, 2, 0, 0], [5, 6, 2, 0], [8, 9, 3, 2]])
+
+
+# ---- the stage scripts on a learnable grid dataset --------------------------------------------
+GRID_HW = (2, 2)      # the kind's code sits in one cell of a 2x2 grid, noise elsewhere
+
+
+def make_learnable_grids(root):
+    """learnable_data's dataset plus its grids: kind k's code in cell k, the rest noise."""
+    features_path, data_dir, splits = make_learnable(root)
+    rng = np.random.default_rng(1)
+    grids = {}
+    for image_id, vector in load_features(features_path).items():
+        grid = rng.normal(0, 0.3, (*GRID_HW, FEATURE_DIM)).astype(np.float32)
+        kind = list(CAPTIONS).index(image_id.split("_")[1])
+        grid.reshape(-1, FEATURE_DIM)[kind] = vector
+        grids[image_id] = grid
+    write_spatial(root / "grids.h5", list(grids), np.stack(list(grids.values())))
+    return features_path, root / "grids.h5", data_dir, splits
+
+
+GRID_TRAIN_ARGS = {"attention": ["--annotation-dim", "16", "--attention-dim", "8"],
+                   "transformer": ["--d-model", "16", "--heads", "2", "--ff-dim", "32",
+                                   "--decoder-layers", "1", "--transformer-dropout", "0.0"]}
+
+
+@pytest.fixture(scope="module")
+def learnt(tmp_path_factory):
+    """Both grid variants trained by train.py on the learnable grids (8 epochs)."""
+    import train
+    root = tmp_path_factory.mktemp("learnable")
+    features, grids, data_dir, splits = make_learnable_grids(root)
+    for variant in grid_models.VARIANTS:
+        assert train.main(["--variant", variant, "--features", str(grids), "--data-dir", str(data_dir),
+                           "--output-dir", str(root / "models"), "--epochs", "8", *TRAIN_ARGS,
+                           *GRID_TRAIN_ARGS[variant]]) == 0
+    return root, features, grids, data_dir, splits
+
+
+@pytest.mark.parametrize("variant", grid_models.VARIANTS)
+def test_train_and_caption_a_grid_model_from_the_command_line(learnt, variant, capsys):
+    import evaluate_bleu
+    import generate_caption
+    root, _, grids, data_dir, splits = learnt
+    config = models.read_config(root / "models" / variant)
+    assert config["grid"] == list(GRID_HW) and config["feature_dim"] == FEATURE_DIM
+    capsys.readouterr()
+    ids = splits["test"]
+    assert generate_caption.main(["--ids", *ids, "--features", str(grids),
+                                  "--model", str(root / "models" / variant),
+                                  "--data-dir", str(data_dir)]) == 0
+    lines = dict(line.split("\t") for line in capsys.readouterr().out.strip().splitlines())
+    expected = {"dog": "a dog", "cat": "a cat sits on a red ball", "man": "a man rides a bike"}
+    assert lines == {i: expected[i.split("_")[1]] for i in ids}
+    out = root / f"results-{variant}"
+    assert evaluate_bleu.main(["--features", str(grids), "--data-dir", str(data_dir), "--model",
+                               str(root / "models" / variant), "--split", "test", "--beam", "3",
+                               "--output", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["bleu"]["standard"]["bleu1"] > 0.5
+
+
+def test_pooled_file_to_a_grid_model_and_grids_to_merge_are_one_line_errors(learnt, capsys):
+    import generate_caption
+    import train
+    from captioning.utils import run_cli
+    root, features, grids, data_dir, _ = learnt
+    args = ["--data-dir", str(data_dir), "--output-dir", str(root / "bad"), *TRAIN_ARGS]
+    assert run_cli(train.main, ["--variant", "attention", "--features", str(features), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pooled features (36, 8)" in err and str(features) in err
+    assert run_cli(train.main, ["--variant", "merge", "--features", str(grids), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "spatial grids (36, 2, 2, 8)" in err and str(grids) in err
+    assert run_cli(generate_caption.main, ["--ids", "test_dog_0", "--features", str(features),
+                                           "--model", str(root / "models" / "attention"),
+                                           "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "(1, 8)" in err and "(N, 4, 8)" in err and str(features) in err
+
+
+def test_attention_map_and_gallery_panels(learnt, tmp_path, capsys):
+    import evaluate_bleu
+    import generate_caption
+    from PIL import Image
+    root, _, grids, data_dir, splits = learnt
+    model = str(root / "models" / "attention")
+    out = tmp_path / "map.png"
+    assert generate_caption.main(["--ids", "test_cat_0", "--features", str(grids), "--model", model,
+                                  "--data-dir", str(data_dir), "--attention-map", str(out)]) == 0
+    words = capsys.readouterr().out.strip().split("\t")[1].split()
+    assert words == "a cat sits on a red ball".split()
+    with Image.open(out) as sheet:          # 7 words: rows of 6 panels, each word underneath
+        assert sheet.size == (6 * attention_maps.PANEL, 2 * (attention_maps.PANEL + attention_maps.LABEL))
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id in splits["test"]:
+        Image.new("RGB", (32, 32), (200, 150, 100)).save(images / f"{image_id}.jpg")
+    assert evaluate_bleu.main(["--features", str(grids), "--data-dir", str(data_dir), "--model", model,
+                               "--output", str(tmp_path / "results"), "--images", str(images)]) == 0
+    page = (tmp_path / "results" / "gallery.html").read_text()
+    assert page.count("alt='attention per word'") == len(splits["test"])
+    merge_page = evaluate_bleu.gallery_html([("x", None, "a cat", ["a cat"])], "t")
+    assert "attention per word" not in merge_page
+
+
+def test_word_panels_light_the_attended_cell():
+    from PIL import Image
+    white = Image.new("RGB", (20, 20), (255, 255, 255))
+    maps = np.zeros((2, 2, 2))
+    maps[0, 0, 0] = 1.0          # word 1 looks top-left
+    maps[1, 1, 1] = 0.5          # word 2 bottom-right (scaled to its own maximum)
+    sheet = np.asarray(attention_maps.word_panels(white, ["top", "bottom"], maps, panel=40))
+    assert sheet.shape == (40 + attention_maps.LABEL, 80, 3)
+    floor = round(255 * attention_maps.FLOOR)
+    assert sheet[2, 2, 0] == 255 and sheet[37, 37, 0] == floor          # panel 1 corners
+    assert sheet[2, 42, 0] == floor and sheet[37, 77, 0] == 255         # panel 2 corners
+    with pytest.raises(ValueError, match="one \\(H, W\\) map per word"):
+        attention_maps.word_panels(None, ["a"], np.zeros((2, 2, 2)))
