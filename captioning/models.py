@@ -13,8 +13,8 @@ Owns
                 read back by load_run / load_captioner, which accept the folder or its model.keras.
 Reads  model.keras, model.json, tokenizer.json (its sha256 must match model.json's).
 Writes .keras files atomically (save_keras).
-Imports captioning.utils, captioning.text and captioning.grid_models only; Keras is imported inside the functions that
-build or load models (heavy, and not needed to read a config).
+Imports captioning.utils, text and grid_models only; Keras is imported inside the functions
+that build or load models (heavy, and not needed to read a config).
 
 The models. Inputs: image_input (B, feature_dim) float32 and caption_input (B, T) int32 token
 ids (0 = padding). Keras LSTM weights are [kernel (E, 4U), recurrent_kernel (U, 4U), bias (4U)],
