@@ -14,8 +14,9 @@ cannot run offline); PTB tokenisation with Java, else a pure-Python one, named i
 CIDEr-D's document frequencies come from the references of the split scored (COCO convention).
 
 Reads:
-    --features FILE   {image_id: vector} pickle (load_features); its width must
-                      equal the model's feature_dim.
+    --features FILE   {image_id: vector} pickle (load_features) whose width equals the
+                      model's feature_dim; for an attention/transformer model the spatial grid
+                      file of extract_features.py --spatial (grids of the model's size).
     --data-dir DIR    prepare_text.py outputs: meta.json, tokenizer.json, splits.json,
                       descriptions.txt, references.json.
     --model PATH      train.py run folder, or its model.keras (model.keras + model.json).
@@ -28,7 +29,8 @@ Writes (into --output, each atomically, all after the scoring succeeded):
     captions.tsv      header + one row per image: image_id, generated caption (no sentinels),
                       reference_1..reference_5 (the original captions), tab-separated.
     gallery.html      (only with --images) the first --gallery images as inline base64 JPEG
-                      thumbnails with the generated caption and the references.
+                      thumbnails with the generated caption and the references; for an
+                      attention/transformer model also where it looked for each word.
 """
 import argparse
 import base64
@@ -38,12 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from captioning import coco_metrics, metrics, text
+from captioning import attention_maps, coco_metrics, metrics, text
 from captioning.captioner import Captioner
 from captioning.decoding import ALPHA, BEAM
-from captioning.features import load_features
+from captioning.features import check_features, read_rows
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli, write_json
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
@@ -54,6 +54,7 @@ SPLIT = "test"
 OUTPUT_DIR = "results"
 GALLERY_IMAGES = 100       # images shown in gallery.html (inline base64 thumbnails, ~10 KB each)
 THUMBNAIL_PIXELS = 224     # longest side of a gallery thumbnail
+MAP_PIXELS, MAP_COLUMNS = 48, 6   # grid models: attention panel side and panels per row (~15 KB)
 
 
 # ---- outputs ----------------------------------------------------------------------------------
@@ -84,18 +85,34 @@ def thumbnail_data_uri(path, pixels=THUMBNAIL_PIXELS):
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def attention_data_uri(path, words, maps):
+    """Per-word attention panels (captioning/attention_maps.py) over the picture at `path`
+    (grey when unreadable) -> 'data:image/png;base64,...'."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+    except (OSError, ValueError, TypeError, AttributeError):
+        picture = None
+    sheet = attention_maps.word_panels(picture, words, maps, panel=MAP_PIXELS, columns=MAP_COLUMNS)
+    return "data:image/png;base64," + base64.b64encode(attention_maps.png_bytes(sheet)).decode("ascii")
+
+
 def gallery_html(rows, title):
-    """rows: (image_id, data_uri or None, generated caption, [references]) -> HTML text."""
+    """rows: (image_id, data_uri or None, generated caption, [references][, attention panels
+    data_uri]) -> HTML text. Rows with panels (grid models) show them under the caption."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif}figure{display:inline-block;width:300px;"
              "vertical-align:top;margin:8px}figcaption b{color:#036}li{font-size:85%}</style>",
              f"<h1>{html.escape(title)}</h1>"]
-    for image_id, uri, caption, refs in rows:
+    for image_id, uri, caption, refs, *panels in rows:
         img = (f"<img src='{uri}' alt='{html.escape(image_id)}' width='224'>" if uri
                else "<p>(image not found)</p>")
         items = "".join(f"<li>{html.escape(r)}</li>" for r in refs)
+        maps = (f"<br><img src='{panels[0]}' alt='attention per word' width='288'>"
+                if panels and panels[0] else "")
         parts.append(f"<figure>{img}<figcaption><small>{html.escape(image_id)}</small><br>"
-                     f"<b>{html.escape(caption)}</b><ul>{items}</ul></figcaption></figure>")
+                     f"<b>{html.escape(caption)}</b>{maps}<ul>{items}</ul></figcaption></figure>")
     return "\n".join(parts) + "\n"
 
 
@@ -135,16 +152,17 @@ def main(argv=None):
     descriptions = text.load_descriptions(data_dir / "descriptions.txt")
     references = text.load_references(data_dir)
     captioner = Captioner(args.model, data_dir)
-    features = load_features(args.features)
 
     ids = list(splits[args.split])[:args.limit]
+    found, matrix, _ = read_rows(args.features, ids)    # a pooled pickle or a spatial grid file
+    found = set(found)
     for image_id in ids:
-        for what, table in (("features", features), ("descriptions.txt", descriptions),
+        for what, table in (("features", found), ("descriptions.txt", descriptions),
                             ("references.json", references)):
             if image_id not in table:
                 raise PipelineError(f"image {image_id} of split {args.split} has no {what} entry "
                                     f"({args.features if what == 'features' else data_dir / what})")
-    matrix = np.stack([features[i] for i in ids])
+    check_features(matrix.shape, captioner.config, args.features)
 
     decode_started = time.time()
     id_lists = captioner.caption_ids(matrix, args.beam, args.alpha, progress=True)
@@ -171,10 +189,15 @@ def main(argv=None):
     gallery = None
     if args.images:
         rows = []
-        for image_id, words in list(zip(ids, generated))[:args.gallery]:
+        shown = min(args.gallery, len(ids))
+        # grid models: where each word looked (the same weights the decoder used)
+        maps = (captioner.attention_maps(matrix[:shown], id_lists[:shown])
+                if captioner.config.get("grid") else [None] * shown)
+        for image_id, words, weights in zip(ids[:shown], generated[:shown], maps):
             path = next((p for p in Path(args.images).glob(image_id + ".*")), None)
             rows.append((image_id, thumbnail_data_uri(path) if path else None, " ".join(words),
-                         references[image_id]))
+                         references[image_id],
+                         attention_data_uri(path, words, weights) if weights is not None else None))
         gallery = gallery_html(rows, f"{Path(args.model).name} on {args.split} (beam {args.beam})")
     results["seconds"] = round(time.time() - started, 3)
 

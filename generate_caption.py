@@ -4,6 +4,7 @@ Usage:
     python generate_caption.py photo.jpg [more.jpg | a_folder/ ...] --model models/RUN
     python generate_caption.py photos/ --model models/RUN --beam 3 --weights none
     python generate_caption.py --features data/features.pkl --ids 1000268201_693b08cb0e --model models/RUN
+    python generate_caption.py photo.jpg --model models/attention --attention-map out.png
 
 Prints one line per image, `<name>\\t<caption>`, the caption without startseq/endseq. A missing
 or corrupt image prints `error: ... (<path>)` on stderr, the other images are still captioned,
@@ -19,8 +20,13 @@ Reads:
                       the VGG16 fc2 extractor (extract_features.py; --weights imagenet|none|PATH).
                       A model trained on other features (e.g. the shared 1280-d EfficientNet-Lite0
                       file) cannot caption raw images this way: use --features/--ids.
-    --features FILE   a features.pkl ({image_id: vector}) with --ids: caption cached features.
-Writes: nothing (stdout only).
+    --features FILE   with --ids: caption cached features, a features.pkl ({image_id: vector})
+                      or, for an attention/transformer model, the spatial grid file of
+                      extract_features.py --spatial.
+Writes: nothing but stdout, except with --attention-map OUT.png (attention/transformer models):
+    a PNG per image, one panel per word: the picture lit where the model looked while choosing
+    that word (captioning/attention_maps.py). One image: OUT.png; several: OUT-<name>.png each.
+    Cached features (--ids) have no picture: their panels light a grey square.
 
 Decoding: captioning/decoding.py (greedy, beam search, the step of each variant);
 loading and checking the model with its vocabulary: captioning/captioner.py (Captioner).
@@ -31,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import decoding
+from captioning import attention_maps, decoding
 from captioning.captioner import WEIGHTS, Captioner
 from captioning.decoding import ALPHA, BEAM
-from captioning.features import load_features
+from captioning.features import check_features, read_rows
 from captioning.images import list_images, open_rgb
-from captioning.utils import HelpFormatter, PipelineError, run_cli
+from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
 # The captioner shipped in the repository (merge model, Lite0 features, tokenizer beside it;
 # README "The shipped captioner"), so `python generate_caption.py photo.jpg` works out of the box.
@@ -86,6 +92,8 @@ def parse_args(argv):
     parser.add_argument("--weights", default=WEIGHTS, help="VGG16 weights: imagenet | none | PATH")
     parser.add_argument("--features", default=None, help="cached features.pkl (use with --ids)")
     parser.add_argument("--ids", nargs="*", default=[], help="image ids to caption from --features")
+    parser.add_argument("--attention-map", type=Path, default=None, metavar="OUT.png",
+                        help="write each image's per-word attention panels (grid models)")
     args = parser.parse_args(argv)
     if args.beam < 1:
         parser.error("--beam must be >= 1")
@@ -105,11 +113,10 @@ def main(argv=None):
     args = parse_args(argv)
     # the user's own inputs are checked first: a missing photo is reported as such even
     # when the model or the data folder is missing too
-    failures, found, cached = [], [], {}
-    if args.ids:
-        cached = load_features(args.features)
-        failures += [(i, f"id not in {args.features}") for i in args.ids if i not in cached]
-        found = [i for i in args.ids if i in cached]
+    failures, found, cached = [], [], None
+    if args.ids:      # a pooled pickle or a spatial grid file, whichever the model reads
+        found, cached, _ = read_rows(args.features, args.ids)
+        failures += [(i, f"id not in {args.features}") for i in args.ids if i not in set(found)]
     paths, missing = expand_inputs(args.images)
     failures += missing
     report(failures)
@@ -117,10 +124,13 @@ def main(argv=None):
         return 1
     captioner = Captioner(args.model, args.data_dir)
     captioner.encode = captioner.default_encoder(args.weights)   # the model's own backbone
+    if args.attention_map and not captioner.config.get("grid"):
+        raise PipelineError(f"--attention-map needs an attention or transformer model, not "
+                            f"{captioner.config.get('variant')} ({captioner.run_dir})")
+    many = len(found) + len(paths) > 1
     if found:
-        captions = captioner.caption_features(np.stack([cached[i] for i in found]), args.beam, args.alpha)
-        for image_id, caption in zip(found, captions):
-            print(f"{image_id}\t{caption}")
+        check_features(cached.shape, captioner.config, args.features)
+        caption_and_map(captioner, found, [None] * len(found), cached, args, many)
     if paths:
         try:
             captioner.check_encoder()
@@ -136,9 +146,27 @@ def main(argv=None):
             except PipelineError as exc:
                 report([(path, str(exc))])
                 failures.append((path, str(exc)))
-        for name, caption in zip(names, captioner.caption_images(images, args.beam, args.alpha)):
-            print(f"{name}\t{caption}")
+        if images:
+            caption_and_map(captioner, names, images, captioner.encode_images(images), args, many)
     return 1 if failures else 0
+
+
+def map_path(out, name, many):
+    """OUT.png for one image; OUT-<image name>.png when there are several."""
+    return out.with_name(f"{out.stem}-{Path(name).stem}{out.suffix}") if many else out
+
+
+def caption_and_map(captioner, names, pictures, features, args, many):
+    """Print `name<TAB>caption` per image; with --attention-map also write its panels."""
+    id_lists = captioner.caption_ids(features, args.beam, args.alpha)
+    maps = captioner.attention_maps(features, id_lists) if args.attention_map else None
+    for k, (name, ids) in enumerate(zip(names, id_lists)):
+        words = captioner.words(ids)
+        print(f"{name}\t{' '.join(words)}")
+        if maps is not None:
+            sheet = attention_maps.word_panels(pictures[k], words, maps[k])
+            with atomic_write(map_path(args.attention_map, name, many), "wb") as handle:
+                handle.write(attention_maps.png_bytes(sheet))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Stage 4: train the caption model (merge or init-inject CNN+LSTM) on image features + captions.
+"""Stage 4: train a caption model (merge, init-inject, soft attention or Transformer) on image features + captions.
 
 Usage:
     python train.py --features ../shared/flickr8k/features_efficientnet_lite0.pkl \
         --data-dir data/ --output-dir models/ [--name NAME] [--epochs 20] [--mode sequence|pairs]
-    python train.py ... --cv 5 --variants merge,inject --cv-epochs 3 --cv-subset 2000
+    python train.py --variant attention --features data/spatial.h5 --data-dir data/
+    python train.py --variant transformer --features data/spatial.h5 --data-dir data/
+    python train.py ... --cv 5 --variants merge,inject,attention,transformer \
+        --features data/features.pkl --spatial data/spatial.h5 --cv-epochs 3 --cv-subset 2000
 
 Rerunning the same command after an interruption (Ctrl-C, crash, kill, power cut) resumes from
 the last finished epoch: weights, optimizer state, best-so-far, early-stopping counter, history
@@ -11,9 +14,13 @@ and the dropout RNG, so it ends with the same weights as an uninterrupted run. -
 starts the run folder again from scratch.
 
 Reads:
-    --features   pickle {image_id: float array (D,) or (1, D)} (extract_features.py's layout);
-                 D, the image input width, is taken from here (4096 VGG16 fc2, 1280 Lite0).
-                 float16 is cast to float32. Read with a restricted unpickler (no code runs).
+    --features   merge/inject: pickle {image_id: float array (D,) or (1, D)} (extract_features.py's
+                 layout); D, the image input width, is taken from here (4096 VGG16 fc2, 1280
+                 Lite0). float16 is cast to float32. Read with a restricted unpickler (no code runs).
+                 attention/transformer: the spatial HDF5 of extract_features.py --spatial, float16
+                 (N, H, W, C) grids (Lite0 7x7x1280, VGG16 14x14x512); H, W, C are taken from here
+                 and the grids stay float16 in memory (0.9 GB for Flickr8k's train+dev on Lite0).
+    --spatial    the grid variants' file when --features is the pickle (--cv over all four).
     --data-dir   prepare_text.py's outputs: meta.json (vocab_size, max_length, sentinels,
                  tokenizer_sha256), tokenizer.json, descriptions.txt, splits.json.
 Writes, into the run folder <output-dir>/<name> (name defaults to the variant, plus "-pairs"):
@@ -21,8 +28,10 @@ Writes, into the run folder <output-dir>/<name> (name defaults to the variant, p
                     temporary name, fsync'd, renamed; older checkpoints are then deleted):
         last.keras      the model after epoch NNNN with its optimizer state (for resuming).
         model.keras     the kept model: lowest dev loss, or highest dev BLEU-4 with --select-by bleu.
-        model.json      {variant, mode, feature_dim, vocab_size, max_length, embed_dim, units,
-                        dropout, start_token, end_token, pad_id, start_id, end_id, oov_token,
+        model.json      {variant, mode, feature_dim (D, or C of the grid), grid ([H, W], grid
+                        variants), vocab_size, max_length, the variant's sizes (embed_dim, units,
+                        dropout; attention + annotation_dim, attention_dim, penalty; transformer
+                        d_model, heads, encoder_layers, decoder_layers, ff_dim, dropout), start_token, end_token, pad_id, start_id, end_id, oov_token,
                         tokenizer_sha256, features_file, features_sha256, data_dir,
                         epochs_trained (= best_epoch: the epochs behind model.keras), best_epoch,
                         best_val_loss, best_dev_bleu4, layers}: all a decoder needs.
@@ -40,7 +49,10 @@ Writes, into the run folder <output-dir>/<name> (name defaults to the variant, p
     cv.csv          (--cv only, in <output-dir>/<name>, name default "cv") variant,fold,
                     val_loss,best_epoch,seconds per fold, then a mean and a std row per variant.
 
-The models (merge, inject) and their layer names are described in captioning/models.py.
+The models (merge, inject) and their layer names are described in captioning/models.py, the
+grid models (attention, transformer) in captioning/grid_models.py. Their batches hold whole images
+(each image's grid is encoded once for its five captions); the attention model's training loss
+adds the doubly stochastic attention penalty, its dev loss is the cross-entropy alone.
 
 Training modes:
   sequence (default): whole captions, input = ids[:-1], target = ids[1:], one masked sparse
@@ -49,14 +61,16 @@ Training modes:
       almost no work is spent on padding. No one-hot targets, no pair expansion.
   pairs: the tutorial's progressive loading - one photo per batch, all its (prefix -> next
       word) pairs, prefixes pre-padded to max_length. Same loss per predicted word; kept
-      for comparison (benchmarks/bench_train.py) and ~20x slower.
+      for comparison (benchmarks/bench_train.py) and ~20x slower. merge/inject only.
 """
 import argparse
 import sys
 from pathlib import Path
 
 from captioning import training
-from captioning.models import DROPOUT, EMBED_DIM, LABEL_SMOOTHING, LEARNING_RATE, MODE, MODES, UNITS, VARIANTS
+from captioning.grid_models import OPTIONS as GRID_OPTIONS
+from captioning.models import (DROPOUT, EMBED_DIM, GRID_VARIANTS, LABEL_SMOOTHING, LEARNING_RATE, MODE,
+                               MODES, UNITS, VARIANTS)
 from captioning.training import (BATCH_SIZE, CV_EPOCHS, CV_SUBSET, CV_VARIANTS, EPOCHS, MAX_MISSING,
                                  PATIENCE, SEED, SELECT_BY)
 from captioning.utils import HelpFormatter, PipelineError, keras_verbose, run_cli
@@ -70,16 +84,36 @@ VARIANT = "merge"
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--features", type=Path, default=Path(FEATURES), help="features pickle")
+    p.add_argument("--features", type=Path, default=Path(FEATURES),
+                   help="features pickle (merge, inject) or spatial .h5 (attention, transformer)")
+    p.add_argument("--spatial", type=Path, default=None,
+                   help="spatial .h5 for attention/transformer when --features is the pickle")
     p.add_argument("--data-dir", type=Path, default=Path(DATA_DIR), help="prepare_text.py output folder")
     p.add_argument("--output-dir", type=Path, default=Path(OUTPUT_DIR), help="parent of run folders")
     p.add_argument("--name", default="", help="run folder name ('' = variant, +'-pairs'; 'cv' for --cv)")
     p.add_argument("--variant", choices=tuple(VARIANTS), default=VARIANT,
                    help="model structure (captioning/models.py)")
     p.add_argument("--mode", choices=MODES, default=MODE, help="sequence = whole captions; pairs = tutorial")
-    p.add_argument("--embed-dim", type=int, default=EMBED_DIM, help="word vector size")
-    p.add_argument("--units", type=int, default=UNITS, help="LSTM / dense width")
-    p.add_argument("--dropout", type=float, default=DROPOUT, help="on image vector and word vectors")
+    p.add_argument("--embed-dim", type=int, default=EMBED_DIM, help="word vector size (merge, inject, attention)")
+    p.add_argument("--units", type=int, default=UNITS, help="LSTM / dense width (merge, inject, attention)")
+    p.add_argument("--dropout", type=float, default=DROPOUT,
+                   help="on image vector and word vectors (merge, inject, attention)")
+    attention, transformer = GRID_OPTIONS["attention"], GRID_OPTIONS["transformer"]
+    p.add_argument("--annotation-dim", type=int, default=attention["annotation_dim"],
+                   help="attention: grid cells projected to this width")
+    p.add_argument("--attention-dim", type=int, default=attention["attention_dim"],
+                   help="attention: hidden width of the additive attention")
+    p.add_argument("--penalty", type=float, default=attention["penalty"],
+                   help="attention: lambda of the doubly stochastic attention penalty")
+    p.add_argument("--d-model", type=int, default=transformer["d_model"], help="transformer: width")
+    p.add_argument("--heads", type=int, default=transformer["heads"], help="transformer: attention heads")
+    p.add_argument("--encoder-layers", type=int, default=transformer["encoder_layers"],
+                   help="transformer: blocks over the grid cells")
+    p.add_argument("--decoder-layers", type=int, default=transformer["decoder_layers"],
+                   help="transformer: blocks over the words")
+    p.add_argument("--ff-dim", type=int, default=transformer["ff_dim"], help="transformer: feed-forward width")
+    p.add_argument("--transformer-dropout", type=float, default=transformer["dropout"],
+                   help="transformer: dropout after every sublayer")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="total epochs (a rerun continues up to it)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="captions per batch (sequence mode)")
     p.add_argument("--learning-rate", type=float, default=LEARNING_RATE, help="Adam")
@@ -103,11 +137,21 @@ def parse_args(argv):
                         "auto = a bar on a terminal, else one line per epoch")
     args = p.parse_args(argv)
     args.verbose = keras_verbose() if args.verbose == "auto" else int(args.verbose)
-    for name in ("embed_dim", "units", "epochs", "batch_size"):
+    for name in ("embed_dim", "units", "epochs", "batch_size", "annotation_dim", "attention_dim",
+                 "d_model", "heads", "decoder_layers", "ff_dim"):
         if getattr(args, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 1 or not 0 <= args.max_missing <= 1:
-        raise PipelineError("--dropout, --label-smoothing and --max-missing must be in [0, 1)")
+    if args.encoder_layers < 0 or args.penalty < 0:
+        raise PipelineError("--encoder-layers and --penalty must not be negative")
+    if args.d_model % args.heads:
+        raise PipelineError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    if not all(0 <= x < 1 for x in (args.dropout, args.transformer_dropout, args.label_smoothing)) \
+            or not 0 <= args.max_missing <= 1:
+        raise PipelineError("--dropout, --transformer-dropout, --label-smoothing and --max-missing "
+                            "must be in [0, 1)")
+    if args.mode == "pairs" and not args.cv and args.variant in GRID_VARIANTS:
+        raise PipelineError(f"--mode pairs is the tutorial's merge/inject training; {args.variant} "
+                            f"trains on whole captions (--mode sequence)")
     bad = [v for v in args.variants.split(",") if v.strip() and v.strip() not in VARIANTS]
     if bad:
         raise PipelineError(f"unknown variant {bad[0]!r} in --variants (choose from {', '.join(VARIANTS)})")
@@ -116,15 +160,18 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.features.is_file():
-        raise PipelineError(f"missing features file {args.features}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.cv else [args.variant]
+    for path in {training.features_path(args, v) for v in variants}:
+        if not path.is_file():
+            raise PipelineError(f"missing features file {path}")
     name = args.name or ("cv" if args.cv else args.variant + ("-pairs" if args.mode == "pairs" else ""))
     run_dir = args.output_dir / name
     matrix, train, dev, config, row_of_id = training.prepare_inputs(args)
-    print(f"{len(train)} training / {len(dev)} dev captions, feature_dim {config['feature_dim']}, "
+    shape = "x".join(str(s) for s in [*config.get("grid", []), config["feature_dim"]])
+    print(f"{len(train)} training / {len(dev)} dev captions, features {shape}, "
           f"vocab {config['vocab_size']}, max_length {config['max_length']}", flush=True)
     if args.cv:
-        training.cross_validate(args, run_dir, matrix, train, config)
+        training.cross_validate(args, run_dir, (matrix, train, dev, config, row_of_id))
         return 0
     scorer = training.dev_bleu_scorer(args.data_dir, matrix, row_of_id) if args.select_by == "bleu" else None
     state = training.train_run(args, run_dir, matrix, train, dev, config, scorer)

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 import extract_features  # noqa: E402
 from captioning import runtime  # noqa: E402
-from captioning.utils import PipelineError, run_cli  # noqa: E402
+from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
 N_IMAGES = 128
@@ -130,7 +130,7 @@ def check_agreement(runtimes, tensors):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--backbone", default="vgg16", choices=["vgg16", "lite0"],
                         help="network measured (random, seeded weights)")
     parser.add_argument("--images", default=str(IMAGES), help="folder of images")

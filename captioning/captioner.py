@@ -5,12 +5,14 @@ Owns the Captioner class:
     captioner.caption_features(features (N, D), beam=1)   -> N caption strings
     captioner.caption_words(features, beam=3)              -> N word lists
     captioner.caption_images([PIL RGB images])             -> N caption strings
+    captioner.attention_maps(features, id_lists)           -> N (L, H, W) maps (grid models)
 It loads the run folder (model.keras + model.json) and the tokenizer (data_dir, default the one
 recorded in model.json), checks they belong together (vocabulary size, tokenizer sha256, output
 width), and decodes through captioning.decoding (greedy for beam 1; beam search with length
 normalisation `alpha` for beam >= 2). Images become features through an injected
-`encode(list of PIL RGB images) -> float32 (N, D)` callable; the default is the VGG16 fc2
-extractor of the backbone the model's features came from (model.json's "backbone", else the
+`encode(list of PIL RGB images) -> float32 (N, D)` callable ((N, G, C) grids for the
+attention/transformer models); the default is the pooled (or spatial) extractor of the backbone
+the model's features came from (model.json's "backbone", else the
 one whose width matches: 4096 VGG16 fc2, 1280 Lite0). An encoder may carry a `width`
 attribute, checked against the model's feature_dim before any image is encoded.
 Reads the run folder and tokenizer.json; writes nothing.
@@ -18,7 +20,8 @@ Reads the run folder and tokenizer.json; writes nothing.
 import numpy as np
 
 import extract_features
-from captioning import decoding, encoders, models
+from captioning import decoding, encoders, grid_models, models
+from captioning.features import check_features
 from captioning.images import resize_rgb
 from captioning.runtime import RUNTIME, make_predict_fn
 from captioning.utils import PipelineError
@@ -37,11 +40,12 @@ class KerasEncoder:
     """
 
     def __init__(self, build, size, preprocess, batch_size=extract_features.BATCH_SIZE,
-                 runtime=RUNTIME, fingerprint=None):
-        """runtime, fingerprint: captioning.runtime.make_predict_fn's (auto: OpenVINO on a CPU
-        when installed and equal to TF, cached under the weights' fingerprint; else TF)."""
+                 spatial=False, runtime=RUNTIME, fingerprint=None):
+        """spatial: the model outputs (N, h, w, C) grids, kept as (N, h*w, C). runtime,
+        fingerprint: captioning.runtime.make_predict_fn's (auto: OpenVINO on a CPU when
+        installed and equal to TF, cached under the weights' fingerprint; else TF)."""
         self.build, self.size, self.preprocess, self.batch_size = build, size, preprocess, batch_size
-        self.runtime, self.fingerprint = runtime, fingerprint
+        self.spatial, self.runtime, self.fingerprint = spatial, runtime, fingerprint
         self._extractor = self._predict = self._width = None
 
     def _built(self):
@@ -74,22 +78,26 @@ class KerasEncoder:
             return np.zeros((0, self._width), np.float32)
         x = self.preprocess(arrays.astype(np.float32))
         step = max(1, min(len(x), self.batch_size))
-        out = [predict(x[i:i + step]).reshape(len(x[i:i + step]), -1) for i in range(0, len(x), step)]
+        shape = (-1, self._width) if self.spatial else (-1,)
+        out = [predict(x[i:i + step]).reshape(len(x[i:i + step]), *shape) for i in range(0, len(x), step)]
         return np.concatenate(out).astype(np.float32)
 
 
-def backbone_encoder(backbone, weights=WEIGHTS, runtime=RUNTIME):
+def backbone_encoder(backbone, weights=WEIGHTS, output="pooled", runtime=RUNTIME):
     """The encoder of `backbone` ("vgg16" or "lite0", captioning/encoders.py) with its resize
-    and input scaling: what extract_features.py computes for the same picture."""
+    and input scaling: what extract_features.py computes for the same picture. output "pooled"
+    gives (N, D) vectors, "spatial" the (N, h*w, C) grids of extract_features.py --spatial."""
     encoder = encoders.get(backbone)
 
     def build():
-        return encoders.build(backbone, None if weights == "none" else weights, quiet=True)
+        return encoders.build(backbone, None if weights == "none" else weights, output=output,
+                              quiet=True)
 
-    # extract_features.py's cache key for the same network, so both share one conversion
+    # extract_features.py's cache key for the same weights (the runtime's key adds the network's
+    # structure, so pooled and spatial get one conversion each)
     fingerprint = f"{extract_features.weights_fingerprint(weights, extract_features.SEED, backbone)}; {backbone}"
-    return KerasEncoder(build, encoder.image_size, encoder.preprocess, runtime=runtime,
-                        fingerprint=fingerprint)
+    return KerasEncoder(build, encoder.image_size, encoder.preprocess, spatial=output == "spatial",
+                        runtime=runtime, fingerprint=fingerprint)
 
 
 def vgg16_encoder(weights=WEIGHTS):
@@ -142,8 +150,10 @@ class Captioner:
         return encoders.backbone_of(self.config)
 
     def default_encoder(self, weights=WEIGHTS):
-        """The encoder of the model's own backbone (VGG16 when it cannot be told)."""
-        return backbone_encoder(self.backbone or "vgg16", weights)
+        """The encoder of the model's own backbone (VGG16 when it cannot be told); its grid for
+        the grid models."""
+        output = "spatial" if self.config.get("grid") else "pooled"
+        return backbone_encoder(self.backbone or "vgg16", weights, output)
 
     def check_encoder(self):
         """The encoder (the model's own backbone if none was given), after checking its width."""
@@ -159,8 +169,27 @@ class Captioner:
         """PIL RGB images -> caption strings (encode, then caption_features)."""
         if not images:
             return []
-        features = np.asarray(self.check_encoder()(list(images)), dtype=np.float32)
-        if features.shape != (len(images), self.feature_dim):
-            raise PipelineError(f"the image encoder gave features of shape {features.shape}, the "
-                                f"model needs ({len(images)}, {self.feature_dim}) ({self.run_dir})")
+        features = self.encode_images(images)
         return self.caption_features(features, beam, alpha)
+
+    def encode_images(self, images):
+        """PIL RGB images -> the features the model takes, checked: (N, D) or (N, G, C)."""
+        features = np.asarray(self.check_encoder()(list(images)), dtype=np.float32)
+        check_features(features.shape, self.config, f"the image encoder's output, {self.run_dir}")
+        return features
+
+    def attention_maps(self, features, id_lists):
+        """Per-word attention of a grid model -> N arrays (L, H, W), L = the caption's words
+        (endseq left out): the weights it used while choosing each word."""
+        if not self.config.get("grid"):
+            raise PipelineError(f"attention maps need an attention or transformer model, not "
+                                f"{self.config.get('variant')} ({self.run_dir})")
+        height, width = self.config["grid"]
+        words = [self.words(ids) for ids in id_lists]
+        longest = max((len(w) for w in words), default=0)
+        padded = np.zeros((len(id_lists), max(longest, 1)), np.int64)
+        for row, ids in enumerate(id_lists):
+            padded[row, :len(words[row])] = ids[:len(words[row])]
+        weights = grid_models.attention_weights(self.model, np.asarray(features, np.float32),
+                                                padded, self.start_id)
+        return [weights[row, :len(w)].reshape(len(w), height, width) for row, w in enumerate(words)]

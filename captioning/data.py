@@ -39,6 +39,18 @@ def load_text(data_dir):
     return meta, tokenizer, descriptions, splits
 
 
+def check_missing(ids, present, max_missing, where):
+    """The ids without features; PipelineError if none has any, or more than max_missing lack them."""
+    found = set(present)
+    missing = [i for i in ids if i not in found]
+    if not present:
+        raise PipelineError(f"features file has none of the {len(ids)} images of the split ({where})")
+    if len(missing) > max_missing * len(ids):
+        raise PipelineError(f"{len(missing)} of {len(ids)} split images have no features, "
+                            f"more than --max-missing {max_missing:g} (first: {missing[0]}) ({where})")
+    return missing
+
+
 def feature_matrix(features, ids, max_missing, where):
     """Stack the features of `ids` into one float32 (N, D) matrix.
 
@@ -46,13 +58,8 @@ def feature_matrix(features, ids, max_missing, where):
     (ragged file) or not (D,)/(1, D) is a PipelineError; so is a fraction of ids without
     features above `max_missing` (those images are skipped otherwise, and reported).
     """
-    missing = [i for i in ids if i not in features]
     present = [i for i in ids if i in features]
-    if not present:
-        raise PipelineError(f"features file has none of the {len(ids)} images of the split ({where})")
-    if len(missing) > max_missing * len(ids):
-        raise PipelineError(f"{len(missing)} of {len(ids)} split images have no features, "
-                            f"more than --max-missing {max_missing:g} (first: {missing[0]}) ({where})")
+    missing = check_missing(ids, present, max_missing, where)
     width = None
     rows = []
     for image_id in present:

@@ -11,8 +11,8 @@ Owns
   greedy_decode, beam_search, decode, caption_features (a feature matrix -> id lists, batched),
   tutorial_greedy (the course's re-run-the-prefix loop: the reference the fast path must equal),
   vocabulary / ids_to_words (ids <-> caption words).
-Reads and writes no files. Imports captioning.utils only; TensorFlow is imported inside the step
-builders (heavy). Step builders find a model's layers by the names models.py gives them.
+Reads and writes no files. Imports captioning.utils, features (the input check) and grid_models
+(the attention/transformer steps); TensorFlow is imported inside the step builders (heavy). Step builders find a model's layers by the names models.py gives them.
 
 Rules shared by every decoder (decode picks greedy for beam 1, whatever alpha is). `max_length` is meta.json's: the most tokens in a caption
 COUNTING startseq and endseq, so at most max_length - 1 tokens are generated after startseq. The
@@ -31,6 +31,8 @@ captions and against tutorial_greedy.
 """
 import numpy as np
 
+from captioning import grid_models
+from captioning.features import check_features
 from captioning.utils import PipelineError, progress as progress_bar
 
 BEAM = 1             # 1 = greedy (the course's decoding)
@@ -209,7 +211,8 @@ def lstm_steps(model, config):
     return init_fn, step_fn
 
 
-STEP_BUILDERS = {"merge": lstm_steps, "inject": lstm_steps}
+STEP_BUILDERS = {"merge": lstm_steps, "inject": lstm_steps,
+                 "attention": grid_models.grid_step_fns, "transformer": grid_models.grid_step_fns}
 
 
 def make_step_fn(model, config):
@@ -277,16 +280,10 @@ def ids_to_words(id_to_word, ids, end_id):
 
 def caption_features(model, config, tokenizer, features, beam=BEAM, alpha=ALPHA,
                      batch_images=BATCH_IMAGES, progress=False):
-    """Decode captions for N images' features -> N lists of generated ids (incl. endseq).
-
-    features: (N, D) for a model of config["feature_dim"] D, or (N, *shape) for a model whose
-    config gives "feature_shape" (e.g. a spatial grid).
-    """
+    """Decode captions for (N, D) features, or (N, G, C) grids for the grid variants -> N lists
+    of generated ids (incl. endseq)."""
     features = np.asarray(features, dtype=np.float32)
-    shape = tuple(config.get("feature_shape") or (config["feature_dim"],))
-    if features.shape[1:] != shape:
-        raise PipelineError(f"features have shape {features.shape[1:]} per image but the model "
-                            f"expects {shape}")
+    check_features(features.shape, config, "the features to caption")
     _, start_id, end_id, banned = vocabulary(tokenizer)
     init_fn, step_fn = make_step_fn(model, config)
     out = []

@@ -5,6 +5,11 @@ image file name without its extension, D = the encoder's width (4096 for VGG16 f
 EfficientNet-Lite0). The tutorial's (1, D) rows and float16 are accepted and come back as
 float32 (D,). Writers use save_features (atomic).
 
+Also reads the spatial grid files of extract_features.py --spatial (HDF5, float16 (N, H, W, C);
+read_grids, read_rows reads either kind) and owns the check that features fit a model
+(check_features: pooled (N, D) for merge/inject, grids (N, G, C) for attention/transformer,
+one-line errors naming the file and both shapes).
+
 Reading a pickle from elsewhere with plain pickle.load can execute any command stored in it.
 load_features and load_pickle use SafeUnpickler, which resolves only the handful of globals a
 dict of numpy arrays needs and refuses every other one with a one-line error naming the file.
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from captioning.spatial import SpatialFeatures
 from captioning.utils import PipelineError, atomic_write, read_json
 
 # (module, name) pairs a pickled dict/list of numpy arrays and scalars refers to. numpy 2 writes
@@ -94,3 +100,75 @@ def recorded_backbone(path):
         return read_json(settings).get("backbone")
     except (PipelineError, AttributeError):
         return None
+
+
+# ---- spatial grids (extract_features.py --spatial G.h5) and which kind a model needs ----------
+def is_spatial_file(path):
+    """True for an HDF5 file (a spatial grid file); pickles and other files are False."""
+    import h5py
+    return Path(path).is_file() and h5py.is_hdf5(path)
+
+
+def read_grids(path, ids, dtype=np.float32):
+    """Grids of the `ids` found in a spatial file -> (found ids, array (n, G, C), info), info =
+    {"grid": [H, W], "backbone": the encoder recorded in the file}.
+
+    G = H*W cells in row-major order (row h, column w is cell h*W + w). The array is `dtype`:
+    float16 keeps the file's values and half the memory (training), float32 for decoding.
+    Ids not in the file are left out of `found`. The file is read by captioning.spatial (its
+    layout checks give the one-line errors).
+    """
+    path = Path(path)
+    if not is_spatial_file(path):
+        raise PipelineError(f"not a spatial features file (HDF5 from extract_features.py "
+                            f"--spatial) ({path})")
+    with SpatialFeatures(path) as grids:
+        found = [i for i in ids if i in grids.index]
+        out = grids.rows(found, dtype=dtype)
+        height, width = grids.grid
+        info = {"grid": [height, width], "backbone": grids.backbone}
+    return found, out.reshape(len(found), height * width, grids.width), info
+
+
+def read_rows(path, ids):
+    """Features of `ids` from either kind of file -> (found ids, float32 array, grid or None).
+
+    A pooled pickle gives (n, D) and grid None; a spatial file gives (n, G, C) and [H, W].
+    """
+    if is_spatial_file(path):
+        found, grids, info = read_grids(path, ids)
+        return found, grids, info["grid"]
+    table = load_features(path)
+    found = [i for i in ids if i in table]
+    width = len(next(iter(table.values()))) if table else 0
+    matrix = np.stack([table[i] for i in found]) if found else np.zeros((0, width), np.float32)
+    return found, matrix, None
+
+
+def model_input_shape(config):
+    """The per-image features a model of model.json `config` takes: (D,) pooled, or (G, C)
+    for a grid model (config has "grid" [H, W]; C = feature_dim)."""
+    if config.get("grid"):
+        height, width = config["grid"]
+        return (int(height) * int(width), int(config["feature_dim"]))
+    if config.get("feature_shape"):         # a model that states its own per-image shape
+        return tuple(int(s) for s in config["feature_shape"])
+    return (int(config["feature_dim"]),)
+
+
+def check_features(shape, config, where):
+    """One-line PipelineError naming `where` and both shapes unless features of `shape`
+    (N, ...) fit the model of `config`: pooled (N, D) for merge/inject, (N, G, C) for grids."""
+    shape, expected = tuple(int(s) for s in shape), model_input_shape(config)
+    if shape[1:] == expected:
+        return
+    variant = config.get("variant", "merge")
+    wanted = "(N, " + ", ".join(str(s) for s in expected) + ")"
+    if len(expected) == 2 and len(shape) == 2:
+        raise PipelineError(f"pooled features {shape} given to the {variant} model, which needs "
+                            f"spatial grids {wanted} (extract_features.py --spatial) ({where})")
+    if len(expected) == 1 and len(shape) == 3:
+        raise PipelineError(f"spatial grids {shape} given to the {variant} model, which needs "
+                            f"pooled features {wanted} ({where})")
+    raise PipelineError(f"features of shape {shape} do not fit the {variant} model, which was "
+                        f"trained on {wanted} ({where})")

@@ -6,13 +6,15 @@ Owns
                 dropout, and whatever a variant adds); `mode` is "sequence" or "pairs". A new
                 variant adds its builder here and its step builder to decoding.STEP_BUILDERS.
   the wiring and layer names of merge and inject (below); decoders find layers by these names.
+                The grid variants "attention" and "transformer" (spatial grid inputs) live in
+                captioning/grid_models.py and are registered here under their names.
   CaptionLoss   masked sparse cross-entropy, every predicted word weighing the same (caption_loss_class).
   the run folder's model files: model.keras (the kept model) + model.json (all a decoder needs),
                 read back by load_run / load_captioner, which accept the folder or its model.keras.
 Reads  model.keras, model.json, tokenizer.json (its sha256 must match model.json's).
 Writes .keras files atomically (save_keras).
-Imports captioning.utils and captioning.text only; Keras is imported inside the functions that
-build or load models (heavy, and not needed to read a config).
+Imports captioning.utils, text and grid_models only; Keras is imported inside the functions
+that build or load models (heavy, and not needed to read a config).
 
 The models. Inputs: image_input (B, feature_dim) float32 and caption_input (B, T) int32 token
 ids (0 = padding). Keras LSTM weights are [kernel (E, 4U), recurrent_kernel (U, 4U), bias (4U)],
@@ -43,7 +45,7 @@ import functools
 import os
 from pathlib import Path
 
-from captioning import text
+from captioning import grid_models, text
 from captioning.utils import PipelineError, read_json, sha256_file
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
@@ -118,7 +120,9 @@ def build_inject(config, mode=MODE):
                        name="caption_inject")
 
 
-VARIANTS = {"merge": build_merge, "inject": build_inject}
+VARIANTS = {"merge": build_merge, "inject": build_inject,
+            "attention": grid_models.build_from_config, "transformer": grid_models.build_from_config}
+GRID_VARIANTS = grid_models.VARIANTS   # these take spatial grids (N, G, C), the others (N, D)
 
 
 def build_from_config(config, mode=None):
@@ -224,9 +228,11 @@ def save_keras(model, path):
 
 
 def load_keras(path, compile=True):
-    """keras.models.load_model with the caption loss registered first."""
+    """keras.models.load_model with the caption loss and the grid models' layers registered
+    first (they register on first use; a fresh process that only loads needs this)."""
     import keras
     caption_loss_class()
+    grid_models.layer_classes()
     return keras.models.load_model(path, compile=compile)
 
 
@@ -280,7 +286,7 @@ def load_captioner(model_dir, data_dir):
                             f"tokenizer ({tok_vocab} ids); use the data dir the model was trained "
                             f"with ({model_dir / CONFIG_FILE})")
     model, config = load_run(model_dir, data_dir / "tokenizer.json")  # checks the sha256
-    out_width = model.get_layer("output").get_weights()[1].shape[0]
+    out_width = int(model.outputs[0].shape[-1])
     if out_width != tok_vocab:
         raise PipelineError(f"model outputs {out_width} words but the tokenizer has {tok_vocab} "
                             f"ids ({model_dir / MODEL_FILE})")

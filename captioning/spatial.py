@@ -34,6 +34,7 @@ from captioning.utils import PipelineError
 
 FORMAT_VERSION = 1
 DTYPE = np.float16
+READ_ROWS = 512          # rows per read in SpatialFeatures.rows (bounds the temporary copy)
 
 
 def partial_path(path):
@@ -89,9 +90,19 @@ class SpatialFeatures:
             raise PipelineError(f"image {image_id} not in {self.path}")
         return self.handle["features"][self.index[image_id]].astype(np.float32)
 
-    def rows(self, image_ids):
-        return np.stack([self[i] for i in image_ids]) if image_ids else \
-            np.zeros((0, *self.grid, self.width), np.float32)
+    def rows(self, image_ids, dtype=np.float32):
+        """Grids of image_ids -> `dtype` (n, H, W, C) (float16: the stored values, half the
+        memory). Read READ_ROWS file rows at a time in file order (h5py reads increasing row
+        lists), then put back in the order asked."""
+        missing = [i for i in image_ids if i not in self.index]
+        if missing:
+            raise PipelineError(f"image {missing[0]} not in {self.path}")
+        out = np.empty((len(image_ids), *self.grid, self.width), dtype=dtype)
+        order = np.argsort([self.index[i] for i in image_ids], kind="stable")
+        for lo in range(0, len(order), READ_ROWS):
+            chunk = order[lo:lo + READ_ROWS]
+            out[chunk] = self.handle["features"][[self.index[image_ids[k]] for k in chunk]]
+        return out
 
     def close(self):
         self.handle.close()

@@ -8,10 +8,13 @@ Owns
   checkpoints      write_checkpoint / latest_checkpoint / point_current: the run folder's layout,
                    written so that a kill at any moment leaves one whole epoch's state.
   dev_bleu_scorer  greedy dev-split BLEU-4 of a model (train.py --select-by bleu).
-  cross_validate   K folds over the training images per variant -> cv.csv.
-Files of a run folder (<output-dir>/<name>): see train.py's docstring.
-Imports captioning.data, decoding, features, metrics, models, text, utils; Keras, TensorFlow and matplotlib
-inside functions (heavy).
+  cross_validate   K folds over the training images per variant -> cv.csv (dev loss and
+                   BLEU-4 of each held-out fold, mean and std, seconds).
+Pooled variants (merge, inject) train on a features pickle through captioning.data; grid variants
+(attention, transformer) on a spatial HDF5 file through captioning.grid_data (whole images per
+batch). Files of a run folder (<output-dir>/<name>): see train.py's docstring.
+Imports captioning.data, decoding, features, grid_data, metrics, models, spatial, text, utils;
+Keras, TensorFlow and matplotlib inside functions (heavy).
 """
 import csv
 import io
@@ -24,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import data, decoding, metrics, models, text
-from captioning.features import load_features, recorded_backbone
+from captioning import data, decoding, grid_data, metrics, models, text
+from captioning.features import is_spatial_file, load_features, recorded_backbone
+from captioning.spatial import SpatialFeatures
 from captioning.utils import PipelineError, atomic_write, read_json, save_settings, sha256_file
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
@@ -48,6 +52,12 @@ PUBLISHED = (models.MODEL_FILE, models.CONFIG_FILE, "history.csv", "loss.png")
 # settings that must match for a rerun to resume the run in a folder
 RESUME_KEYS = ("variant", "mode", "embed_dim", "units", "dropout", "batch_size", "learning_rate",
                "label_smoothing", "seed", "features_sha256", "tokenizer_sha256", "select_by")
+# the grid variants' sizes, compared through model.json alone (absent, so None, for merge/inject
+# and for runs made before these variants existed)
+GRID_RESUME_KEYS = ("grid", "annotation_dim", "attention_dim", "penalty", "d_model", "heads",
+                    "encoder_layers", "decoder_layers", "ff_dim")
+TRANSFORMER_KEYS = ("d_model", "heads", "encoder_layers", "decoder_layers", "ff_dim")
+ATTENTION_KEYS = ("annotation_dim", "attention_dim", "penalty")
 
 
 def seed_everything(seed):
@@ -59,18 +69,54 @@ def seed_everything(seed):
 
 
 # ---- inputs -----------------------------------------------------------------------------------
-def prepare_inputs(args):
+def features_path(args, variant):
+    """The file a variant trains on: the grid variants' --spatial when given, else --features."""
+    if variant in models.GRID_VARIANTS and getattr(args, "spatial", None):
+        return Path(args.spatial)
+    return Path(args.features)
+
+
+def model_options(args, variant):
+    """model.json's size fields of `variant`, from train.py's options. The transformer has its
+    own sizes and dropout (--transformer-dropout); attention adds three to merge/inject's."""
+    if variant == "transformer":
+        return {**{key: getattr(args, key) for key in TRANSFORMER_KEYS},
+                "dropout": args.transformer_dropout}
+    options = {"embed_dim": args.embed_dim, "units": args.units, "dropout": args.dropout}
+    if variant == "attention":
+        options.update({key: getattr(args, key) for key in ATTENTION_KEYS})
+    return options
+
+
+def pooled_matrix(path, wanted, max_missing, variant):
+    """(float32 (N, D), row_of_id, missing ids) of a features pickle; a spatial file given to a
+    pooled variant is a one-line error with its shape."""
+    if is_spatial_file(path):
+        with SpatialFeatures(path) as grids:
+            shape = (len(grids.ids), *grids.grid, grids.width)
+        raise PipelineError(f"spatial grids {shape} given to the {variant} model, which needs "
+                            f"pooled features (N, D): use the features pickle ({path})")
+    features = load_features(path)
+    return data.feature_matrix(features, wanted, max_missing, str(path))
+
+
+def prepare_inputs(args, variant=None):
     """Everything training needs: (feature matrix, train examples, dev examples, config, row_of_id).
 
-    args: train.py's namespace (features, data_dir, max_missing, fail_on_missing, variant, mode,
-    embed_dim, units, dropout).
+    args: train.py's namespace (features, spatial, data_dir, max_missing, fail_on_missing,
+    variant, mode and the model sizes); variant: another one than args.variant (--cv). The
+    matrix is float32 (N, D) for merge/inject, float16 (N, G, C) grids for attention/transformer.
     """
+    variant = variant or args.variant
     meta, tokenizer, descriptions, splits = data.load_text(args.data_dir)
-    features = load_features(args.features)
-    where = str(args.features)
+    path = features_path(args, variant)
+    where = str(path)
     wanted = list(splits["train"]) + list(splits["dev"])
-    matrix, row_of_id, missing = data.feature_matrix(features, wanted, args.max_missing, where)
-    del features
+    if variant in models.GRID_VARIANTS:
+        matrix, row_of_id, missing, info = grid_data.grid_matrix(path, wanted, args.max_missing, variant)
+    else:
+        matrix, row_of_id, missing = pooled_matrix(path, wanted, args.max_missing, variant)
+        info = {"backbone": recorded_backbone(path)}
     if missing:
         if args.fail_on_missing:
             raise PipelineError(f"{len(missing)} split images have no features (first: {missing[0]}) ({where})")
@@ -82,15 +128,15 @@ def prepare_inputs(args):
     if not train or not dev:
         raise PipelineError(f"no training or dev captions with features ({args.data_dir})")
     word_index = tokenizer["word_index"]
-    config = {"variant": args.variant, "mode": args.mode, "feature_dim": int(matrix.shape[1]),
+    config = {"variant": variant, "mode": args.mode, "feature_dim": int(matrix.shape[-1]),
               "vocab_size": meta["vocab_size"], "max_length": max_length,
-              "embed_dim": args.embed_dim, "units": args.units, "dropout": args.dropout,
+              **model_options(args, variant), **({"grid": info["grid"]} if "grid" in info else {}),
               "start_token": meta["start_token"], "end_token": meta["end_token"],
               "pad_id": meta.get("pad_id", 0), "oov_token": meta.get("oov_token"),
               "start_id": word_index[meta["start_token"]], "end_id": word_index[meta["end_token"]],
               "tokenizer_sha256": meta["tokenizer_sha256"],
-              "features_file": str(args.features), "features_sha256": sha256_file(args.features),
-              "backbone": recorded_backbone(args.features),
+              "features_file": str(path), "features_sha256": sha256_file(path),
+              "backbone": info["backbone"],
               "data_dir": str(Path(args.data_dir).resolve()),
               "epochs_trained": 0, "best_epoch": None, "best_val_loss": None}
     return matrix, train, dev, config, row_of_id
@@ -383,7 +429,21 @@ def make_keeper(run_dir, state, config, patience, scorer=None, previous=None, de
 
 def resume_settings(args, config):
     """The settings that must match for a rerun to continue a run folder's training."""
-    return {key: config[key] if key in config else getattr(args, key) for key in RESUME_KEYS}
+    settings = {key: config[key] if key in config else getattr(args, key) for key in RESUME_KEYS}
+    settings.update({key: config[key] for key in GRID_RESUME_KEYS if key in config})
+    return settings
+
+
+def make_datasets(config, batch_size, seed, train, dev, matrix, first_epoch=0):
+    """(training, dev) tf.data pipelines: caption batches for merge/inject (captioning.data),
+    whole-image batches for the grid variants (captioning.grid_data)."""
+    if config["variant"] in models.GRID_VARIANTS:
+        return (grid_data.make_grid_dataset(train, matrix, batch_size, seed=seed, first_epoch=first_epoch),
+                grid_data.make_grid_dataset(dev, matrix, batch_size))
+    mode, max_length = config.get("mode", models.MODE), config["max_length"]
+    return (data.make_dataset(train, matrix, mode, batch_size, max_length, seed=seed,
+                              first_epoch=first_epoch),
+            data.make_dataset(dev, matrix, mode, batch_size, max_length))
 
 
 def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
@@ -397,8 +457,8 @@ def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
     if source is not None:
         state = read_json(source / STATE_FILE)
         old = state.get("settings") or read_json(run_dir / "settings.json")
-        for key in RESUME_KEYS:
-            if old.get(key) != settings[key]:
+        for key in RESUME_KEYS + GRID_RESUME_KEYS:
+            if old.get(key) != settings.get(key):
                 raise PipelineError(f"run folder holds a run with another {key} ({old.get(key)!r}); "
                                     f"use another --name, or --overwrite to start again ({run_dir})")
         config.update(read_json(source / models.CONFIG_FILE), **{
@@ -424,9 +484,8 @@ def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
     save_settings(run_dir / "settings.json", args, **{k: config[k] for k in (
         "feature_dim", "vocab_size", "max_length", "features_sha256", "tokenizer_sha256")},
         train_captions=len(train), dev_captions=len(dev))
-    train_ds = data.make_dataset(train, matrix, args.mode, args.batch_size, config["max_length"],
-                                 seed=args.seed, first_epoch=state["epoch"])
-    dev_ds = data.make_dataset(dev, matrix, args.mode, args.batch_size, config["max_length"])
+    train_ds, dev_ds = make_datasets(config, args.batch_size, args.seed, train, dev, matrix,
+                                     first_epoch=state["epoch"])
     model.fit(train_ds, validation_data=dev_ds, epochs=args.epochs, initial_epoch=state["epoch"],
               callbacks=[make_keeper(run_dir, state, config, args.patience, scorer, source,
                                      dev_loss_scale(model, dev, args.mode))],
@@ -436,54 +495,87 @@ def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
 
 
 # ---- cross-validation -------------------------------------------------------------------------
-def cross_validate(args, run_dir, matrix, train, config):
-    """K folds over training images (dev/test untouched) per variant; writes cv.csv."""
+def fold_bleu4(model, config, tokenizer, references, matrix, row_of_id, ids):
+    """Standard BLEU-4 of greedy captions for the images `ids` (a held-out fold)."""
+    ids = [i for i in ids if i in row_of_id]
+    id_to_word, _, end_id, _ = decoding.vocabulary(tokenizer)
+    id_lists = decoding.caption_features(model, config, tokenizer, matrix[[row_of_id[i] for i in ids]])
+    words = [decoding.ids_to_words(id_to_word, x, end_id) for x in id_lists]
+    return metrics.standard_bleu([references[i] for i in ids], words)["bleu4"]
+
+
+def cross_validate(args, run_dir, first):
+    """K folds over the training images (dev/test untouched) per variant; writes cv.csv.
+
+    first: prepare_inputs' (matrix, train, dev, config, row_of_id) for args.variant; a variant
+    of the other kind (pooled vs grid) loads its own file once (features_path). Folds are drawn
+    over image ids, so every variant holds out the same images. Per fold: the dev loss (mean
+    per predicted word) of the held-out images at the best of --cv-epochs epochs, their greedy
+    standard BLEU-4 with that epoch's weights, and the seconds it took.
+    """
     import keras
-    rows_all = sorted({row for row, _ in train})
+    tokenizer = text.load_tokenizer(Path(args.data_dir) / "tokenizer.json")
+    references = text.load_references(args.data_dir)
+    ids_all = sorted(text.load_splits(args.data_dir)["train"])
     rng = np.random.default_rng(args.seed)
-    rows_all = [rows_all[i] for i in rng.permutation(len(rows_all))]
+    ids_all = [ids_all[i] for i in rng.permutation(len(ids_all))]
     if args.cv_subset:
-        rows_all = rows_all[:args.cv_subset]
-    if args.cv < 2 or args.cv > len(rows_all):
-        raise PipelineError(f"--cv needs 2..{len(rows_all)} folds, got {args.cv}")
-    fold_of = {row: k % args.cv for k, row in enumerate(rows_all)}
+        ids_all = ids_all[:args.cv_subset]
+    if args.cv < 2 or args.cv > len(ids_all):
+        raise PipelineError(f"--cv needs 2..{len(ids_all)} folds, got {args.cv}")
+    fold_of = {image_id: k % args.cv for k, image_id in enumerate(ids_all)}
+    loaded = {args.variant in models.GRID_VARIANTS: first}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     results = []
     for variant in variants:
+        grid = variant in models.GRID_VARIANTS
+        if grid not in loaded:
+            loaded[grid] = prepare_inputs(args, variant)
+        matrix, train, _, base, row_of_id = loaded[grid]
+        config = dict(base, variant=variant, mode="sequence", **model_options(args, variant))
+        id_of_row = {row: image_id for image_id, row in row_of_id.items()}
         for fold in range(args.cv):
             seed_everything(args.seed)
-            fit_ex = [e for e in train if e[0] in fold_of and fold_of[e[0]] != fold]
-            val_ex = [e for e in train if fold_of.get(e[0]) == fold]
-            model = models.build_from_config(dict(config, variant=variant), "sequence")
+            held_out = [i for i in ids_all if fold_of[i] == fold]
+            fit_ex = [e for e in train if fold_of.get(id_of_row[e[0]], fold) != fold]
+            val_ex = [e for e in train if fold_of.get(id_of_row[e[0]]) == fold]
+            model = models.build_from_config(config, "sequence")
             models.compile_model(model, args.learning_rate, args.label_smoothing,
                                  data.words_per_row(fit_ex, "sequence"))
             started = time.time()
-            hist = model.fit(data.make_dataset(fit_ex, matrix, "sequence", args.batch_size,
-                                               config["max_length"], seed=args.seed),
-                             validation_data=data.make_dataset(val_ex, matrix, "sequence",
-                                                               args.batch_size, config["max_length"]),
-                             epochs=args.cv_epochs, verbose=args.verbose, shuffle=False)
+            fit_ds, val_ds = make_datasets(config, args.batch_size, args.seed, fit_ex, val_ex, matrix)
+            best = keras.callbacks.ModelCheckpoint(str(run_dir / f".cv-{variant}-{fold}.weights.h5"),
+                                                   save_best_only=True, save_weights_only=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            hist = model.fit(fit_ds, validation_data=val_ds, epochs=args.cv_epochs,
+                             verbose=args.verbose, shuffle=False, callbacks=[best])
+            model.load_weights(best.filepath)           # the epoch with the lowest fold loss
+            Path(best.filepath).unlink()
             val = [v * dev_loss_scale(model, val_ex, "sequence") for v in hist.history["val_loss"]]
-            best = int(np.argmin(val))
-            results.append({"variant": variant, "fold": fold, "val_loss": round(val[best], 6),
-                            "best_epoch": best + 1, "seconds": round(time.time() - started, 1)})
-            print(f"cv {variant} fold {fold + 1}/{args.cv}: val loss {val[best]:.4f} "
-                  f"(epoch {best + 1}) {results[-1]['seconds']:.0f}s", flush=True)
+            epoch = int(np.argmin(val))
+            bleu4 = fold_bleu4(model, config, tokenizer, references, matrix, row_of_id, held_out)
+            results.append({"variant": variant, "fold": fold, "val_loss": round(val[epoch], 6),
+                            "bleu4": round(bleu4, 6), "best_epoch": epoch + 1,
+                            "seconds": round(time.time() - started, 1)})
+            print(f"cv {variant} fold {fold + 1}/{args.cv}: val loss {val[epoch]:.4f}, BLEU-4 "
+                  f"{bleu4:.4f} (epoch {epoch + 1}) {results[-1]['seconds']:.0f}s", flush=True)
             keras.backend.clear_session()
     summary = []
-    print(f"\n{'variant':<10} {'val loss (mean ± std over ' + str(args.cv) + ' folds)':>40}")
+    print(f"\n{'variant':<12} {'dev loss':>17} {'dev BLEU-4':>17} {'seconds':>9}   "
+          f"(mean ± std over {args.cv} folds)")
     for variant in variants:
-        losses = np.array([r["val_loss"] for r in results if r["variant"] == variant])
-        mean, std = float(losses.mean()), float(losses.std(ddof=1))
-        summary += [{"variant": variant, "fold": "mean", "val_loss": round(mean, 6)},
-                    {"variant": variant, "fold": "std", "val_loss": round(std, 6)}]
-        print(f"{variant:<10} {mean:>30.4f} ± {std:.4f}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        rows = [r for r in results if r["variant"] == variant]
+        stats = {key: (float(np.mean([r[key] for r in rows])), float(np.std([r[key] for r in rows], ddof=1)))
+                 for key in ("val_loss", "bleu4", "seconds")}
+        summary += [{"variant": variant, "fold": name, **{k: round(v[i], 6) for k, v in stats.items()}}
+                    for i, name in enumerate(("mean", "std"))]
+        print(f"{variant:<12} {stats['val_loss'][0]:>8.4f} ± {stats['val_loss'][1]:.4f} "
+              f"{stats['bleu4'][0]:>8.4f} ± {stats['bleu4'][1]:.4f} {stats['seconds'][0]:>9.0f}")
     with atomic_write(run_dir / "cv.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["variant", "fold", "val_loss", "best_epoch", "seconds"],
-                                lineterminator="\n")
+        writer = csv.DictWriter(handle, lineterminator="\n", fieldnames=[
+            "variant", "fold", "val_loss", "bleu4", "best_epoch", "seconds"])
         writer.writeheader()
         writer.writerows(results + summary)
-    save_settings(run_dir / "settings.json", args, feature_dim=config["feature_dim"],
-                  vocab_size=config["vocab_size"], images=len(rows_all))
+    save_settings(run_dir / "settings.json", args, images=len(ids_all),
+                  **{f"{'grid' if k else 'pooled'}_features": v[3]["features_file"] for k, v in loaded.items()})
     return results

@@ -27,11 +27,15 @@ def make_fixture(root, n_train=10, n_dev=3, n_test=2, dim=6, seed=0):
     data.mkdir(parents=True, exist_ok=True)
     ids = [f"img{i:03d}" for i in range(n_train + n_dev + n_test)]
     splits = {"train": ids[:n_train], "dev": ids[n_train:n_train + n_dev], "test": ids[n_train + n_dev:]}
+    references = {}
     with open(data / "descriptions.txt", "w", encoding="utf-8") as handle:
         for image_id in ids:
             for _ in range(5):
                 n = int(rng.integers(2, 9))
-                handle.write(image_id + " " + " ".join(rng.choice(WORDS, n)) + "\n")
+                caption = " ".join(rng.choice(WORDS, n))
+                references.setdefault(image_id, []).append(caption)
+                handle.write(image_id + " " + caption + "\n")
+    write_json(data / "references.json", references)
     vocab = ["startseq", "endseq", "<unk>"] + WORDS
     write_json(data / "tokenizer.json", {"word_index": {w: i + 1 for i, w in enumerate(vocab)},
                                          "oov_token": "<unk>", "start_token": "startseq",
@@ -82,7 +86,9 @@ def test_build_model_names_shapes_and_variable_length():
     assert "add" not in {layer.name for layer in inject.layers}
     pairs = models.build_model("merge", 5, 20, 10, embed_dim=8, units=8, mode="pairs")
     assert pairs.output.shape == (None, 20)
-    with pytest.raises(PipelineError):
+    with pytest.raises(PipelineError, match="unknown variant"):
+        models.build_model("show_and_tell", 5, 20, 10)
+    with pytest.raises(PipelineError, match="spatial grid"):   # a grid model given a pooled width
         models.build_model("transformer", 5, 20, 10)
 
 
@@ -344,6 +350,7 @@ def test_cross_validation_writes_table(fixture_dir, capsys):
     merge_losses = [float(r["val_loss"]) for r in rows[:2]]
     assert float(rows[4]["val_loss"]) == pytest.approx(np.mean(merge_losses), rel=1e-4)
     assert all(2.0 < v < 4.0 for v in merge_losses)
+    assert all(0.0 <= float(r["bleu4"]) <= 1.0 for r in rows)
     assert "±" in capsys.readouterr().out
 
 
