@@ -40,8 +40,6 @@ during --warmup-epochs the sum of all of them. Dev selection embeds the 1000 dev
 their 5000 captions after every epoch and ranks them (captioning/ranking.py).
 """
 import argparse
-import csv
-import io
 import sys
 import time
 from pathlib import Path
@@ -169,15 +167,6 @@ def rank_examples(encoders, features, examples):
 
 
 # ---- training ----------------------------------------------------------------------------------
-def history_csv(history):
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
-    return buffer.getvalue()
-
-
 def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience, previous):
     """Keras callback: warm-up switch before each epoch; after it, dev ranks and one atomic
     checkpoint (previous: the checkpoint resumed from, or None)."""
@@ -219,7 +208,7 @@ def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience, 
                           best_dev_rsum=state["best_dev_rsum"], best_dev=state["best_dev"])
             self.previous = training.write_checkpoint(
                 run_dir, self.model, state, config, improved, self.previous,
-                files={"history.csv": history_csv(state["history"])})
+                files={"history.csv": training.history_csv(state["history"], HISTORY_FIELDS)})
             print(f"epoch {epoch + 1}: loss {logs['loss']:.4f}  dev R@1/5/10 image->text "
                   f"{a['r1']:.1f}/{a['r5']:.1f}/{a['r10']:.1f}  text->image "
                   f"{s['r1']:.1f}/{s['r5']:.1f}/{s['r10']:.1f}  rsum {dev_result['rsum']:.1f}  "

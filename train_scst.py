@@ -41,8 +41,6 @@ Inside the checkpoint only (for resuming):
 And settings.json: the arguments plus derived values.
 """
 import argparse
-import csv
-import io
 import sys
 from pathlib import Path
 
@@ -121,15 +119,6 @@ def load_inputs(args):
     return init_dir, model, config, tokenizer, splits, references, matrix, row_of_id, rewards
 
 
-def history_csv(history):
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
-    return buffer.getvalue()
-
-
 def dev_row(score, model, config):
     cider, words = score(model, config)
     texts = [" ".join(w) for w in words]
@@ -142,7 +131,7 @@ def save_epoch(run_dir, model, config, state, improved, previous):
     config["scst"].update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
                           best_dev_cider_d=state["best_dev_cider_d"])
     return training.write_checkpoint(run_dir, model, state, config, improved, previous,
-                                     files={"history.csv": history_csv(state["history"])})
+                                     files={"history.csv": training.history_csv(state["history"], HISTORY_FIELDS)})
 
 
 def main(argv=None):

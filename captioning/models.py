@@ -46,7 +46,7 @@ import os
 from pathlib import Path
 
 from captioning import grid_models, text
-from captioning.utils import PipelineError, read_json, sha256_file
+from captioning.utils import PipelineError, read_json
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
 EMBED_DIM = 256          # word vector size
@@ -263,13 +263,7 @@ def load_run(model_dir, tokenizer_path=None):
     config = read_json(model_dir / CONFIG_FILE)
     if not (model_dir / MODEL_FILE).is_file():
         raise PipelineError(f"missing file {model_dir / MODEL_FILE}")
-    tok = Path(tokenizer_path if tokenizer_path is not None else config["data_dir"])
-    if tok.is_dir():
-        tok = tok / "tokenizer.json"
-    if not tok.is_file():
-        raise PipelineError(f"cannot check the vocabulary: missing file {tok} (pass the tokenizer)")
-    if sha256_file(tok) != config["tokenizer_sha256"]:
-        raise PipelineError(f"tokenizer {tok} is not the one model {model_dir} was trained with")
+    text.model_tokenizer_path(config, tokenizer_path, model_dir)
     return load_keras(model_dir / MODEL_FILE, compile=False), config
 
 

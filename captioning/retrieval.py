@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.text import clean_caption, encode_caption, load_tokenizer
-from captioning.utils import PipelineError, read_json, sha256_file
+from captioning.text import clean_caption, encode_caption, load_tokenizer, model_tokenizer_path
+from captioning.utils import PipelineError, read_json
 
 # ---- settings (train_retrieval.py's defaults) --------------------------------------------------
 EMBED_DIM = 512      # joint space size d (= GRU units); VSE++ uses 1024, 3x the CPU time per epoch
@@ -191,13 +191,7 @@ def load_embedding(model_dir, tokenizer_path=None):
                             f"{config.get('kind')!r}, expected {MODEL_KIND!r})")
     if not (model_dir / MODEL_FILE).is_file():
         raise PipelineError(f"missing file {model_dir / MODEL_FILE}")
-    tok = Path(tokenizer_path if tokenizer_path is not None else config["data_dir"])
-    if tok.is_dir():
-        tok = tok / "tokenizer.json"
-    if not tok.is_file():
-        raise PipelineError(f"cannot check the vocabulary: missing file {tok} (pass --data-dir)")
-    if sha256_file(tok) != config["tokenizer_sha256"]:
-        raise PipelineError(f"tokenizer {tok} is not the one model {model_dir} was trained with")
+    tok = model_tokenizer_path(config, tokenizer_path, model_dir, "pass --data-dir")
     embedding_loss_class()  # registered, so a checkpoint saved with its loss deserialises
     model = keras.models.load_model(model_dir / MODEL_FILE, compile=False)
     return model, config, load_tokenizer(tok)

@@ -240,6 +240,21 @@ def create_input_data_for_one_image(tokenizer, max_length, captions, image_featu
 
 
 # ---- loading what this stage wrote (used by train / generate / evaluate) ----------------------
+def model_tokenizer_path(config, tokenizer_path, model_dir, hint="pass the tokenizer"):
+    """The tokenizer.json a trained model must be read with: tokenizer_path (file or the folder
+    holding it; default the data_dir recorded in model.json `config`), checked against the
+    sha256 the model was trained with. PipelineError if missing or another vocabulary (its ids
+    would decode to the wrong words)."""
+    tok = Path(tokenizer_path if tokenizer_path is not None else config["data_dir"])
+    if tok.is_dir():
+        tok = tok / "tokenizer.json"
+    if not tok.is_file():
+        raise PipelineError(f"cannot check the vocabulary: missing file {tok} ({hint})")
+    if sha256_file(tok) != config["tokenizer_sha256"]:
+        raise PipelineError(f"tokenizer {tok} is not the one model {model_dir} was trained with")
+    return tok
+
+
 def load_tokenizer(path):
     """Read tokenizer.json (a file, or the folder holding it) and check its invariants."""
     path = Path(path)

@@ -222,8 +222,11 @@ def latest_checkpoint(run_dir):
     return None
 
 
-def history_csv(history):
-    fields = ["epoch", "loss", "val_loss", "dev_bleu4", "seconds", "lr"]
+HISTORY_FIELDS = ["epoch", "loss", "val_loss", "dev_bleu4", "seconds", "lr"]
+
+
+def history_csv(history, fields=HISTORY_FIELDS):
+    """history.csv's text: one row per epoch dict, the given columns."""
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
