@@ -122,6 +122,7 @@ class Captioner:
         self.id_to_word, self.start_id, self.end_id, self.banned = decoding.vocabulary(self.tokenizer)
         self.encode = encode
         self.run_dir = run_dir
+        self._step_fns = None
 
     @property
     def feature_dim(self):
@@ -129,8 +130,10 @@ class Captioner:
 
     def caption_ids(self, features, beam=decoding.BEAM, alpha=decoding.ALPHA, progress=False):
         """(N, D) features -> N lists of generated ids (ending with endseq's id when finished)."""
+        if self._step_fns is None:      # built once: every build traces new tf.functions
+            self._step_fns = decoding.make_step_fn(self.model, self.config)
         return decoding.caption_features(self.model, self.config, self.tokenizer, features,
-                                         beam, alpha, progress=progress)
+                                         beam, alpha, progress=progress, step_fns=self._step_fns)
 
     def words(self, ids):
         """Generated ids -> caption words, without endseq."""

@@ -279,13 +279,15 @@ def ids_to_words(id_to_word, ids, end_id):
 
 
 def caption_features(model, config, tokenizer, features, beam=BEAM, alpha=ALPHA,
-                     batch_images=BATCH_IMAGES, progress=False):
+                     batch_images=BATCH_IMAGES, progress=False, step_fns=None):
     """Decode captions for (N, D) features, or (N, G, C) grids for the grid variants -> N lists
-    of generated ids (incl. endseq)."""
+    of generated ids (incl. endseq). step_fns: make_step_fn(model, config), built here if not
+    given; a caller that decodes again and again (a video, a web server) passes its own, since
+    each build traces new tf.functions."""
     features = np.asarray(features, dtype=np.float32)
     check_features(features.shape, config, "the features to caption")
     _, start_id, end_id, banned = vocabulary(tokenizer)
-    init_fn, step_fn = make_step_fn(model, config)
+    init_fn, step_fn = step_fns if step_fns is not None else make_step_fn(model, config)
     out = []
     starts = range(0, len(features), batch_images)
     if progress:
