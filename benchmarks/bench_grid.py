@@ -110,22 +110,6 @@ def predict_loop(model, grid, start_id, end_id, max_length, banned):
     return out
 
 
-def prefix_rerun_steps(model, grid):
-    """Step functions that re-run the whole model on every prefix (no cache), all rows at once."""
-    def init_fn(images):
-        return (np.arange(len(images)), np.zeros((len(images), 0), np.int32))
-
-    def step_fn(states, last_ids):
-        rows, tokens = states
-        tokens = np.concatenate([tokens, np.asarray(last_ids, np.int32)[:, None]], axis=1)
-        probs = model.predict_on_batch({"image_input": grid[rows], "caption_input": tokens,
-                                        "image_index": np.arange(len(rows), dtype=np.int32)})
-        with np.errstate(divide="ignore"):
-            return np.log(np.asarray(probs[:, -1], np.float64)), (rows, tokens)
-
-    return init_fn, step_fn
-
-
 def time_decoding(run_dir, spatial, data_dir, subset):
     model, config, tokenizer = models.load_captioner(run_dir, data_dir)
     ids = text.load_splits(data_dir)["test"]
@@ -149,7 +133,7 @@ def time_decoding(run_dir, spatial, data_dir, subset):
            "beam_s": beam_s, "same": sum(a == b for a, b in zip(slow, greedy)), "subset": subset,
            "tokens": float(np.mean([len(c) for c in greedy]))}
     if config["variant"] == "transformer":
-        init_fn, step_fn = prefix_rerun_steps(model, grid)
+        init_fn, step_fn = grid_models.prefix_step_fns(model, grid)
         decoding.greedy_decode(step_fn, init_fn(grid[:2]), start_id, end_id, 3, banned)   # warm-up
         t0 = time.perf_counter()
         rerun = decoding.greedy_decode(step_fn, init_fn(grid), start_id, end_id, max_length, banned)

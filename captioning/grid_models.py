@@ -602,6 +602,25 @@ def attention_weights(model, grid, ids, start_id):
     return np.stack(maps, axis=1)
 
 
+def prefix_step_fns(model, grid):
+    """(init_fn, step_fn) of the step interface that keep no state but the tokens: every step
+    re-runs the whole training model on (grid, prefix) for all rows at once and takes the last
+    position. The reference the carried-state steps are tested against, and the alternative to
+    the key/value cache that benchmarks/bench_grid.py times. init_fn takes image rows of `grid`."""
+    def init_fn(images):
+        return (np.arange(len(images)), np.zeros((len(images), 0), np.int32))
+
+    def step_fn(states, last_ids):
+        rows, tokens = states
+        tokens = np.concatenate([tokens, np.asarray(last_ids, np.int32)[:, None]], axis=1)
+        probs = model.predict_on_batch({"image_input": grid[rows], "caption_input": tokens,
+                                        "image_index": np.arange(len(rows), dtype=np.int32)})
+        with np.errstate(divide="ignore"):     # a probability of exactly 0 is log -inf
+            return np.log(np.asarray(probs[:, -1], np.float64)), (rows, tokens)
+
+    return init_fn, step_fn
+
+
 def prefix_greedy(model, grid, start_id, end_id, max_length, banned_ids=(), batch=64):
     """The re-run-the-whole-prefix loop, N images at once: the reference decoder for tests.
 

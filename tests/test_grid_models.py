@@ -55,22 +55,6 @@ def trained(request):
     return request.param, train_toy(request.param)
 
 
-def prefix_step_fns(model, grid):
-    """Reference step: states (rows, tokens so far); run the whole model on the prefix."""
-    def init_fn(images):
-        return (np.arange(len(images)), np.zeros((len(images), 0), np.int32))
-
-    def step_fn(states, last_ids):
-        rows, tokens = states
-        tokens = np.concatenate([tokens, np.asarray(last_ids, np.int32)[:, None]], axis=1)
-        probs = model.predict_on_batch({"image_input": grid[rows], "caption_input": tokens,
-                                        "image_index": np.arange(len(rows), dtype=np.int32)})
-        with np.errstate(divide="ignore"):     # a probability of exactly 0 is log -inf
-            return np.log(np.asarray(probs[:, -1], np.float64)), (rows, tokens)
-
-    return init_fn, step_fn
-
-
 # ---- decoding ---------------------------------------------------------------------------------
 def test_greedy_through_the_step_equals_the_prefix_loop(trained):
     variant, model = trained
@@ -88,7 +72,7 @@ def test_beam_through_the_step_equals_beam_over_the_prefix_loop(trained):
     grid, _ = toy_data()
     noisy = grid + np.random.default_rng(5).normal(0, 1.0, grid.shape).astype(np.float32)
     init_fn, step_fn = grid_models.grid_step_fns(model)
-    ref_init, ref_step = prefix_step_fns(model, noisy)
+    ref_init, ref_step = grid_models.prefix_step_fns(model, noisy)
     fast = decoding.beam_search(step_fn, init_fn(noisy), START, END, MAX_LENGTH, 3, 0.7, BANNED)
     slow = decoding.beam_search(ref_step, ref_init(noisy), START, END, MAX_LENGTH, 3, 0.7, BANNED)
     assert fast == slow
