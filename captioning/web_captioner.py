@@ -97,6 +97,15 @@ def beam_alternatives(step_fn, states, start_id, end_id, max_length, beam, alpha
             for j, s in zip(top, new_scores) if np.isfinite(s)]
 
 
+def attention(config, words, maps):
+    """The page's attention block: {"grid": [H, W], "words": [...], "weights": one row-major
+    list of H*W weights per word}, from Captioner.attention_maps' (L, H, W); None without maps."""
+    if maps is None or not len(words):
+        return None
+    return {"grid": list(config["grid"]), "words": list(words),
+            "weights": np.asarray(maps, np.float64).reshape(len(words), -1).round(5).tolist()}
+
+
 # ---- the captioner ----------------------------------------------------------------------------
 class WebCaptioner:
     """A Captioner with the page's answer per photo; everything is loaded when it is made.
@@ -162,8 +171,9 @@ class WebCaptioner:
 
     def caption(self, images, beam):
         """PIL images -> one dict per image: {"greedy": str, "beams": [(caption, score)],
-        "finished": [bool per beam], "features": where the vector came from, "attention": None}
-        or {"error": str} for an image this model cannot caption."""
+        "finished": [bool per beam], "features": where the vector came from, "attention": the
+        greedy caption's per-word weights for grid models (see attention()), else None} or
+        {"error": str} for an image this model cannot caption."""
         order, matrix, sources, errors = self.features(images)
         out = [{"error": errors[i]} if i in errors else None for i in range(len(images))]
         if matrix is None:
@@ -174,6 +184,7 @@ class WebCaptioner:
         # beam 1 is greedy whatever alpha is (decoding.decode); beam search of width 1 with
         # alpha 0 is exactly greedy, and its summed log p is then normalised for the score column
         search_alpha = self.alpha if beam > 1 else 0.0
+        maps = c.attention_maps(matrix, greedy) if c.config.get("grid") else None
         for row, i in enumerate(order):
             alternatives = beam_alternatives(self.step_fn, self.init_fn(matrix[row:row + 1]),
                                              c.start_id, c.end_id, c.config["max_length"], beam,
@@ -184,5 +195,6 @@ class WebCaptioner:
             out[i] = {"greedy": " ".join(words(greedy[row])),
                       "beams": [(" ".join(words(ids)), score) for ids, score, _ in alternatives],
                       "finished": [done for _, _, done in alternatives],
-                      "features": sources[i], "attention": None}
+                      "features": sources[i], "attention": attention(c.config, words(greedy[row]),
+                                                                       maps[row] if maps else None)}
         return out

@@ -366,3 +366,27 @@ def test_word_panels_light_the_attended_cell():
     assert sheet[2, 42, 0] == floor and sheet[37, 77, 0] == 255         # panel 2 corners
     with pytest.raises(ValueError, match="one \\(H, W\\) map per word"):
         attention_maps.word_panels(None, ["a"], np.zeros((2, 2, 2)))
+
+
+def test_the_web_page_gets_the_attention_of_each_greedy_word(learnt):
+    """serve.py's captioner returns, for a grid model, the greedy caption's per-word weights in
+    the page's format, equal to Captioner.attention_maps."""
+    from PIL import Image
+    from captioning.captioner import Captioner
+    from captioning.web_captioner import WebCaptioner
+    root, _, grids, data_dir, splits = learnt
+    image_id = [i for i in splits["test"] if "_cat" in i][0]
+    grid = read_grids(grids, [image_id])[1].reshape(1, -1, FEATURE_DIM)
+
+    def encoder(images):                     # stands in for the backbone: this image's grid
+        return np.repeat(grid, len(images), axis=0)
+    web = WebCaptioner(root / "models" / "attention", data_dir, encoder=encoder)
+    answer = web.caption([Image.new("RGB", (32, 32))], beam=2)[0]
+    assert answer["greedy"] == "a cat sits on a red ball"
+    block = answer["attention"]
+    assert block["grid"] == list(GRID_HW) and block["words"] == answer["greedy"].split()
+    captioner = Captioner(root / "models" / "attention", data_dir)
+    ids = captioner.caption_ids(grid)
+    want = captioner.attention_maps(grid, ids)[0].reshape(len(block["words"]), -1)
+    np.testing.assert_allclose(block["weights"], want, atol=1e-5)
+    np.testing.assert_allclose(np.sum(block["weights"], axis=1), 1.0, atol=1e-4)
