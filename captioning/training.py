@@ -154,9 +154,13 @@ def dev_bleu_scorer(data_dir, matrix, row_of_id):
     ids = [i for i in text.load_splits(data_dir)["dev"] if i in row_of_id]
     dev_matrix = matrix[[row_of_id[i] for i in ids]]
     id_to_word, _, end_id, _ = decoding.vocabulary(tokenizer)
+    built = {}      # the step functions of the model being trained: traced once, not per epoch
 
     def score(model, config):
-        id_lists = decoding.caption_features(model, config, tokenizer, dev_matrix, beam=1)
+        if built.get("model") is not model:
+            built.update(model=model, step_fns=decoding.make_step_fn(model, config))
+        id_lists = decoding.caption_features(model, config, tokenizer, dev_matrix, beam=1,
+                                             step_fns=built["step_fns"])
         words = [decoding.ids_to_words(id_to_word, x, end_id) for x in id_lists]
         return metrics.standard_bleu([references[i] for i in ids], words)["bleu4"]
 
