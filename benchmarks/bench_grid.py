@@ -95,21 +95,6 @@ def time_training(variant, spatial, data_dir, batches, queue):
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
 
 
-def predict_loop(model, grid, start_id, end_id, max_length, banned):
-    """The course's decoding for one image: model.predict on the whole prefix, once per word."""
-    prefix, out = [start_id], []
-    for _ in range(max_length - 1):
-        probs = model.predict({"image_input": grid[None], "caption_input": np.array([prefix], np.int32),
-                               "image_index": np.zeros(1, np.int32)}, verbose=0)[0, -1].astype(np.float64)
-        probs[list(banned)] = -1.0
-        word = int(np.argmax(probs))
-        out.append(word)
-        if word == end_id:
-            break
-        prefix.append(word)
-    return out
-
-
 def time_decoding(run_dir, spatial, data_dir, subset):
     model, config, tokenizer = models.load_captioner(run_dir, data_dir)
     ids = text.load_splits(data_dir)["test"]
@@ -118,9 +103,9 @@ def time_decoding(run_dir, spatial, data_dir, subset):
         raise PipelineError(f"{len(ids) - len(found)} test images have no grid ({spatial})")
     _, start_id, end_id, banned = decoding.vocabulary(tokenizer)
     max_length = config["max_length"]
-    predict_loop(model, grid[0], start_id, end_id, 3, banned)                 # warm-up (tracing)
+    decoding.tutorial_greedy(model, grid[0], start_id, end_id, 3, banned)                 # warm-up (tracing)
     t0 = time.perf_counter()
-    slow = [predict_loop(model, g, start_id, end_id, max_length, banned) for g in grid[:subset]]
+    slow = [decoding.tutorial_greedy(model, g, start_id, end_id, max_length, banned) for g in grid[:subset]]
     loop_s = (time.perf_counter() - t0) / subset * len(ids)
     decoding.caption_features(model, config, tokenizer, grid[:2])              # warm-up (tracing)
     t0 = time.perf_counter()

@@ -227,7 +227,8 @@ def make_step_fn(model, config):
 def tutorial_greedy(model, photo, start_id, end_id, max_length, banned_ids=()):
     """The course's generate_desc: one model.predict per word on the whole padded prefix.
 
-    Returns the generated ids (as greedy_decode). A sequence-mode model (output (1, T, V),
+    Returns the generated ids (as greedy_decode). A grid model (attention, transformer) gets
+    its one image's grid (G, C) and image_index 0. A sequence-mode model (output (1, T, V),
     caption input of any length) gets the prefix post-padded to max_length and is read at the
     last real position; a pairs-mode model (output (1, V), input fixed at max_length) gets the
     tutorial's pre-padded prefix. Padding is masked (mask_zero), so both equal the carried-state
@@ -235,7 +236,10 @@ def tutorial_greedy(model, photo, start_id, end_id, max_length, banned_ids=()):
     """
     width = model.get_layer("caption_input").output.shape[1] or max_length
     sequence = len(model.outputs[0].shape) == 3
-    photo = np.asarray(photo, dtype=np.float32).reshape(1, -1)
+    grid = any(layer.name == "image_index" for layer in model.layers)   # captioning/grid_models.py
+    photo = np.asarray(photo, dtype=np.float32)
+    photo = photo.reshape(1, *photo.shape[-2:]) if grid else photo.reshape(1, -1)
+    extra = {"image_index": np.zeros(1, np.int32)} if grid else {}
     prefix, out = [start_id], []
     for _ in range(max_length - 1):
         used = prefix[-width:]
@@ -244,7 +248,8 @@ def tutorial_greedy(model, photo, start_id, end_id, max_length, banned_ids=()):
             seq[0, :len(used)] = used
         else:
             seq[0, width - len(used):] = used
-        probs = np.asarray(model.predict({"image_input": photo, "caption_input": seq}, verbose=0))
+        probs = np.asarray(model.predict({"image_input": photo, "caption_input": seq, **extra},
+                                         verbose=0))
         probs = np.array(probs[0, len(used) - 1] if sequence else probs[0], dtype=np.float64)
         probs[list(banned_ids)] = -1.0
         word = int(np.argmax(probs))

@@ -63,6 +63,9 @@ def test_greedy_through_the_step_equals_the_prefix_loop(trained):
     fast = decoding.greedy_decode(step_fn, init_fn(grid), START, END, MAX_LENGTH, BANNED)
     slow = grid_models.prefix_greedy(model, grid, START, END, MAX_LENGTH, BANNED)
     assert fast == slow
+    # the course's one-predict-per-word loop (bench_grid's baseline) takes grid models too
+    course = [decoding.tutorial_greedy(model, g, START, END, MAX_LENGTH, BANNED) for g in grid[:3]]
+    assert course == fast[:3]
     # the model learned the task, so the comparison is between real captions, not noise
     assert fast == [list(c[1:]) for c in captions]
 
