@@ -52,3 +52,13 @@ def prepare(data_dir, features, workdir):
             made.append(f"RANDOM {RANDOM_WIDTH}-d features (no Flickr8k features found: timing only)")
     made.append(f"features {Path(features).name}")
     return Path(data_dir), Path(features), "; ".join(made)
+
+
+def ceiling(predict, tensors, batch_size):
+    """(c) forward passes only, on tensors decoded beforehand, in full batches of batch_size."""
+    for start in range(0, len(tensors), batch_size):
+        batch = tensors[start:start + batch_size]
+        if len(batch) < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
+                                                    batch.dtype)])
+        predict(batch)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are t
 import numpy as np  # noqa: E402
 
 import extract_features  # noqa: E402
+from bench_common import ceiling  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
@@ -71,16 +72,6 @@ def lite0_model():
     except PipelineError:
         weights = None
     return efficientnet_lite.build_feature_extractor(weights, "lite0", "pooled", SEED, quiet=True)
-
-
-def ceiling(predict, tensors, batch_size):
-    """(c) forward passes only, on tensors decoded beforehand, in full batches of batch_size."""
-    for start in range(0, len(tensors), batch_size):
-        batch = tensors[start:start + batch_size]
-        if len(batch) < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
-                                                    batch.dtype)])
-        predict(batch)
 
 
 def call_variants(model):

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are t
 import numpy as np  # noqa: E402
 
 import extract_features  # noqa: E402
+from bench_common import ceiling  # noqa: E402
 from captioning import runtime  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
@@ -85,16 +86,6 @@ def extract(backbone, predict, paths, batch_size, workers):
     """(b) extract_features.extract, exactly as the CLI runs it (without the progress bar)."""
     extract_features.extract(backbone.model, paths, batch_size=batch_size, workers=workers,
                              predict=predict, **backbone.extract_kwargs)
-
-
-def ceiling(predict, tensors, batch_size):
-    """(c) forward passes only, on tensors decoded beforehand, in full batches of batch_size."""
-    for start in range(0, len(tensors), batch_size):
-        batch = tensors[start:start + batch_size]
-        if len(batch) < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
-                                                    batch.dtype)])
-        predict(batch)
 
 
 def timed(fn, *args):
