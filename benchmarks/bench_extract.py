@@ -18,6 +18,13 @@ machine shared with other jobs slows all of them alike and the ratios stay meani
 Prints a table; the last line is
     speedup_vs_per_image: <b/a>  fraction_of_compute_ceiling: <b/c>  lite0_fraction_of_compute_ceiling: <d/e>
 Reads the images only; writes nothing.
+
+With --runtimes it measures every inference runtime instead (tf, OpenVINO LATENCY and
+THROUGHPUT; captioning/runtime.py) for --backbone, beside the course loop: it runs
+benchmarks/bench_runtime.py with the same options, and its last line is
+    speedup_vs_tf_ceiling: <x>  fraction_of_fastest_ceiling: <y>
+    python benchmarks/bench_extract.py --runtimes --n-images 64 --rounds 2
+    python benchmarks/bench_extract.py --runtimes --backbone lite0 --n-images 128
 """
 import argparse
 import os
@@ -106,7 +113,17 @@ def main(argv=None):
     parser.add_argument("--compare-calls", action="store_true",
                         help="also time model(x), predict_on_batch, tf.function and jit")
     parser.add_argument("--no-lite0", action="store_true", help="skip the Lite0 rows (d), (e)")
+    parser.add_argument("--runtimes", action="store_true",
+                        help="instead: every inference runtime for --backbone (bench_runtime.py)")
+    parser.add_argument("--backbone", default="vgg16", choices=["vgg16", "lite0"],
+                        help="network measured with --runtimes")
     args = parser.parse_args(argv)
+    if args.runtimes:
+        import bench_runtime
+        return bench_runtime.main([
+            "--backbone", args.backbone, "--images", args.images, "--n-images", str(args.n_images),
+            "--rounds", str(args.rounds), "--batch-size", str(args.batch_size),
+            "--workers", str(args.workers)])
 
     import tensorflow as tf
     if args.intra_op:

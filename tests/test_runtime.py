@@ -111,6 +111,31 @@ def test_openvino_equals_tf_and_converts_once(net, tmp_path, capsys):
 
 
 @needs_openvino
+def test_compiled_with_f32_unpinned_threads(net, tmp_path):
+    # f32: exact (bf16 moves VGG16's fc2 ~1e-2); unpinned: decoder threads share the cores
+    runtime.make_predict_fn(net, "openvino", cache_dir=tmp_path, fingerprint="tiny 1")
+    data, problem = runtime.read_cache(only_conversion(tmp_path))
+    assert problem is None
+    compiled = runtime.compile_ir(runtime.import_openvino(), data, "LATENCY")
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+    assert str(compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
+
+
+def test_bench_extract_runtimes_runs_the_runtime_benchmark(monkeypatch):
+    sys.path.insert(0, str(Path(ef.__file__).parent / "benchmarks"))
+    import bench_extract
+    import bench_runtime
+    calls = []
+    monkeypatch.setattr(bench_runtime, "main", lambda argv: calls.append(argv) or 0)
+    assert bench_extract.main(["--runtimes", "--backbone", "lite0", "--n-images", "8",
+                               "--rounds", "2", "--images", "somewhere"]) == 0
+    assert calls == [["--backbone", "lite0", "--images", "somewhere", "--n-images", "8",
+                      "--rounds", "2", "--batch-size", str(ef.BATCH_SIZE),
+                      "--workers", str(ef.WORKERS)]]
+
+
+@needs_openvino
 def test_two_output_model_gives_both_outputs_in_order(tmp_path):
     """Pooled vector and spatial grid from one pass (extract_features --spatial's models)."""
     import keras
