@@ -19,7 +19,7 @@ Prints a table; the last line is
     speedup_vs_per_image: <b/a>  fraction_of_compute_ceiling: <b/c>  lite0_fraction_of_compute_ceiling: <d/e>
 Reads the images only; writes nothing.
 
-With --runtimes it measures every inference runtime instead (tf, OpenVINO LATENCY and
+With --runtimes it measures every inference runtime instead (tf, OpenVINO LATENCY, AUTO and
 THROUGHPUT; captioning/runtime.py) for --backbone, beside the course loop: it runs
 benchmarks/bench_runtime.py with the same options, and its last line is
     speedup_vs_tf_ceiling: <x>  fraction_of_fastest_ceiling: <y>

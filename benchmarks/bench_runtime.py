@@ -10,7 +10,8 @@ fc2, or EfficientNet-Lite0 up to its pooled 1280-d layer; the weights' values do
 speed):
   (a) per_image: the course notes' loop: keras.utils.load_img + img_to_array + the backbone's
       preprocessing, then model.predict on a batch of one, image after image (TensorFlow);
-  for every runtime R (tf; openvino with PERFORMANCE_HINT LATENCY; openvino THROUGHPUT):
+  for every runtime R (tf; openvino with PERFORMANCE_HINT LATENCY, THROUGHPUT, and AUTO, which
+  is what --runtime auto runs: THROUGHPUT for batches, LATENCY for one image):
   (b) extract: extract_features.extract with R's predict function (threaded decoding
       overlapped with batched forward passes), as `extract_features.py --runtime R` runs it;
   (c) ceiling: R's forward pass alone in a tight loop on already-decoded tensors, same batch;
@@ -95,7 +96,8 @@ def timed(fn, *args):
 
 
 def make_runtimes(model, fingerprint):
-    """{name: predict} for tf and both OpenVINO hints (when installed), and auto's choice."""
+    """{name: predict} for tf and each OpenVINO hint (when installed), and the name of the one
+    `--runtime auto` picks (its own predictor: openvino with hint AUTO, or tf)."""
     runtimes = {"tf": runtime.make_predict_fn(model, "tf")}
     if runtime.openvino_installed():
         for hint in ("LATENCY", "THROUGHPUT"):
@@ -105,6 +107,7 @@ def make_runtimes(model, fingerprint):
         print("openvino is not installed: only tf is measured", file=sys.stderr)
     auto = runtime.make_predict_fn(model, "auto", fingerprint=fingerprint)
     auto_name = "tf" if auto.runtime == "tf" else f"openvino {runtime.PERFORMANCE_HINT}"
+    runtimes.setdefault(auto_name, auto)
     return runtimes, auto_name
 
 
@@ -180,7 +183,7 @@ def main(argv=None):
               "d": "(d) forward pass only, batch 1"}
     for key, label in labels.items():
         for name in runtimes:
-            mark = " (auto's choice)" if name == auto_name and key == "b" else ""
+            mark = " (auto's choice)" if name == auto_name else ""
             print(f"| {label}{mark} | {name} | {seconds[name, key]:.1f} | {rate[name, key]:.2f} | "
                   f"{errors[name]:.1e} |")
     fastest = max(rate[name, "c"] for name in runtimes)

@@ -63,7 +63,7 @@ class KerasEncoder:
 
     @property
     def runtime_used(self):
-        """What runs the network ("tf 2.21.0", "openvino 2026.4.1 CPU f32 LATENCY", ...)."""
+        """What runs the network ("tf 2.21.0", "openvino 2026.4.1 CPU f32 THROUGHPUT for batches, LATENCY for one image", ...)."""
         return self._ready().description
 
     @property

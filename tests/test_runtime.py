@@ -90,7 +90,8 @@ def test_openvino_equals_tf_and_converts_once(net, tmp_path, capsys):
     expected = np.asarray(net(x, training=False))
     predict = runtime.make_predict_fn(net, "openvino", cache_dir=tmp_path, fingerprint="tiny 1")
     assert "converting the model to OpenVINO IR once" in capsys.readouterr().err
-    assert predict.runtime == "openvino" and "f32 LATENCY" in predict.description
+    assert predict.runtime == "openvino"
+    assert "f32 THROUGHPUT for batches, LATENCY for one image" in predict.description
     got = predict(x)
     assert got.shape == (5, 5) and got.dtype == np.float32 and within_tolerance(got, expected)
     assert within_tolerance(predict(x[:1]), expected[:1])          # any batch size
@@ -122,6 +123,26 @@ def test_compiled_with_f32_unpinned_threads(net, tmp_path):
     assert str(compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
 
 
+@needs_openvino
+def test_auto_hint_compiles_throughput_for_batches_latency_for_one_image(net, tmp_path,
+                                                                          monkeypatch):
+    compiled = []
+    real_compile = runtime.compile_ir
+    monkeypatch.setattr(runtime, "compile_ir",
+                        lambda ov, data, hint: compiled.append(hint) or real_compile(ov, data, hint))
+    predict = runtime.make_predict_fn(net, "openvino", cache_dir=tmp_path, fingerprint="tiny 1")
+    assert compiled == ["THROUGHPUT"]                   # the probe is a batch of PROBE_IMAGES
+    x = images(5)
+    expected = np.asarray(net(x, training=False))
+    assert within_tolerance(predict(x), expected) and compiled == ["THROUGHPUT"]
+    assert within_tolerance(predict(x[:1]), expected[:1])
+    assert compiled == ["THROUGHPUT", "LATENCY"]        # compiled once, on first use
+    assert within_tolerance(predict(x[2:3]), expected[2:3]) and len(compiled) == 2
+    with pytest.raises(PipelineError, match="unknown OpenVINO hint 'FAST'"):
+        runtime.make_predict_fn(net, "openvino", cache_dir=tmp_path, fingerprint="tiny 1",
+                                hint="FAST")
+
+
 def test_bench_extract_runtimes_runs_the_runtime_benchmark(monkeypatch):
     sys.path.insert(0, str(Path(ef.__file__).parent / "benchmarks"))
     import bench_extract
@@ -148,7 +169,7 @@ def test_two_output_model_gives_both_outputs_in_order(tmp_path):
     x = images(3)
     expected = runtime.make_predict_fn(model, "tf")(x)
     assert [e.shape for e in expected] == [(3, 4), (3, 15, 15, 6)]
-    for hint in ("LATENCY", "THROUGHPUT"):
+    for hint in ("LATENCY", "THROUGHPUT", "AUTO"):
         got = runtime.make_predict_fn(model, "openvino", cache_dir=tmp_path, hint=hint)(x)
         assert [g.shape for g in got] == [(3, 4), (3, 15, 15, 6)]
         assert all(within_tolerance(g, e) for g, e in zip(got, expected))
