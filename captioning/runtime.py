@@ -349,13 +349,15 @@ def make_hinted_predict(ov, data, hint):
         raise PipelineError(f"unknown OpenVINO hint {hint!r} (choose from {', '.join(HINTS)})")
     if hint != "AUTO":
         return make_compiled_predict(ov, compile_ir(ov, data, hint), hint)
-    lock, compiled = threading.Lock(), {}
+    lock, compiled, source = threading.Lock(), {}, {"ir": data}
 
     def predict(batch):
         kind = "LATENCY" if len(batch) == 1 else "THROUGHPUT"
         with lock:
             if kind not in compiled:
-                compiled[kind] = make_compiled_predict(ov, compile_ir(ov, data, kind), kind)
+                compiled[kind] = make_compiled_predict(ov, compile_ir(ov, source["ir"], kind), kind)
+                if len(compiled) == 2:
+                    source.clear()   # VGG16's IR is 537 MB; both compilations hold their own copy
         return compiled[kind](batch)
     return predict
 
