@@ -46,6 +46,7 @@ Writes:
       uninterrupted run); different settings are refused unless --overwrite.
 """
 import argparse
+import os
 import pickle
 import signal
 import sys
@@ -61,6 +62,7 @@ from captioning import encoders
 from captioning.features import load_features, load_pickle, save_features  # noqa: F401 (re-exported)
 from captioning.images import IMAGE_EXTENSIONS, list_images, load_rgb
 from captioning.runtime import RUNTIMES, make_predict_fn as make_runtime_predict_fn
+from captioning.runtime import submitter, tf_sees_gpu
 from captioning.spatial import SpatialFeatures, SpatialWriter
 from captioning.utils import (HelpFormatter, PipelineError, atomic_write, on_terminal, read_json,
                               run_cli, save_settings)
@@ -71,7 +73,8 @@ BACKBONE = encoders.DEFAULT_BACKBONE  # vgg16 | lite0 | auto
 WEIGHTS = "imagenet"        # imagenet | none | PATH (see vgg16_build.py / efficientnet_lite.py)
 SEED = 0                    # random init seed, only matters with --weights none
 BATCH_SIZE = 32             # images per forward pass; fixed shape (the last batch is zero-padded)
-WORKERS = 2                 # decode/resize threads, overlapped with the forward pass
+WORKERS = 1                 # decode threads on a CPU (one keeps up: 0.2 ms an image against the
+                            # network's 10; a second stole cores, Lite0 0.91 vs 0.94 of the ceiling)
 PREFETCH_BATCHES = 2        # decoded batches kept ready ahead of the model (bounds memory)
 CHECKPOINT_EVERY = 512      # images between checkpoints of FILE.partial (~30 s of CPU work)
 RESIZE_FILTER = "bilinear"  # PIL filter for images that are not already 224x224
@@ -98,16 +101,26 @@ def make_predict_fn(model, runtime="tf", fingerprint=None):
     return make_runtime_predict_fn(model, runtime, fingerprint=fingerprint)
 
 
+def decode_threads(predict):
+    """WORKERS where the network runs on the CPU; every core where TF runs it on a GPU (there
+    decoding is the bottleneck: a GPU runs VGG16 ~1000 images a second)."""
+    on_gpu = getattr(predict, "runtime", None) == "tf" and tf_sees_gpu()
+    return max(1, os.cpu_count() or 1) if on_gpu else WORKERS
+
+
 def decoded_in_order(paths, workers=WORKERS, prefetch=PREFETCH_BATCHES * BATCH_SIZE,
                      resize_filter=RESIZE_FILTER, backbone=BACKBONE):
-    """Yield (path, array or None, reason or None) in order; decoding runs ahead in threads.
+    """Yield (path, uint8 RGB array (H, W, 3) at `backbone`'s input size, or None, reason or
+    None) in order; decoding runs ahead in threads. The encoder's scaling is left to the caller.
 
-    At most `prefetch` images are decoded ahead, so memory stays bounded (224*224*3*4 bytes =
-    600 KB each) whatever the folder size. PIL and numpy release the GIL while decoding.
+    At most `prefetch` images are decoded ahead, so memory stays bounded (224*224*3 bytes =
+    150 KB each) whatever the folder size. PIL releases the GIL while decoding.
     """
+    size = encoders.get(backbone).image_size
+
     def safe_load(path):
         try:
-            return load_image(path, resize_filter, backbone), None
+            return load_rgb(path, size, resize_filter), None
         except PipelineError as exc:
             return None, str(exc)
 
@@ -139,28 +152,51 @@ def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=
     (checkpoints); new_grids is {image_id: float32 (H, W, C)}, or None for a one-output model.
     Every batch is padded to `batch_size` rows, so the model always sees one shape (one graph,
     and per-image results that do not depend on how many images were left over).
+    One batch runs (predict.submit, captioning.runtime) while the next is gathered, so on
+    OpenVINO the cores never wait for this loop; batches still finish, and reach on_batch, in order.
     """
-    predict = make_predict_fn(model) if predict is None else predict
+    submit = submitter(make_predict_fn(model) if predict is None else predict)
+    preprocess = encoders.get(backbone).preprocess
     features, failures, seen = {}, [], {}
-    batch_ids, batch_arrays, batch_failures = [], [], []
+    batch_ids, batch_failures = [], []
+    # Two batch buffers in turn: one is read by the forward pass in flight while the other is
+    # filled. Preprocessing straight into a reused buffer, not into a fresh 600 KB array per
+    # image stacked into a fresh batch, saves ~0.3 ms of core time an image (page faults and
+    # cache misses; measured), which the network's threads get back.
+    buffers = []
+    in_flight = []   # at most one submitted batch: (ids, failures, Future of the output)
     bar = progress_bar(total=len(paths), unit="img", desc="features",
                        disable=not (progress and on_terminal()), mininterval=1.0, smoothing=0.05)
 
-    def run_batch():
-        n = len(batch_arrays)
-        x = np.stack(batch_arrays)
-        if n < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-        out = predict(x)
+    def finish(ids, failed, future):
+        out = future.result()
         pooled, grids = (out[0], out[1]) if isinstance(out, list) else (out, None)
+        n = len(ids)
         pooled = pooled[:n].reshape(n, -1)
-        new = {image_id: np.array(row, dtype=np.float32) for image_id, row in zip(batch_ids, pooled)}
-        new_grids = None if grids is None else dict(zip(batch_ids, grids[:n]))
+        new = {image_id: np.array(row, dtype=np.float32) for image_id, row in zip(ids, pooled)}
+        new_grids = None if grids is None else dict(zip(ids, grids[:n]))
         features.update(new)
-        bar.update(n + len(batch_failures))
+        bar.update(n + len(failed))
         if on_batch is not None:
-            on_batch(new, list(batch_failures), new_grids)
-        batch_ids.clear(), batch_arrays.clear(), batch_failures.clear()
+            on_batch(new, failed, new_grids)
+
+    def add(rgb):
+        if not buffers:
+            first = preprocess(rgb)
+            buffers.extend(np.empty((batch_size, *first.shape), first.dtype) for _ in range(2))
+        buffers[0][len(batch_ids)] = preprocess(rgb)
+
+    def run_batch():
+        n, x = len(batch_ids), buffers[0]
+        x[n:] = 0    # a short last batch is padded with zeros
+        if in_flight and in_flight[0][2].done():   # always so for tf: it runs in submit()
+            finish(*in_flight.pop())
+        job = (list(batch_ids), list(batch_failures), submit(x))
+        batch_ids.clear(), batch_failures.clear()
+        if in_flight:
+            finish(*in_flight.pop())   # after this, its buffer is no longer read: refill it
+        in_flight.append(job)
+        buffers.reverse()
 
     try:
         for path, array, reason in decoded_in_order(paths, workers, PREFETCH_BATCHES * batch_size,
@@ -173,13 +209,15 @@ def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=
                 bar.write(f"skipped {path.name}: {reason}", file=sys.stderr)
                 continue
             seen[path.stem] = path
+            add(array)
             batch_ids.append(path.stem)
-            batch_arrays.append(array)
-            if len(batch_arrays) == batch_size:
+            if len(batch_ids) == batch_size:
                 run_batch()
-        if batch_arrays:
+        if batch_ids:
             run_batch()
-        elif batch_failures:
+        if in_flight:
+            finish(*in_flight.pop())
+        if batch_failures:
             bar.update(len(batch_failures))
             if on_batch is not None:
                 on_batch({}, list(batch_failures), None)
@@ -254,7 +292,10 @@ def main(argv=None):
                         help="also write the last conv grid of every image to this HDF5 file")
     parser.add_argument("--seed", type=int, default=SEED, help="random-weights seed (--weights none)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=WORKERS, help="decoding threads")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"decoding threads (default: {WORKERS} when the network runs on the "
+                             "CPU, which needs the cores; one per CPU core when TensorFlow runs it "
+                             "on a GPU)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (by name)")
     parser.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
                         help="images between checkpoints")
@@ -326,6 +367,8 @@ def main(argv=None):
                                 "both" if spatial is not None else "pooled")
             predict = make_predict_fn(model, args.runtime, f"{weights_id}; {backbone}")
             runtime = predict.description
+            if args.workers is None:
+                args.workers = decode_threads(predict)
             start = time.perf_counter()  # the rate below is extraction only, not the model build
             extract(model, pending, batch_size=args.batch_size, workers=args.workers,
                     resize_filter=args.resize_filter, on_batch=on_batch, progress=True,

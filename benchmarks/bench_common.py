@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO))
 import prepare_text  # noqa: E402
 from captioning import text  # noqa: E402
 from captioning.features import save_features  # noqa: E402
+from captioning.runtime import finished, submitter  # noqa: E402
 from captioning.utils import PipelineError  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "flickr8k"
@@ -54,11 +55,20 @@ def prepare(data_dir, features, workdir):
     return Path(data_dir), Path(features), "; ".join(made)
 
 
-def ceiling(predict, tensors, batch_size):
-    """(c) forward passes only, on tensors decoded beforehand, in full batches of batch_size."""
+def ceiling(predict, tensors, batch_size, overlapped=True):
+    """(c) forward passes only, on tensors decoded beforehand, in full batches of batch_size,
+    one batch submitted while the previous one runs, as extract_features.extract does;
+    overlapped=False waits for each before the next (the latency of one photo at a time)."""
+    submit = submitter(predict) if overlapped else lambda batch: finished(predict(batch))
+    in_flight = None
     for start in range(0, len(tensors), batch_size):
         batch = tensors[start:start + batch_size]
         if len(batch) < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
                                                     batch.dtype)])
-        predict(batch)
+        future = submit(batch)
+        if in_flight is not None:
+            in_flight.result()
+        in_flight = future
+    if in_flight is not None:
+        in_flight.result()

@@ -14,10 +14,13 @@ speed):
   is what --runtime auto runs: THROUGHPUT for batches, LATENCY for one image):
   (b) extract: extract_features.extract with R's predict function (threaded decoding
       overlapped with batched forward passes), as `extract_features.py --runtime R` runs it;
-  (c) ceiling: R's forward pass alone in a tight loop on already-decoded tensors, same batch;
-  (d) batch 1: R's forward pass on one image at a time (what one web request or photo costs).
-The images are split into --rounds chunks and every method takes its turn on each chunk, so a
-machine shared with other jobs slows them all alike and the ratios stay meaningful. Before
+  (c) ceiling: R's forward pass alone in a tight loop on already-decoded tensors, same batch,
+      the next batch submitted while one runs (as (b) does);
+  (d) batch 1: R's forward pass on one image at a time, each waited for before the next (what
+      one web request or photo costs).
+The images are split into --rounds chunks and every method takes its turn on each chunk (in
+reverse order every other round), so a machine shared with other jobs slows them all alike and
+the ratios stay meaningful. Before
 timing, the features of every runtime are checked against TF's (max |R - tf| <= PROBE_RTOL *
 max |tf|); a runtime that disagrees stops the benchmark.
 Prints the machine, a table, and last
@@ -149,20 +152,30 @@ def main(argv=None):
     for predict in runtimes.values():
         extract(backbone, predict, paths[:args.batch_size], args.batch_size, args.workers)
         ceiling(predict, tensors[:args.batch_size], args.batch_size)
-        ceiling(predict, tensors[:1], 1)
+        ceiling(predict, tensors[:1], 1, overlapped=False)
 
-    seconds = {"per_image": 0.0}
-    for name in runtimes:
-        seconds.update({(name, "b"): 0.0, (name, "c"): 0.0, (name, "d"): 0.0})
+    def measure(step, chunk, chunk_paths):
+        """Seconds of one method on one chunk; step = "per_image" or (runtime name, b|c|d)."""
+        if step == "per_image":
+            return timed(per_image, backbone, chunk_paths)
+        name, key = step
+        predict = runtimes[name]
+        if key == "b":
+            return timed(extract, backbone, predict, chunk_paths, args.batch_size, args.workers)
+        if key == "c":
+            return timed(ceiling, predict, tensors[chunk], args.batch_size)
+        return timed(ceiling, predict, tensors[chunk], 1, False)
+
+    # every other round runs the methods in reverse order: a method that leaves the machine
+    # busy for a moment (threads still spinning, caches full of its data) slows the next one,
+    # and a fixed order gave the same configuration 3-4% less in one position than another
+    steps = ["per_image"] + [(name, key) for name in runtimes for key in "bcd"]
+    seconds = dict.fromkeys(steps, 0.0)
     chunks = np.array_split(np.arange(len(paths)), args.rounds)
     for index, chunk in enumerate(chunks, 1):
         chunk_paths = [paths[i] for i in chunk]
-        seconds["per_image"] += timed(per_image, backbone, chunk_paths)
-        for name, predict in runtimes.items():
-            seconds[name, "b"] += timed(extract, backbone, predict, chunk_paths, args.batch_size,
-                                        args.workers)
-            seconds[name, "c"] += timed(ceiling, predict, tensors[chunk], args.batch_size)
-            seconds[name, "d"] += timed(ceiling, predict, tensors[chunk], 1)
+        for step in (steps if index % 2 else steps[::-1]):
+            seconds[step] += measure(step, chunk, chunk_paths)
         print(f"round {index}/{args.rounds}: {len(chunk)} images", file=sys.stderr)
 
     n = len(paths)

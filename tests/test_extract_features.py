@@ -7,13 +7,17 @@ import io
 import os
 import pickle
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import extract_features as ef
+from captioning import images
 from captioning.utils import PipelineError, run_cli
+
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
 
 MEANS_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)  # keras caffe-mode means
 
@@ -102,6 +106,47 @@ def test_every_mode_becomes_a_preprocessed_224_rgb_array(folder):
     top, bottom = arrays["h_exif"][20, 112], arrays["h_exif"][200, 112]
     assert np.allclose(top, vgg_pixel(255, 0, 0), atol=12)
     assert np.allclose(bottom, vgg_pixel(0, 0, 255), atol=12)
+
+
+def pil_only(path, size=(224, 224)):
+    from captioning import images
+    return images.resize_rgb(images.open_rgb(path), size)
+
+
+@pytest.mark.skipif(images.simplejpeg() is None, reason="simplejpeg is not installed")
+def test_fast_jpeg_gives_pils_pixels_and_leaves_other_files_to_pil(folder, tmp_path, monkeypatch):
+    kinds = {   # chroma subsampling 4:4:4, 4:2:2, 4:2:0; progressive; odd sizes; 224x224
+        "s444": dict(subsampling=0), "s422": dict(subsampling=1), "s420": dict(subsampling=2),
+        "prog": dict(progressive=True), "q60": dict(quality=60)}
+    base = {"quality": 90}
+    for i, (name, options) in enumerate(kinds.items()):
+        noise(10 + i, (301 + i, 207 - i)).save(tmp_path / f"{name}.jpg", **{**base, **options})
+    noise(20, (224, 224)).save(tmp_path / "exact.jpg", quality=85)
+    for name in [*kinds, "exact"]:
+        path = tmp_path / f"{name}.jpg"
+        fast = images.fast_jpeg(path)
+        with Image.open(path) as img:
+            assert fast is not None and fast.shape == (img.height, img.width, 3), name
+            assert np.array_equal(fast, np.asarray(img.convert("RGB"))), name
+        assert np.array_equal(images.load_rgb(path, (224, 224)), pil_only(path)), name
+    # PIL's business: turned by EXIF, CMYK, grayscale, not a JPEG, broken
+    for name in ["h_exif.JPG", "f_cmyk.jpg", "b_exact.png", *BAD]:
+        assert images.fast_jpeg(folder / name) is None, name
+    Image.new("L", (30, 20), 90).save(tmp_path / "gray.jpg")
+    assert images.fast_jpeg(tmp_path / "gray.jpg") is None
+    monkeypatch.setattr(images, "simplejpeg", lambda: None)     # not installed: PIL does all
+    assert images.fast_jpeg(tmp_path / "exact.jpg") is None
+    assert np.array_equal(images.load_rgb(tmp_path / "s420.jpg", (224, 224)),
+                          pil_only(tmp_path / "s420.jpg"))
+
+
+@pytest.mark.skipif(images.simplejpeg() is None or not SHARED_IMAGES.is_dir(),
+                    reason="needs simplejpeg and the shared Flickr8k images")
+def test_fast_jpeg_equals_pil_on_shared_flickr8k_images():
+    paths = ef.list_images(SHARED_IMAGES)[::40]      # 203 of the 8091 (all measured equal)
+    for path in paths:
+        fast = images.fast_jpeg(path)
+        assert fast is not None and np.array_equal(fast, pil_only(path)), path.name
 
 
 def test_224_images_are_not_resampled_and_others_use_the_filter(folder, tmp_path):

@@ -143,6 +143,87 @@ def test_auto_hint_compiles_throughput_for_batches_latency_for_one_image(net, tm
                                 hint="FAST")
 
 
+@needs_openvino
+def test_throughput_runs_pieces_on_a_request_pool_and_keeps_every_batch_in_order(
+        net, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "CHUNK", 2)
+    predict = runtime.make_predict_fn(net, "openvino", cache_dir=tmp_path, fingerprint="tiny 1",
+                                      hint="THROUGHPUT")
+    batches = [images(n, seed=n) for n in (7, 5, 9, 1, 0)]
+    expected = [np.asarray(net(x, training=False)) if len(x) else None for x in batches]
+    pending = [predict.submit(x) for x in batches]        # all queued before any is read
+    assert [len(p.pieces) for p in pending] == [4, 3, 5, 1, 0]   # pieces of CHUNK images
+    for x, p, e in zip(batches, pending, expected):
+        got = p.result()
+        assert got.shape == (len(x), 5) and p.done()
+        assert len(x) == 0 or within_tolerance(got, e)
+    # several threads at once (the web page): each gets its own batch's rows
+    import threading
+    results = {}
+
+    def caller(i):
+        results[i] = [predict(batches[i % 3]) for _ in range(3)]
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    for i, outs in results.items():
+        assert all(within_tolerance(o, expected[i % 3]) for o in outs)
+
+
+def test_a_plain_function_is_submitted_as_a_finished_future():
+    submit = runtime.submitter(lambda batch: batch * 2)
+    future = submit(np.ones(3))
+    assert future.done() and list(future.result()) == [2.0, 2.0, 2.0]
+
+
+def test_extract_gathers_the_next_batch_while_one_runs(tmp_path):
+    """extract() submits batch k+1 before it reads batch k's output (OpenVINO works on k
+    meanwhile); outputs still reach on_batch in order, each with its own images."""
+    events = []
+
+    def head(array):           # which batch: its first image's Lite0-scaled first pixel
+        return round(float(array[0, 0]) if array.ndim == 2 else float(array[0, 0, 0, 0]), 4)
+
+    class Running:             # a Future whose forward pass has not finished
+        def __init__(self, batch):
+            self.value = batch[:, 0, 0, :1].copy()   # "feature": each image's first value
+
+        def done(self):
+            return False
+
+        def result(self):
+            events.append(("read", head(self.value)))
+            return self.value
+
+    def submit(batch):
+        events.append(("submit", head(batch)))
+        return Running(batch)
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((224, 224, 3), 10 * i, np.uint8)).save(paths[-1])
+    seen = []
+    features, failures = ef.extract(
+        None, paths, batch_size=2, backbone="lite0",
+        predict=runtime.Predictor(None, "test", "test", submit=submit),
+        on_batch=lambda new, failed, grids: seen.append(sorted(new)))
+    a, b, c = (round((10 * i - 127) / 128, 4) for i in (0, 2, 4))   # heads of the 3 batches
+    assert events == [("submit", a), ("submit", b), ("read", a), ("submit", c), ("read", b),
+                      ("read", c)]
+    assert seen == [["0", "1"], ["2", "3"], ["4"]] and failures == []
+    assert {k: round(float(v[0]), 4) for k, v in features.items()} == {
+        str(i): round((10 * i - 127) / 128, 4) for i in range(5)}
+
+
+def test_one_decoding_thread_on_a_cpu_every_core_beside_a_gpu(monkeypatch):
+    on = lambda runtime_name: runtime.Predictor(None, runtime_name, runtime_name)  # noqa: E731
+    monkeypatch.setattr(ef, "tf_sees_gpu", lambda: False)
+    assert ef.decode_threads(on("tf")) == ef.decode_threads(on("openvino")) == ef.WORKERS == 1
+    monkeypatch.setattr(ef, "tf_sees_gpu", lambda: True)
+    assert ef.decode_threads(on("tf")) == os.cpu_count()
+    assert ef.decode_threads(on("openvino")) == 1     # OpenVINO runs on the CPU regardless
+
+
 def test_bench_extract_runtimes_runs_the_runtime_benchmark(monkeypatch):
     sys.path.insert(0, str(Path(ef.__file__).parent / "benchmarks"))
     import bench_extract
