@@ -181,10 +181,10 @@ def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=
             on_batch(new, failed, new_grids)
 
     def add(rgb):
+        x = preprocess(rgb)
         if not buffers:
-            first = preprocess(rgb)
-            buffers.extend(np.empty((batch_size, *first.shape), first.dtype) for _ in range(2))
-        buffers[0][len(batch_ids)] = preprocess(rgb)
+            buffers.extend(np.empty((batch_size, *x.shape), x.dtype) for _ in range(2))
+        buffers[0][len(batch_ids)] = x
 
     def run_batch():
         n, x = len(batch_ids), buffers[0]
