@@ -46,15 +46,16 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def open_rgb(path):
-    """Decode an image file fully -> PIL RGB image (EXIF rotation applied).
+def open_rgb(path, data=None):
+    """Decode an image file fully -> PIL RGB image (EXIF rotation applied); `data`: the file's
+    bytes when the caller has read them already (they are not read again).
 
     Raises PipelineError naming the file when it cannot be decoded (corrupt, truncated, empty,
     not an image, or larger than PIL's decompression-bomb limit).
     """
     from PIL import Image, ImageOps
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()  # decode now, so truncated data fails here and not later
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an upright photo
             return to_rgb(img)
@@ -78,13 +79,23 @@ def resize_rgb(img, size, resize_filter=RESIZE_FILTER):
 def load_rgb(path, size, resize_filter=RESIZE_FILTER):
     """An image file -> uint8 RGB array (height, width, 3), resized to `size`; the same pixels
     whether fast_jpeg or PIL decodes it."""
-    array = fast_jpeg(path)
+    data = read_bytes(path) if FAST_JPEG and simplejpeg() is not None else None
+    array = fast_jpeg(path, data)
     if array is None:
-        return resize_rgb(open_rgb(path), size, resize_filter)
+        return resize_rgb(open_rgb(path, data), size, resize_filter)
     if array.shape[:2] == tuple(size):
         return array
     from PIL import Image
     return resize_rgb(Image.fromarray(array), size, resize_filter)
+
+
+def read_bytes(path):
+    """The file's bytes; PipelineError naming it when it cannot be read (missing, a folder,
+    no permission), worded as open_rgb words it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise PipelineError(f"cannot read image ({Path(path).name}: {exc.strerror or exc})") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,7 +107,7 @@ def simplejpeg():
         return None
 
 
-def fast_jpeg(path):
+def fast_jpeg(path, data=None):
     """uint8 RGB array of a plain JPEG (3 colour channels, no EXIF turn) decoded by simplejpeg,
     or None for any other file, where simplejpeg is missing or FAST_JPEG is off, and for any
     file it refuses (PIL then decodes it, or says what is wrong with it).
@@ -105,14 +116,15 @@ def fast_jpeg(path):
     (0.19 against 0.35 ms for a shared 224x224 JPEG, measured), and in extract_features.py that
     time is taken from the network's cores. PIL decodes with the same libjpeg-turbo and the same
     settings (accurate integer IDCT, smooth chroma upsampling), so the pixels are identical;
-    tests/test_extract_features.py compares both decoders, pixel for pixel.
+    tests/test_extract_features.py compares both decoders, pixel for pixel. `data`: the
+    file's bytes, when the caller has read them (PIL then reuses them for any other file).
     """
     module = simplejpeg() if FAST_JPEG else None
     if module is None:
         return None
     from PIL import Image
     try:
-        data = Path(path).read_bytes()
+        data = Path(path).read_bytes() if data is None else data
         with Image.open(io.BytesIO(data)) as img:   # reads the header only
             if (img.format != "JPEG" or img.mode != "RGB"
                     or img.getexif().get(ORIENTATION, 1) in range(2, 9)):

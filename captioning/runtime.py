@@ -475,20 +475,17 @@ def make_compiled_submit(ov, compiled, hint):
     has started, and the pieces of the next call queue behind them, so the streams do not wait
     at batch boundaries.
     """
-    n_outputs = len(compiled.outputs)
-
-    def outputs_of(request):  # copies: a request reuses its output buffers on the next call
-        return [request.get_output_tensor(i).data.copy() for i in range(n_outputs)]
-
     if hint == "THROUGHPUT":
         return RequestPool(ov, compiled).submit
 
+    n_outputs = len(compiled.outputs)
     lock = threading.Lock()       # a request serves one call at a time
     request = compiled.create_infer_request()
 
     def submit(batch):
         with lock:
             request.infer({0: np.ascontiguousarray(batch, np.float32)})
-            out = outputs_of(request)
+            # copies: the request reuses its output buffers on the next call
+            out = [request.get_output_tensor(i).data.copy() for i in range(n_outputs)]
         return finished(out[0] if n_outputs == 1 else out)
     return submit
