@@ -332,6 +332,30 @@ def test_unwritable_cache_root_converts_in_a_temporary_folder(net, tmp_path, cap
 
 
 @needs_openvino
+def test_winograd_rewrite_is_in_the_conversion_and_its_cache_key(tmp_path, monkeypatch):
+    import keras
+    inputs = keras.Input((10, 10, 64))
+    x = keras.layers.Conv2D(128, 3, padding="same", activation="relu",
+                            kernel_initializer=keras.initializers.GlorotUniform(3),
+                            bias_initializer=keras.initializers.RandomNormal(seed=4))(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    x = np.random.default_rng(5).uniform(-1, 1, (2, 10, 10, 64)).astype(np.float32)
+    expected = runtime.make_predict_fn(model, "tf")(x)
+    counts = {}
+    for winograd in (True, False):
+        monkeypatch.setattr(runtime, "WINOGRAD", winograd)
+        predict = runtime.make_predict_fn(model, "openvino", cache_dir=tmp_path,
+                                          fingerprint="same weights")
+        assert within_tolerance(predict(x), expected)
+        counts[winograd] = ("Winograd" in predict.description)
+    folders = sorted(p for p in (tmp_path / "openvino").iterdir() if p.is_dir())
+    rewritten = sorted(json.loads((f / "manifest.json").read_text())["winograd_convolutions"]
+                       for f in folders)
+    assert rewritten == [0, 1]          # two conversions under two keys, one rewritten
+    assert counts == {True: True, False: False}
+
+
+@needs_openvino
 def test_vgg16_fc2_on_openvino_equals_tf(tmp_path):
     from vgg16_build import build_feature_extractor
     model = build_feature_extractor(weights=None, seed=0, quiet=True)
@@ -343,7 +367,11 @@ def test_vgg16_fc2_on_openvino_equals_tf(tmp_path):
     assert predict.runtime == "openvino" and ov_features.shape == tf_features.shape == (2, 4096)
     assert (tf_features > 0).mean() > 0.1                # a real signal through the ReLUs
     assert within_tolerance(ov_features, tf_features)
-    assert (only_conversion(tmp_path) / "model.bin").stat().st_size > 4 * 134_000_000  # float32
+    folder = only_conversion(tmp_path)
+    assert (folder / "model.bin").stat().st_size > 4 * 134_000_000  # float32
+    # blocks 2-5's 3x3 convolutions (2 + 3 + 3 + 3) run as Winograd; block 1's two do not
+    assert json.loads((folder / "manifest.json").read_text())["winograd_convolutions"] == 11
+    assert predict.description.endswith("Winograd F(4x4,3x3) on 11 convolutions")
 
 
 @needs_openvino
@@ -359,6 +387,9 @@ def test_lite0_pooled_and_grid_on_openvino_equal_tf(tmp_path):
     assert [o.shape for o in ov_out] == [o.shape for o in tf_out] == [(2, 1280), (2, 7, 7, 1280)]
     assert np.abs(tf_out[0]).max() > 0                  # a real signal, not all zeros
     assert all(within_tolerance(o, t) for o, t in zip(ov_out, tf_out))
+    manifest = json.loads((only_conversion(tmp_path) / "manifest.json").read_text())
+    assert manifest["winograd_convolutions"] == 0     # depthwise, strided or 1x1: none eligible
+    assert "Winograd" not in predict.description
 
 
 @needs_openvino
