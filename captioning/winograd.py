@@ -67,7 +67,7 @@ def transform_weights(weights, tile=TILE):
 
 def reference_conv3x3(x, weights, tile=TILE):
     """numpy Winograd of x [N, C, H, W] with weights [K, C, 3, 3], "same" padding, float64:
-    the same algorithm conv3x3 builds as a graph, in the same order, for tests."""
+    conv3x3's algorithm in a few readable lines (tests check it against hand-counted values)."""
     bt, _, at = transforms(tile)
     a = tile + 2
     n, c, h, w = x.shape
@@ -132,7 +132,7 @@ def conv3x3(opset, x, weights, height, width, tile=TILE):
     d = opset.matmul(constant(opset, bt), d, False, False)          # B^T d along H
     d = opset.reshape(d, constant(opset, [-1, wp, c], i64), False)    # N*Th*a Wp C
     d = tiles(opset, d, 1, tw, tile, 3)                              # N*Th*a Tw a C
-    d = opset.matmul(constant(opset, bt), d, False, False)          # B^T (B^T d)^T along W
+    d = opset.matmul(constant(opset, bt), d, False, False)          # B^T along W: B^T d B
     d = opset.reshape(d, constant(opset, [-1, th, a, tw, a, c], i64), False)
     d = opset.transpose(d, constant(opset, [2, 4, 0, 1, 3, 5], i64))  # a a N Th Tw C
     d = opset.reshape(d, constant(opset, [a * a, -1, c], i64), False)
