@@ -344,8 +344,9 @@ def build_cache(keras_model, folder):
     tmp.mkdir(parents=True)
     try:
         try:
-            keras_model.export(str(tmp / "keras.xml"), format="openvino", verbose=False)
-            rewritten = rewrite_convolutions(tmp / "keras.xml", tmp / IR_FILES[0])
+            exported = tmp / ("keras.xml" if WINOGRAD else IR_FILES[0])
+            keras_model.export(str(exported), format="openvino", verbose=False)
+            rewritten = rewrite_convolutions(exported, tmp / IR_FILES[0]) if WINOGRAD else 0
         except Exception as exc:  # noqa: BLE001 - converters raise many types; say which, one line
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"cannot convert the model to OpenVINO ({reason})") from None
@@ -367,13 +368,12 @@ def build_cache(keras_model, folder):
 
 
 def rewrite_convolutions(source, target):
-    """Read IR `source` (model.xml + .bin), rewrite its eligible convolutions for Winograd
-    (when WINOGRAD), write the float32 IR to `target` and delete `source`; returns how many
-    convolutions were rewritten."""
+    """Read IR `source` (.xml + .bin), rewrite its eligible convolutions for Winograd, write
+    the float32 IR to `target` and delete `source`; returns how many were rewritten."""
     ov = import_openvino()
     import openvino.opset13 as opset  # the graph-building ops, after telemetry is blocked
     model = openvino_core().read_model(str(source))
-    rewritten = winograd.rewrite(model, opset) if WINOGRAD else 0
+    rewritten = winograd.rewrite(model, opset)
     ov.save_model(model, str(target), compress_to_fp16=False)
     del model                         # unmaps keras.bin before it is deleted
     source.unlink()

@@ -65,23 +65,6 @@ def transform_weights(weights, tile=TILE):
     return np.ascontiguousarray(u.reshape(-1, c, k), dtype=np.float32)
 
 
-def reference_conv3x3(x, weights, tile=TILE):
-    """numpy Winograd of x [N, C, H, W] with weights [K, C, 3, 3], "same" padding, float64:
-    conv3x3's algorithm in a few readable lines (tests check it against hand-counted values)."""
-    bt, _, at = transforms(tile)
-    a = tile + 2
-    n, c, h, w = x.shape
-    th, tw = -(-h // tile), -(-w // tile)
-    xp = np.zeros((n, c, th * tile + 2, tw * tile + 2))
-    xp[:, :, 1:h + 1, 1:w + 1] = x
-    d = np.stack([np.stack([xp[:, :, i:i + th * tile:tile, j:j + tw * tile:tile]
-                            for j in range(a)], -1) for i in range(a)], -2)  # N C Th Tw a a
-    v = np.einsum("xi,nctsij,yj->xyntsc", bt, d, bt)
-    m = np.einsum("xyntsc,xyck->xyntsk", v, transform_weights(weights, tile).reshape(a, a, c, -1))
-    y = np.einsum("px,xyntsk,qy->nktpsq", at, m, at).reshape(n, -1, th * tile, tw * tile)
-    return y[:, :, :h, :w]
-
-
 def constant(opset, value, dtype=np.float32):
     return opset.constant(np.asarray(value, dtype))
 

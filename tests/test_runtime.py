@@ -322,6 +322,19 @@ def test_auto_falls_back_to_tf_when_openvino_disagrees(net, tmp_path, monkeypatc
 
 
 @needs_openvino
+def test_a_failing_winograd_rewrite_is_one_line_and_auto_falls_back(net, tmp_path,
+                                                                     monkeypatch, capsys):
+    def broken(model, opset):
+        raise RuntimeError("unexpected node\nsecond line")
+    monkeypatch.setattr(runtime.winograd, "rewrite", broken)
+    predict = runtime.make_predict_fn(net, "auto", cache_dir=tmp_path)
+    assert predict.runtime == "tf"
+    assert ("runtime auto: using tf (cannot convert the model to OpenVINO (unexpected node))"
+            in capsys.readouterr().err)
+    assert not any((tmp_path / "openvino").iterdir())   # no half-made conversion is left
+
+
+@needs_openvino
 def test_unwritable_cache_root_converts_in_a_temporary_folder(net, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")

@@ -41,14 +41,6 @@ def test_one_dimensional_transform_is_a_correlation(tile):
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("tile", [2, 4])
-def test_numpy_winograd_of_ones_counts_the_pixels_under_the_kernel(tile):
-    # all-ones 5x6 image, all-ones kernel: each output = how many pixels the 3x3 window covers
-    out = winograd.reference_conv3x3(np.ones((1, 1, 5, 6)), np.ones((1, 1, 3, 3)), tile)
-    expected = np.array([[4, 6, 6, 6, 6, 4]] + [[6, 9, 9, 9, 9, 6]] * 3 + [[4, 6, 6, 6, 6, 4]])
-    np.testing.assert_allclose(out[0, 0], expected, atol=1e-5)
-
-
 def test_weight_transform_shape_and_values():
     weights = np.zeros((2, 3, 3, 3))
     weights[1, 2, 1, 1] = 1.0                  # output 1 copies input 2: the identity kernel
@@ -70,6 +62,18 @@ def compile_graph(build, shape):
     parameter = opset.parameter(shape, np.float32)
     model = ov.Model([build(opset, parameter)], [parameter])
     return runtime.openvino_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+@needs_openvino
+@pytest.mark.parametrize("tile", [2, 4])
+def test_graph_of_ones_counts_the_pixels_under_the_kernel(tile):
+    # all-ones 5x6 image, all-ones kernel: each output = how many pixels the 3x3 window covers
+    compiled = compile_graph(
+        lambda opset, x: winograd.conv3x3(opset, x, np.ones((1, 1, 3, 3)), 5, 6, tile),
+        [-1, 1, 5, 6])
+    out = compiled(np.ones((1, 1, 5, 6), np.float32))[0]
+    expected = np.array([[4, 6, 6, 6, 6, 4]] + [[6, 9, 9, 9, 9, 6]] * 3 + [[4, 6, 6, 6, 6, 4]])
+    np.testing.assert_allclose(out[0, 0], expected, atol=1e-5)
 
 
 @needs_openvino
