@@ -120,3 +120,35 @@ def test_rewrite_replaces_only_eligible_convolutions_and_keeps_the_output():
     assert after.shape == before.shape == (2, 64, 6, 6)
     assert relative(after, before) <= 2e-5
     assert winograd.rewrite(model, opset) == 0         # nothing eligible is left
+
+
+@needs_openvino
+def test_rewrite_takes_in_bias_and_relu_and_consecutive_convolutions_stay_channels_last():
+    ov = runtime.import_openvino()
+    import openvino.opset13 as opset
+    rng = np.random.default_rng(1)
+    first = rng.normal(0, 0.05, (128, 64, 3, 3))
+    second = rng.normal(0, 0.05, (128, 128, 3, 3))
+    bias = rng.normal(0, 0.5, (1, 128, 1, 1)).astype(np.float32)   # moves ~half under 0
+    x = opset.parameter([-1, 64, 8, 8], np.float32)
+    y = opset.relu(opset.add(conv(opset, x, first), opset.constant(bias)))
+    y = conv(opset, y, second)                    # no bias or ReLU after this one
+    model = ov.Model([y], [x])
+    batch = rng.normal(size=(2, 64, 8, 8)).astype(np.float32)
+    core = runtime.openvino_core()
+    before = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(batch)[0]
+    assert winograd.rewrite(model, opset) == 2
+    types = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert "Convolution" not in types
+    # the bias and ReLU now act on the products' channels-last output, [tiles, 128]
+    adds = [op for op in model.get_ordered_ops() if op.get_type_name() == "Add"]
+    assert [list(op.get_output_partial_shape(0))[-1].get_length() for op in adds] == [128]
+    assert types.count("Relu") == 1
+    # one transpose into channels-last at the start and one back at the end; none between
+    perms = [list(op.input_value(1).get_node().get_data()) for op in model.get_ordered_ops()
+             if op.get_type_name() == "Transpose"
+             and op.get_output_partial_shape(0).rank.get_length() == 4]   # not the 6-d ones
+    assert perms == [[0, 2, 3, 1], [0, 3, 1, 2]]
+    after = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(batch)[0]
+    assert after.shape == before.shape == (2, 128, 8, 8)
+    assert relative(after, before) <= 2e-5
