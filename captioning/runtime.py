@@ -70,7 +70,7 @@ HINTS = ("AUTO", "LATENCY", "THROUGHPUT")
 PRECISION = "f32"               # OpenVINO inference precision: exact, not bf16
 # Rewrite eligible 3x3 convolutions as Winograd F(winograd.TILE x TILE, 3x3) when converting.
 # Measured on the 2-core AVX-512 VM, VGG16 fc2 THROUGHPUT forward passes: 7.3 img/s direct,
-# 10.7-10.9 rewritten; max relative difference from TF 8e-7 direct, 3e-6 rewritten.
+# 10.4-11.0 rewritten; max relative difference from TF 8e-7 direct, 3e-6 rewritten.
 WINOGRAD = True
 # Why not pinned: extract() decodes JPEGs in threads while the network runs; pinned OpenVINO
 # threads wait for the core a decoder holds, unpinned ones move. Measured on the 2-core AVX2 VM
