@@ -116,8 +116,8 @@ def make_runtimes(model, fingerprint):
     auto = runtime.make_predict_fn(model, "auto", fingerprint=fingerprint)
     auto_name = "tf" if auto.runtime == "tf" else f"openvino {runtime.PERFORMANCE_HINT}"
     runtimes.setdefault(auto_name, auto)
-    single = {auto_name: runtime.make_predict_fn(model, "auto", fingerprint=fingerprint)
-              if auto_name != "tf" else auto}
+    single = ({} if auto_name == "tf" else
+              {auto_name: runtime.make_predict_fn(model, "auto", fingerprint=fingerprint)})
     return runtimes, auto_name, single
 
 
