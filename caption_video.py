@@ -9,7 +9,7 @@ Scenes are found by an HSV-histogram test (--threshold), or segments are cut eve
 seconds; the frame in the middle of each scene goes through the same feature extractor and
 decoder as photos (generate_caption.py); neighbouring segments with the same caption merge and
 a caption stays at least --min-duration seconds. Timestamps are the stream's own (variable
-frame rate included); phone rotation is honoured. The details are in captioning/video.py.
+frame rate included); phone rotation is honoured. The details are in captioning/apps/video.py.
 
 Reads:
     clip              any video file FFmpeg decodes (PyAV's wheels carry FFmpeg).
@@ -30,10 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import extract_features
-import generate_caption
-from captioning import video
-from captioning.captioner import Captioner
+from captioning.apps import video
+from captioning.encoders.extract import sigterm_as_interrupt
+from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS, Captioner
+from captioning.inference.decoding import ALPHA, BEAM
 from captioning.utils import HelpFormatter, PipelineError, run_cli, save_settings
 
 
@@ -53,13 +53,13 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("clip", help="video file")
-    parser.add_argument("--model", default=generate_caption.MODEL_DIR, help="train.py run folder")
-    parser.add_argument("--data-dir", default=generate_caption.DATA_DIR,
+    parser.add_argument("--model", default=PRETRAINED_DIR, help="train.py run folder")
+    parser.add_argument("--data-dir", default=DATA_DIR,
                         help="prepare_text.py output folder")
-    parser.add_argument("--beam", type=int, default=generate_caption.BEAM, help="beam width (1 = greedy)")
-    parser.add_argument("--alpha", type=float, default=generate_caption.ALPHA,
+    parser.add_argument("--beam", type=int, default=BEAM, help="beam width (1 = greedy)")
+    parser.add_argument("--alpha", type=float, default=ALPHA,
                         help="beam length normalisation exponent")
-    parser.add_argument("--weights", default=generate_caption.WEIGHTS,
+    parser.add_argument("--weights", default=WEIGHTS,
                         help="VGG16 weights: imagenet | none | PATH")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--scenes", action="store_true", default=argparse.SUPPRESS,
@@ -126,7 +126,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     written = []
-    previous = extract_features.sigterm_as_interrupt()    # kill = Ctrl-C: temporary files go
+    previous = sigterm_as_interrupt()    # kill = Ctrl-C: temporary files go
     try:
         video.open_video(args.clip).close()        # a bad clip fails before the model loads
         caption_images = photo_captioner(args.model, args.data_dir, args.beam, args.alpha,

@@ -7,8 +7,8 @@ Usage:
 BLEU is reported two ways, both in results.json: "tutorial" (the tutorial's own computation,
 to compare with its published numbers) and "standard" (the headline: sentinels stripped, the
 original captions as references); plus diagnostics (distinct captions, words used, captions
-copied from training, mean length, unfinished share). captioning/metrics.py defines them.
-The COCO caption metrics papers report (captioning/coco_metrics.py, the pycocoevalcap package):
+copied from training, mean length, unfinished share). captioning/evaluation/metrics.py defines them.
+The COCO caption metrics papers report (captioning/evaluation/coco_metrics.py, the pycocoevalcap package):
 BLEU-1..4, ROUGE-L and CIDEr-D always, METEOR when Java is present (--java), SPICE never (it
 cannot run offline); PTB tokenisation with Java, else a pure-Python one, named in results.json.
 CIDEr-D's document frequencies come from the references of the split scored (COCO convention).
@@ -33,17 +33,16 @@ Writes (into --output, each atomically, all after the scoring succeeded):
                       attention/transformer model also where it looked for each word.
 """
 import argparse
-import base64
-import html
-import io
 import sys
 import time
 from pathlib import Path
 
-from captioning import attention_maps, coco_metrics, metrics, text
-from captioning.captioner import Captioner
-from captioning.decoding import ALPHA, BEAM
-from captioning.features import check_features, read_rows
+from captioning.evaluation import coco_metrics, metrics
+from captioning.evaluation.gallery import attention_data_uri, gallery_html, thumbnail_data_uri, write_captions_tsv
+from captioning.data import text
+from captioning.inference.captioner import Captioner
+from captioning.inference.decoding import ALPHA, BEAM
+from captioning.data.features import check_features, read_rows
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli, write_json
 
 # ---- settings (argparse defaults) -------------------------------------------------------------
@@ -53,67 +52,6 @@ FEATURES = "data/features.pkl"
 SPLIT = "test"
 OUTPUT_DIR = "results"
 GALLERY_IMAGES = 100       # images shown in gallery.html (inline base64 thumbnails, ~10 KB each)
-THUMBNAIL_PIXELS = 224     # longest side of a gallery thumbnail
-MAP_PIXELS, MAP_COLUMNS = 48, 6   # grid models: attention panel side and panels per row (~15 KB)
-
-
-# ---- outputs ----------------------------------------------------------------------------------
-def _cell(text):
-    return " ".join(str(text).split())      # no tabs/newlines inside a TSV cell
-
-
-def write_captions_tsv(path, ids, generated, references):
-    with atomic_write(path) as handle:
-        width = max((len(r) for r in references), default=5)
-        handle.write("\t".join(["image_id", "generated"] +
-                               [f"reference_{i}" for i in range(1, width + 1)]) + "\n")
-        for image_id, words, refs in zip(ids, generated, references):
-            handle.write("\t".join([image_id, _cell(" ".join(words))] + [_cell(r) for r in refs]) + "\n")
-
-
-def thumbnail_data_uri(path, pixels=THUMBNAIL_PIXELS):
-    """An image file -> 'data:image/jpeg;base64,...' thumbnail, or None if unreadable."""
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((pixels, pixels))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-    except (OSError, ValueError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def attention_data_uri(path, words, maps):
-    """Per-word attention panels (captioning/attention_maps.py) over the picture at `path`
-    (grey when unreadable) -> 'data:image/png;base64,...'."""
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            picture = image.convert("RGB")
-    except (OSError, ValueError, TypeError, AttributeError):
-        picture = None
-    sheet = attention_maps.word_panels(picture, words, maps, panel=MAP_PIXELS, columns=MAP_COLUMNS)
-    return "data:image/png;base64," + base64.b64encode(attention_maps.png_bytes(sheet)).decode("ascii")
-
-
-def gallery_html(rows, title):
-    """rows: (image_id, data_uri or None, generated caption, [references][, attention panels
-    data_uri]) -> HTML text. Rows with panels (grid models) show them under the caption."""
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif}figure{display:inline-block;width:300px;"
-             "vertical-align:top;margin:8px}figcaption b{color:#036}li{font-size:85%}</style>",
-             f"<h1>{html.escape(title)}</h1>"]
-    for image_id, uri, caption, refs, *panels in rows:
-        img = (f"<img src='{uri}' alt='{html.escape(image_id)}' width='224'>" if uri
-               else "<p>(image not found)</p>")
-        items = "".join(f"<li>{html.escape(r)}</li>" for r in refs)
-        maps = (f"<br><img src='{panels[0]}' alt='attention per word' width='288'>"
-                if panels and panels[0] else "")
-        parts.append(f"<figure>{img}<figcaption><small>{html.escape(image_id)}</small><br>"
-                     f"<b>{html.escape(caption)}</b>{maps}<ul>{items}</ul></figcaption></figure>")
-    return "\n".join(parts) + "\n"
 
 
 # ---- command line -----------------------------------------------------------------------------

@@ -5,13 +5,13 @@ Usage:
     python evaluate_retrieval.py --model models/vse --split test \\
         --captioner models/ls-bleu --captioner-images 1000      # all 1000: slow on a CPU
 
-The standard protocol (Hodosh et al. 2013; captioning/ranking.py): every image of the split
+The standard protocol (Hodosh et al. 2013; captioning/retrieval/ranking.py): every image of the split
 against every caption of those images (Flickr8k test: 1000 images, 5000 captions). Image
 annotation (image -> text): rank of the first correct caption among all captions; image search
 (text -> image): rank of the caption's image among all images. R@1, R@5, R@10 (percent),
 median and mean rank, and rsum (the six recalls summed).
 
-The captioner as a ranker (captioning/caption_scoring.py): a train.py captioner scores a pair
+The captioner as a ranker (captioning/retrieval/caption_scoring.py): a train.py captioner scores a pair
 by the caption's length-normalised log-likelihood given the image. That costs a softmax over
 the vocabulary per word per pair (~5 million pairs on the full test split), so by default it
 runs on the first --captioner-images images of the split (sorted ids) and their captions; the
@@ -40,10 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import caption_scoring, ranking, retrieval
-from captioning.features import load_features
-from captioning.models import load_run
-from captioning.text import encode_caption, load_descriptions, load_splits, load_tokenizer
+from captioning.retrieval import caption_scoring
+
+from captioning.retrieval import ranking
+
+from captioning.retrieval import vse
+from captioning.data.features import load_features
+from captioning.models.registry import load_run
+from captioning.data.text import encode_caption, load_descriptions, load_splits, load_tokenizer
 from captioning.utils import HelpFormatter, PipelineError, run_cli, sha256_file, write_json
 
 # ---- settings (argparse defaults) --------------------------------------------------------------
@@ -72,8 +76,8 @@ def split_items(split, data_dir, features, width):
 def embedding_scores(model, config, tokenizer, matrix, captions):
     """(images, captions) cosine matrix from the joint embedding."""
     tokens = [encode_caption(tokenizer, c)[:config["max_length"]] for _, c in captions]
-    images = retrieval.embed_images(retrieval.image_encoder(model), matrix)
-    texts = retrieval.embed_captions(retrieval.text_encoder(model), tokens)
+    images = vse.embed_images(vse.image_encoder(model), matrix)
+    texts = vse.embed_captions(vse.text_encoder(model), tokens)
     return images @ texts.T
 
 
@@ -111,7 +115,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
-    model, config, tokenizer = retrieval.load_embedding(args.model, args.data_dir)
+    model, config, tokenizer = vse.load_embedding(args.model, args.data_dir)
     data_dir = Path(args.data_dir or config["data_dir"])
     features_path = Path(args.features or config["features_file"])
     if not features_path.is_file():

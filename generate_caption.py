@@ -25,11 +25,11 @@ Reads:
                       extract_features.py --spatial.
 Writes: nothing but stdout, except with --attention-map OUT.png (attention/transformer models):
     a PNG per image, one panel per word: the picture lit where the model looked while choosing
-    that word (captioning/attention_maps.py). One image: OUT.png; several: OUT-<name>.png each.
+    that word (captioning/inference/attention_maps.py). One image: OUT.png; several: OUT-<name>.png each.
     Cached features (--ids) have no picture: their panels light a grey square.
 
-Decoding: captioning/decoding.py (greedy, beam search, the step of each variant);
-loading and checking the model with its vocabulary: captioning/captioner.py (Captioner).
+Decoding: captioning/inference/decoding.py (greedy, beam search, the step of each variant);
+loading and checking the model with its vocabulary: captioning/inference/captioner.py (Captioner).
 """
 import argparse
 import sys
@@ -37,17 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import attention_maps, decoding
-from captioning.captioner import WEIGHTS, Captioner
-from captioning.decoding import ALPHA, BEAM
-from captioning.features import check_features, read_rows
-from captioning.images import list_images, open_rgb
+from captioning.inference import attention_maps
+
+from captioning.inference import decoding
+from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS, Captioner
+from captioning.inference.decoding import ALPHA, BEAM
+from captioning.data.features import check_features, read_rows
+from captioning.data.images import list_images, open_rgb
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
-# The captioner shipped in the repository (merge model, Lite0 features, tokenizer beside it;
-# README "The shipped captioner"), so `python generate_caption.py photo.jpg` works out of the box.
-MODEL_DIR = str(Path(__file__).resolve().parent / "pretrained" / "merge-lite0")
-DATA_DIR = None          # None: the tokenizer in the model folder, else model.json's data_dir
+MODEL_DIR = PRETRAINED_DIR  # the shipped captioner
 IMAGES_PER_CHUNK = 64    # images decoded and captioned together (bounds memory for big folders)
 
 

@@ -56,7 +56,7 @@ Cleaning (`clean_caption`):
 import argparse
 import sys
 
-from captioning.text import (CLEANING, MIN_COUNT, OOV, OUTPUT_DIR, TEXT_DIR,  # noqa: F401
+from captioning.data.text import (CLEANING, MIN_COUNT, OOV, OUTPUT_DIR, TEXT_DIR,  # noqa: F401
                              create_input_data_for_one_image, create_tokenizer, prepare,
                              summary_line, write_outputs)
 from captioning.utils import HelpFormatter, run_cli

@@ -34,9 +34,9 @@ import evaluate_bleu  # noqa: E402
 import extract_features  # noqa: E402
 import generate_caption  # noqa: E402
 import prepare_text  # noqa: E402
-from captioning import text  # noqa: E402
+from captioning.data import text  # noqa: E402
 import train  # noqa: E402
-from captioning import encoders  # noqa: E402
+from captioning.encoders import backbones  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, read_json, run_cli, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -66,7 +66,7 @@ def parse_args(argv):
                         help="download Flickr8k (~1.1 GB) into --data-dir if missing, no question")
     parser.add_argument("--out-dir", type=Path, default=Path("."),
                         help="outputs go to OUT/data/NAME, OUT/models/NAME, OUT/results/NAME")
-    parser.add_argument("--backbone", default="auto", choices=["auto", *encoders.BACKBONES],
+    parser.add_argument("--backbone", default="auto", choices=["auto", *backbones.BACKBONES],
                         help="image encoder; auto = VGG16 when its ImageNet weights can be had, "
                              "else EfficientNet-Lite0 (ImageNet weights from its pip package)")
     parser.add_argument("--weights", default="imagenet",
@@ -164,7 +164,7 @@ def remove_tree(folder):
 def resolve_backbone(backbone, weights):
     """--backbone auto never falls back to random weights: VGG16 if its ImageNet file can be
     had, else Lite0, said in one line. Random weights only with --weights none, said loudly."""
-    backbone, note = encoders.choose_backbone(backbone, weights)
+    backbone, note = backbones.choose_backbone(backbone, weights)
     if note:
         print(f"note: {note}", flush=True)
     if str(weights).lower() == "none":

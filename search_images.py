@@ -17,9 +17,9 @@ Reads:
                      backbone, features_file, tokenizer_sha256, data_dir, ...).
     --data-dir DIR   tokenizer.json (+ descriptions.txt, splits.json for --image); default the
                      data_dir recorded in model.json. Its tokenizer must be the model's.
-    --images DIR     the photos (captioning.images.list_images: image files directly in DIR).
+    --images DIR     the photos (captioning.data.images.list_images: image files directly in DIR).
                      Their features come from the extractor of the backbone named in model.json
-                     (vgg16 or lite0, captioning/encoders.py, with --weights), exactly as
+                     (vgg16 or lite0, captioning/encoders/backbones.py, with --weights), exactly as
                      extract_features.py computes them, or with --features FILE from a features
                      pickle keyed by file name without extension. A file that cannot be decoded,
                      or has no entry in --features, is skipped and reported.
@@ -44,13 +44,17 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import encoders, retrieval, vector_index
-from captioning.features import load_features
-from captioning.images import list_images
-from captioning.text import encode_caption, load_descriptions, load_splits
+from captioning.encoders import backbones
+
+from captioning.retrieval import vse
+
+from captioning.retrieval import vector_index
+from captioning.data.features import load_features
+from captioning.data.images import list_images
+from captioning.data.text import encode_caption, load_descriptions, load_splits
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli, sha256_file
-from evaluate_bleu import thumbnail_data_uri
-from extract_features import BATCH_SIZE, build_model, extract, weights_fingerprint
+from captioning.evaluation.gallery import thumbnail_data_uri
+from captioning.encoders.extract import BATCH_SIZE, build_model, extract, weights_fingerprint
 
 # ---- settings (argparse defaults) --------------------------------------------------------------
 MODEL_DIR = "models/vse"
@@ -66,13 +70,13 @@ CACHE_VERSION = 1               # bump when the cache layout changes: older file
 def build_extractor(backbone, weights, seed=0):
     """(keras model (H, W, 3) -> (D,), weights fingerprint) for the backbone of model.json.
 
-    The backbones of captioning/encoders.py (vgg16, lite0) embed raw photos exactly as
+    The backbones of captioning/encoders/backbones.py (vgg16, lite0) embed raw photos exactly as
     extract_features.py does. For any other name (or "unknown": features of unrecorded origin)
     nothing is guessed: pass --features with the photos' precomputed vectors.
     """
-    if backbone not in encoders.ENCODERS:
+    if backbone not in backbones.ENCODERS:
         raise PipelineError(f"no extractor for backbone {backbone!r} of this model here (available: "
-                            f"{', '.join(encoders.BACKBONES)}); pass --features FILE with the "
+                            f"{', '.join(backbones.BACKBONES)}); pass --features FILE with the "
                             f"photos' precomputed features")
     return build_model(weights, seed, backbone), weights_fingerprint(weights, seed, backbone)
 
@@ -179,7 +183,7 @@ def folder_embeddings(folder, model, config, model_sha, args):
         found, failures = features_of(todo)
         failed = {p.name: reason for p, reason in failures}
         have = [p for p in todo if p.name not in failed and p.stem in found]
-        vectors = retrieval.embed_images(retrieval.image_encoder(model),
+        vectors = vse.embed_images(vse.image_encoder(model),
                                          np.stack([found[p.stem] for p in have])) if have else []
         fresh = dict(zip((p.name for p in have), vectors))
         for k, name in enumerate(names):
@@ -207,14 +211,14 @@ def training_set(model, config, tokenizer, data_dir, model_sha, cache_dir):
     else:
         print(f"embedding {len(captions)} training captions (once; cached in {cache_path})", file=sys.stderr)
         ids = [encode_caption(tokenizer, c)[:config["max_length"]] for _, c in captions]
-        text_emb = retrieval.embed_captions(retrieval.text_encoder(model), ids)
+        text_emb = vse.embed_captions(vse.text_encoder(model), ids)
         write_cache(cache_path, captions=text_emb)
     features_path = Path(config["features_file"])
     if not features_path.is_file():
         raise PipelineError(f"the training features file recorded in model.json is missing ({features_path})")
     table = load_features(features_path)
     image_ids = [i for i in train_ids if i in table]
-    image_emb = retrieval.embed_images(retrieval.image_encoder(model), np.stack([table[i] for i in image_ids]))
+    image_emb = vse.embed_images(vse.image_encoder(model), np.stack([table[i] for i in image_ids]))
     return captions, text_emb, image_ids, image_emb
 
 
@@ -283,7 +287,7 @@ def parse_args(argv):
 
 
 def search_text(args, model, config, tokenizer, model_sha):
-    ids, unknown = retrieval.encode_query(args.query, tokenizer, config["max_length"])
+    ids, unknown = vse.encode_query(args.query, tokenizer, config["max_length"])
     if unknown:
         print(f"warning: not in the vocabulary, read as {tokenizer.get('oov_token') or 'nothing'}: "
               f"{', '.join(unknown)}", file=sys.stderr)
@@ -295,7 +299,7 @@ def search_text(args, model, config, tokenizer, model_sha):
         raise PipelineError(f"no image in {args.images} could be embedded ({len(skipped)} skipped)")
     index = vector_index.make_index(embeddings, args.index)
     started = time.perf_counter()
-    query = retrieval.embed_captions(retrieval.text_encoder(model), [ids])
+    query = vse.embed_captions(vse.text_encoder(model), [ids])
     searched = time.perf_counter()
     scores, rows = index.search(query, args.top)
     done = time.perf_counter()
@@ -310,7 +314,7 @@ def search_text(args, model, config, tokenizer, model_sha):
 
 def search_image(args, model, config, tokenizer, model_sha, data_dir):
     vector = query_image_features(args.image, config, args)
-    query = retrieval.embed_images(retrieval.image_encoder(model), vector[None])
+    query = vse.embed_images(vse.image_encoder(model), vector[None])
     captions, text_emb, image_ids, image_emb = training_set(model, config, tokenizer, data_dir,
                                                             model_sha, args.cache_dir)
     cap_scores, cap_rows = vector_index.make_index(text_emb, args.index).search(query, args.top)
@@ -335,9 +339,9 @@ def main(argv=None):
     if args.features and not Path(args.features).is_file():
         raise PipelineError(f"features file not found ({args.features})")
     model_dir = Path(args.model)
-    model, config, tokenizer = retrieval.load_embedding(model_dir, args.data_dir)
+    model, config, tokenizer = vse.load_embedding(model_dir, args.data_dir)
     data_dir = Path(args.data_dir or config["data_dir"])
-    model_sha = sha256_file(model_dir / retrieval.MODEL_FILE)
+    model_sha = sha256_file(model_dir / vse.MODEL_FILE)
     if args.query is not None:
         search_text(args, model, config, tokenizer, model_sha)
     else:

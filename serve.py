@@ -30,7 +30,7 @@ Reads:
     --retrieval DIR   train_retrieval.py run folder (model.keras, model.json; its tokenizer from
                       the data_dir it records, or --retrieval-data-dir): every image of --features
                       is embedded once at start-up and the search view ranks them by cosine
-                      (captioning/image_search.py). Needs --features of the model's backbone.
+                      (captioning/retrieval/image_search.py). Needs --features of the model's backbone.
 Writes: nothing (the server's log goes to stderr).
 Binds to 127.0.0.1 by default, so only this machine can open the page; the page has no login,
 so think twice before --host 0.0.0.0.
@@ -41,13 +41,12 @@ import socket
 import sys
 from pathlib import Path
 
-from captioning.captioner import WEIGHTS
-from captioning.decoding import ALPHA
-from captioning.image_search import ImageSearch
+from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR as MODEL_DIR, WEIGHTS
+from captioning.inference.decoding import ALPHA
+from captioning.retrieval.image_search import ImageSearch
 from captioning.utils import HelpFormatter, PipelineError, run_cli
-from captioning.web_captioner import WebCaptioner
-from captioning.webapp import MB, Limits, create_app
-from generate_caption import DATA_DIR, MODEL_DIR
+from captioning.apps.web_captioner import WebCaptioner
+from captioning.apps.webapp import MB, Limits, create_app
 
 HOST = "127.0.0.1"
 PORT = 8000

@@ -49,8 +49,8 @@ Writes, into the run folder <output-dir>/<name> (name defaults to the variant, p
     cv.csv          (--cv only, in <output-dir>/<name>, name default "cv") variant,fold,
                     val_loss,best_epoch,seconds per fold, then a mean and a std row per variant.
 
-The models (merge, inject) and their layer names are described in captioning/models.py, the
-grid models (attention, transformer) in captioning/grid_models.py. Their batches hold whole images
+The models (merge, inject) and their layer names are described in captioning/models/registry.py, the
+grid models (attention, transformer) in captioning/models/grid_models.py. Their batches hold whole images
 (each image's grid is encoded once for its five captions); the attention model's training loss
 adds the doubly stochastic attention penalty, its dev loss is the cross-entropy alone.
 
@@ -67,11 +67,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioning import training
-from captioning.grid_models import OPTIONS as GRID_OPTIONS
-from captioning.models import (DROPOUT, EMBED_DIM, GRID_VARIANTS, LABEL_SMOOTHING, LEARNING_RATE, MODE,
+from captioning.training import trainer
+from captioning.models.grid_models import OPTIONS as GRID_OPTIONS
+from captioning.models.registry import (DROPOUT, EMBED_DIM, GRID_VARIANTS, LABEL_SMOOTHING, LEARNING_RATE, MODE,
                                MODES, UNITS, VARIANTS)
-from captioning.training import (BATCH_SIZE, CV_EPOCHS, CV_SUBSET, CV_VARIANTS, EPOCHS, MAX_MISSING,
+from captioning.training.trainer import (BATCH_SIZE, CV_EPOCHS, CV_SUBSET, CV_VARIANTS, EPOCHS, MAX_MISSING,
                                  PATIENCE, SEED, SELECT_BY)
 from captioning.utils import HelpFormatter, PipelineError, keras_verbose, run_cli
 
@@ -92,7 +92,7 @@ def parse_args(argv):
     p.add_argument("--output-dir", type=Path, default=Path(OUTPUT_DIR), help="parent of run folders")
     p.add_argument("--name", default="", help="run folder name ('' = variant, +'-pairs'; 'cv' for --cv)")
     p.add_argument("--variant", choices=tuple(VARIANTS), default=VARIANT,
-                   help="model structure (captioning/models.py)")
+                   help="model structure (captioning/models/registry.py)")
     p.add_argument("--mode", choices=MODES, default=MODE, help="sequence = whole captions; pairs = tutorial")
     p.add_argument("--embed-dim", type=int, default=EMBED_DIM, help="word vector size (merge, inject, attention)")
     p.add_argument("--units", type=int, default=UNITS, help="LSTM / dense width (merge, inject, attention)")
@@ -161,20 +161,20 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.cv else [args.variant]
-    for path in {training.features_path(args, v) for v in variants}:
+    for path in {trainer.features_path(args, v) for v in variants}:
         if not path.is_file():
             raise PipelineError(f"missing features file {path}")
     name = args.name or ("cv" if args.cv else args.variant + ("-pairs" if args.mode == "pairs" else ""))
     run_dir = args.output_dir / name
-    matrix, train, dev, config, row_of_id = training.prepare_inputs(args)
+    matrix, train, dev, config, row_of_id = trainer.prepare_inputs(args)
     shape = "x".join(str(s) for s in [*config.get("grid", []), config["feature_dim"]])
     print(f"{len(train)} training / {len(dev)} dev captions, features {shape}, "
           f"vocab {config['vocab_size']}, max_length {config['max_length']}", flush=True)
     if args.cv:
-        training.cross_validate(args, run_dir, (matrix, train, dev, config, row_of_id))
+        trainer.cross_validate(args, run_dir, (matrix, train, dev, config, row_of_id))
         return 0
-    scorer = training.dev_bleu_scorer(args.data_dir, matrix, row_of_id) if args.select_by == "bleu" else None
-    state = training.train_run(args, run_dir, matrix, train, dev, config, scorer)
+    scorer = trainer.dev_bleu_scorer(args.data_dir, matrix, row_of_id) if args.select_by == "bleu" else None
+    state = trainer.train_run(args, run_dir, matrix, train, dev, config, scorer)
     best = (f"dev BLEU-4 {state['best_dev_bleu4']:.4f}" if state.get("best_dev_bleu4") is not None
             else f"dev loss {state['best_val_loss']:.4f}")
     print(f"best {best} at epoch {state['best_epoch']}; model in {run_dir}")

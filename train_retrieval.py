@@ -10,7 +10,7 @@ other settings is refused.
 
 Reads:
     --features   pickle {image_id: vector (D,) or (1, D)} (extract_features.py's layout; float16
-                 is cast), read with captioning.features' restricted unpickler. D, the image
+                 is cast), read with captioning.data.features' restricted unpickler. D, the image
                  input width, comes from here.
                  Its `<stem>.settings.json` (written by extract_features.py), when present, gives
                  the backbone and the extractor fingerprint recorded in model.json.
@@ -18,7 +18,7 @@ Reads:
                  sha256), descriptions.txt, splits.json.
 Writes, into <output-dir>/<name>/, train.py's layout: one checkpoint-NNNN folder per epoch
 (built under a temporary name, fsync'd, renamed: a kill at any moment leaves the previous epoch
-or this one, never a mix; captioning.training.write_checkpoint), `current` (a link to it) and,
+or this one, never a mix; captioning.training.trainer.write_checkpoint), `current` (a link to it) and,
 as links through `current`:
     model.keras    the best epoch by dev R@1+R@5+R@10 summed over both directions (rsum).
     model.json     {kind "vse++", feature_dim, embed_dim, word_dim, vocab_size, max_length,
@@ -34,10 +34,10 @@ as links through `current`:
     settings.json  every argument plus derived values (feature_dim, vocab_size, counts).
 
 Every training caption is one example per epoch; batches of --batch-size come from
-length-sorted pools (captioning.data.plan_batches), so a batch is padded little. The loss (VSE++,
-captioning/retrieval.py) uses the other pairs of the batch as negatives: the hardest one, or
+length-sorted pools (captioning.data.inputs.plan_batches), so a batch is padded little. The loss (VSE++,
+captioning/retrieval/vse.py) uses the other pairs of the batch as negatives: the hardest one, or
 during --warmup-epochs the sum of all of them. Dev selection embeds the 1000 dev images and
-their 5000 captions after every epoch and ranks them (captioning/ranking.py).
+their 5000 captions after every epoch and ranks them (captioning/retrieval/ranking.py).
 """
 import argparse
 import sys
@@ -46,10 +46,14 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import ranking, retrieval, training
-from captioning.data import encode_split, feature_matrix, load_text, plan_batches
-from captioning.features import load_features
-from captioning.training import seed_everything
+from captioning.retrieval import ranking
+
+from captioning.retrieval import vse
+
+from captioning.training import trainer
+from captioning.data.inputs import encode_split, feature_matrix, load_text, plan_batches
+from captioning.data.features import load_features
+from captioning.training.trainer import seed_everything
 from captioning.utils import (HelpFormatter, PipelineError, keras_verbose, read_json, run_cli,
                               save_settings, sha256_file)
 
@@ -71,7 +75,7 @@ MAX_MISSING = 0.01        # fraction of train+dev images allowed to lack feature
 
 RESUME_KEYS = ("embed_dim", "word_dim", "margin", "batch_size", "learning_rate", "clipnorm",
                "warmup_epochs", "lr_decay_epoch", "seed", "features_sha256", "tokenizer_sha256")
-PUBLISHED = (retrieval.MODEL_FILE, retrieval.CONFIG_FILE, "history.csv")   # links through `current`
+PUBLISHED = (vse.MODEL_FILE, vse.CONFIG_FILE, "history.csv")   # links through `current`
 HISTORY_FIELDS = ["epoch", "loss", "max_violation", "dev_i2t_r1", "dev_i2t_r5", "dev_i2t_r10",
                   "dev_t2i_r1", "dev_t2i_r5", "dev_t2i_r10", "dev_rsum", "seconds", "lr"]
 
@@ -114,7 +118,7 @@ def prepare_inputs(args):
     if not train or not dev:
         raise PipelineError(f"no training or dev captions with features ({args.data_dir})")
     backbone, fingerprint = feature_provenance(args.features, args.backbone)
-    config = {"kind": retrieval.MODEL_KIND, "feature_dim": int(matrix.shape[1]),
+    config = {"kind": vse.MODEL_KIND, "feature_dim": int(matrix.shape[1]),
               "embed_dim": args.embed_dim, "word_dim": args.word_dim,
               "vocab_size": meta["vocab_size"], "max_length": meta["max_length"],
               "margin": args.margin, "backbone": backbone,
@@ -122,7 +126,7 @@ def prepare_inputs(args):
               "features_sha256": sha256_file(args.features), "features_fingerprint": fingerprint,
               "tokenizer_sha256": meta["tokenizer_sha256"], "cleaning": meta.get("cleaning"),
               "start_token": meta["start_token"], "end_token": meta["end_token"],
-              "data_dir": str(Path(args.data_dir).resolve()), "layers": list(retrieval.LAYERS),
+              "data_dir": str(Path(args.data_dir).resolve()), "layers": list(vse.LAYERS),
               "epochs_trained": 0, "best_epoch": None, "best_dev_rsum": None, "best_dev": None}
     return matrix, train, dev, config
 
@@ -142,7 +146,7 @@ def make_dataset(examples, features, batch_size, seed, first_epoch=0):
         epoch[0] += 1
         for index in plan_batches(lengths, batch_size, rng):
             rows = np.array([examples[i][0] for i in index], np.int32)
-            tokens = retrieval.pad_batch([examples[i][1] for i in index])
+            tokens = vse.pad_batch([examples[i][1] for i in index])
             yield {"image_input": features[rows], "caption_input": tokens}, rows
 
     n_batches = len(plan_batches(lengths, batch_size, np.random.default_rng(0)))
@@ -157,12 +161,12 @@ def make_dataset(examples, features, batch_size, seed, first_epoch=0):
 def rank_examples(encoders, features, examples):
     """ranking.evaluate of the images in `examples` against all their captions.
 
-    encoders: (image encoder, text encoder) of the model (retrieval.image_encoder/text_encoder).
+    encoders: (image encoder, text encoder) of the model (vse.image_encoder/text_encoder).
     """
     image_rows = sorted({row for row, _ in examples})
     column = {row: k for k, row in enumerate(image_rows)}
-    images = retrieval.embed_images(encoders[0], features[image_rows])
-    texts = retrieval.embed_captions(encoders[1], [ids for _, ids in examples])
+    images = vse.embed_images(encoders[0], features[image_rows])
+    texts = vse.embed_captions(encoders[1], [ids for _, ids in examples])
     return ranking.evaluate(images @ texts.T, [column[row] for row, _ in examples])
 
 
@@ -175,7 +179,7 @@ def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience, 
     class Keeper(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             # built once: they share the model's weights, and their compiled graphs are reused
-            self.encoders = retrieval.image_encoder(self.model), retrieval.text_encoder(self.model)
+            self.encoders = vse.image_encoder(self.model), vse.text_encoder(self.model)
             self.previous = previous
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -206,9 +210,9 @@ def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience, 
                 self.model.stop_training = True
             config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
                           best_dev_rsum=state["best_dev_rsum"], best_dev=state["best_dev"])
-            self.previous = training.write_checkpoint(
+            self.previous = trainer.write_checkpoint(
                 run_dir, self.model, state, config, improved, self.previous,
-                files={"history.csv": training.history_csv(state["history"], HISTORY_FIELDS)})
+                files={"history.csv": trainer.history_csv(state["history"], HISTORY_FIELDS)})
             print(f"epoch {epoch + 1}: loss {logs['loss']:.4f}  dev R@1/5/10 image->text "
                   f"{a['r1']:.1f}/{a['r5']:.1f}/{a['r10']:.1f}  text->image "
                   f"{s['r1']:.1f}/{s['r5']:.1f}/{s['r10']:.1f}  rsum {dev_result['rsum']:.1f}  "
@@ -220,7 +224,7 @@ def make_keeper(run_dir, state, config, features, dev, warmup_epochs, patience, 
 def check_resumable(run_dir, args, config):
     """(checkpoint folder, its state) of an earlier run in run_dir with the same settings, else
     (None, None) / an error."""
-    checkpoint = training.latest_checkpoint(run_dir)
+    checkpoint = trainer.latest_checkpoint(run_dir)
     if checkpoint is None:
         return None, None
     old = read_json(run_dir / "settings.json")
@@ -228,9 +232,9 @@ def check_resumable(run_dir, args, config):
         if old.get(key) != (config[key] if key in config else getattr(args, key)):
             raise PipelineError(f"run folder holds a run with another {key} ({old.get(key)!r}); "
                                 f"use another --name or remove it ({run_dir})")
-    training.point_current(run_dir, checkpoint, PUBLISHED)     # repairs what a kill left half done
-    training.tidy(run_dir, checkpoint, PUBLISHED)
-    return checkpoint, read_json(checkpoint / training.STATE_FILE)
+    trainer.point_current(run_dir, checkpoint, PUBLISHED)     # repairs what a kill left half done
+    trainer.tidy(run_dir, checkpoint, PUBLISHED)
+    return checkpoint, read_json(checkpoint / trainer.STATE_FILE)
 
 
 def train_run(args, run_dir, matrix, train, dev, config):
@@ -239,13 +243,13 @@ def train_run(args, run_dir, matrix, train, dev, config):
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
     checkpoint, state = check_resumable(run_dir, args, config)
-    loss_class = retrieval.embedding_loss_class()
+    loss_class = vse.embedding_loss_class()
     if state is not None:
         if state["stopped_early"] or state["epoch"] >= args.epochs:
             print(f"{run_dir}: already trained {state['epoch']} epochs (best dev rsum "
                   f"{state['best_dev_rsum']:.1f}, epoch {state['best_epoch']}); nothing to do")
             return state
-        model = keras.models.load_model(checkpoint / training.LAST_FILE)   # weights + optimizer state
+        model = keras.models.load_model(checkpoint / trainer.LAST_FILE)   # weights + optimizer state
         config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
                       best_dev_rsum=state["best_dev_rsum"], best_dev=state["best_dev"])
         print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
@@ -253,7 +257,7 @@ def train_run(args, run_dir, matrix, train, dev, config):
         state = {"epoch": 0, "best_dev_rsum": None, "best_epoch": None, "best_dev": None,
                  "wait": 0, "stopped_early": False, "history": []}
         train_rows = sorted({row for row, _ in train})
-        model = retrieval.build_model(config["feature_dim"], config["vocab_size"], args.embed_dim,
+        model = vse.build_model(config["feature_dim"], config["vocab_size"], args.embed_dim,
                                       args.word_dim, matrix[train_rows].mean(axis=0),
                                       matrix[train_rows].var(axis=0))
         model.compile(optimizer=keras.optimizers.Adam(args.learning_rate, clipnorm=args.clipnorm),
@@ -283,9 +287,9 @@ def parse_args(argv):
     p.add_argument("--name", default=NAME, help="run folder name")
     p.add_argument("--backbone", default=BACKBONE,
                    help="extractor that made --features (vgg16, lite0, ...); auto = its settings.json")
-    p.add_argument("--embed-dim", type=int, default=retrieval.EMBED_DIM, help="joint space size = GRU units")
-    p.add_argument("--word-dim", type=int, default=retrieval.WORD_DIM, help="word vector size")
-    p.add_argument("--margin", type=float, default=retrieval.MARGIN, help="hinge margin")
+    p.add_argument("--embed-dim", type=int, default=vse.EMBED_DIM, help="joint space size = GRU units")
+    p.add_argument("--word-dim", type=int, default=vse.WORD_DIM, help="word vector size")
+    p.add_argument("--margin", type=float, default=vse.MARGIN, help="hinge margin")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="total epochs (a rerun continues up to it)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs per batch")
     p.add_argument("--learning-rate", type=float, default=LEARNING_RATE, help="Adam")

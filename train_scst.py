@@ -11,12 +11,12 @@ captions per image; each sample's advantage is its CIDEr-D against the image's 5
 captions minus a baseline (--baseline: the mean of the image's other samples, Luo 2020, or the
 greedy caption's, Rennie et al.); loss = -mean(advantage x log p(sample)), the log-probabilities
 coming from one batched forward pass of the Keras model on the sampled tokens. The reward's CIDEr-D document
-frequencies come from the training references and are computed once (captioning.coco_metrics.
+frequencies come from the training references and are computed once (captioning.evaluation.coco_metrics.
 CiderD). After every epoch the dev split is captioned greedily and scored with CIDEr-D (COCO
 convention, document frequencies from the dev references); model.keras keeps the best epoch,
 and epoch 0 is the --init model itself, so a run that never beats it keeps it. The test split is
 never touched: score it once with evaluate_bleu.py. Any variant with a step builder in
-captioning.decoding works (merge, inject, ...). See captioning/scst.py.
+captioning.inference.decoding works (merge, inject, ...). See captioning/training/scst.py.
 
 Rerunning the same command after an interruption continues after the last finished epoch.
 
@@ -28,7 +28,7 @@ Reads:
                       descriptions.txt (rewards), references.json (dev CIDEr-D), splits.json.
 Writes, into <output-dir>/<name>, one checkpoint-NNNN folder per epoch (built under a
 temporary name, fsync'd, renamed: a kill at any moment leaves the previous epoch or this one,
-never a mix; train.py's layout, captioning.training.write_checkpoint), `current` (a link to
+never a mix; train.py's layout, captioning.training.trainer.write_checkpoint), `current` (a link to
 it) and, as links through `current`:
     model.keras       the best epoch by dev CIDEr-D (epoch 0 = the --init model).
     model.json        the --init model.json plus "scst": {init, epochs_trained, best_epoch,
@@ -46,8 +46,16 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import data, models, scst, text, training
-from captioning.features import load_features
+from captioning.data import inputs
+
+from captioning.models import registry
+
+from captioning.training import scst
+
+from captioning.data import text
+
+from captioning.training import trainer
+from captioning.data.features import load_features
 from captioning.utils import (HelpFormatter, PipelineError, progress, read_json, run_cli, save_settings,
                               sha256_file)
 
@@ -95,10 +103,10 @@ def parse_args(argv):
 def load_inputs(args):
     """The --init model (sequence mode), its config and tokenizer, and the train/dev data, all
     cross-checked: one-line PipelineError for a missing or mismatched model, features or split."""
-    init_dir = models.run_folder(args.init)
-    model, config, tokenizer = models.load_captioner(init_dir, args.data_dir)
+    init_dir = registry.run_folder(args.init)
+    model, config, tokenizer = registry.load_captioner(init_dir, args.data_dir)
     if config.get("mode", "sequence") != "sequence":
-        model = models.rebuild_for_mode(model, config, "sequence")
+        model = registry.rebuild_for_mode(model, config, "sequence")
         config = dict(config, mode="sequence")
     splits = text.load_splits(args.data_dir)
     descriptions = text.load_descriptions(args.data_dir / "descriptions.txt")
@@ -106,7 +114,7 @@ def load_inputs(args):
     features = load_features(args.features)
     wanted = list(splits["train"]) + list(splits["dev"])
     # max_missing 0: an image of the split without features is an error, not a silent skip
-    matrix, row_of_id, _ = data.feature_matrix(features, wanted, 0.0, str(args.features))
+    matrix, row_of_id, _ = inputs.feature_matrix(features, wanted, 0.0, str(args.features))
     del features
     if matrix.shape[1] != config["feature_dim"]:
         raise PipelineError(f"features have width {matrix.shape[1]} but model {init_dir} was trained "
@@ -130,8 +138,8 @@ def save_epoch(run_dir, model, config, state, improved, previous):
     """The state after state["epoch"] SCST epochs as one atomic checkpoint folder; returns it."""
     config["scst"].update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
                           best_dev_cider_d=state["best_dev_cider_d"])
-    return training.write_checkpoint(run_dir, model, state, config, improved, previous,
-                                     files={"history.csv": training.history_csv(state["history"], HISTORY_FIELDS)})
+    return trainer.write_checkpoint(run_dir, model, state, config, improved, previous,
+                                     files={"history.csv": trainer.history_csv(state["history"], HISTORY_FIELDS)})
 
 
 def main(argv=None):
@@ -146,30 +154,30 @@ def main(argv=None):
     run_dir = args.output_dir / (args.name or named_dir.resolve().name + "-scst")
     if run_dir.resolve() == init_dir.resolve():
         raise PipelineError(f"the output folder is the --init folder ({run_dir}); choose another --name")
-    settings = {"init": str(named_dir), "init_sha256": sha256_file(init_dir / models.MODEL_FILE),
+    settings = {"init": str(named_dir), "init_sha256": sha256_file(init_dir / registry.MODEL_FILE),
                 "features_sha256": sha256_file(args.features), "tokenizer_sha256": config["tokenizer_sha256"],
                 "samples": args.samples, "batch_images": args.batch_images,
                 "learning_rate": args.learning_rate, "baseline": args.baseline, "seed": args.seed}
 
-    training.seed_everything(args.seed)
+    trainer.seed_everything(args.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = training.latest_checkpoint(run_dir)
+    previous = trainer.latest_checkpoint(run_dir)
     if previous is not None:
-        state = read_json(previous / training.STATE_FILE)
+        state = read_json(previous / trainer.STATE_FILE)
         old = read_json(run_dir / "settings.json")
         for key in RESUME_KEYS:
             if old.get(key) != settings[key]:
                 raise PipelineError(f"run folder holds an SCST run with another {key} ({old.get(key)!r}); "
                                     f"use another --name or remove it ({run_dir})")
-        model = models.load_keras(previous / training.LAST_FILE)      # weights + Adam state
-        config = read_json(previous / models.CONFIG_FILE)
-        published = (models.MODEL_FILE, models.CONFIG_FILE, "history.csv")
-        training.point_current(run_dir, previous, published)    # repairs what a kill left half done
-        training.tidy(run_dir, previous, published)
+        model = registry.load_keras(previous / trainer.LAST_FILE)      # weights + Adam state
+        config = read_json(previous / registry.CONFIG_FILE)
+        published = (registry.MODEL_FILE, registry.CONFIG_FILE, "history.csv")
+        trainer.point_current(run_dir, previous, published)    # repairs what a kill left half done
+        trainer.tidy(run_dir, previous, published)
         print(f"resuming {run_dir} after SCST epoch {state['epoch']}", flush=True)
     else:
         state = None
-        models.compile_model(model, args.learning_rate)    # gives the model its Adam, saved with it
+        registry.compile_model(model, args.learning_rate)    # gives the model its Adam, saved with it
         # its (zero) moments exist before the first step, so epoch 0's checkpoint saves them and
         # a resume from it loads a whole optimizer (Keras warns on a partial one)
         model.optimizer.build(model.trainable_variables)
@@ -189,11 +197,11 @@ def main(argv=None):
         print(f"{run_dir}: already trained {state['epoch']} SCST epochs; nothing to do")
         return 0
 
-    trainer = scst.Trainer(model, config, tokenizer, matrix, row_of_id, splits["train"], rewards,
+    scst_trainer = scst.Trainer(model, config, tokenizer, matrix, row_of_id, splits["train"], rewards,
                            model.optimizer, args.samples, args.batch_images, args.baseline)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         rng = np.random.default_rng([args.seed, epoch])     # per epoch: a resumed run draws the same
-        stats = trainer.epoch(rng, lambda it: progress(it, desc=f"SCST epoch {epoch}", unit="batch"))
+        stats = scst_trainer.epoch(rng, lambda it: progress(it, desc=f"SCST epoch {epoch}", unit="batch"))
         row = {"epoch": epoch, **{k: round(v, 1 if k.endswith("seconds") else 6) for k, v in stats.items()},
                **dev_row(score, model, config)}
         state["history"].append(row)

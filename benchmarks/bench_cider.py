@@ -1,4 +1,4 @@
-"""Benchmark: CIDEr-D rewards per second, captioning.coco_metrics.CiderD vs pycocoevalcap's Cider.
+"""Benchmark: CIDEr-D rewards per second, captioning.evaluation.coco_metrics.CiderD vs pycocoevalcap's Cider.
 
 Usage:
     python benchmarks/bench_cider.py [--text-dir ../shared/flickr8k/Flickr8k_text] [--samples 5]
@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules
 
-from captioning.coco_metrics import CiderD, python_tokenize  # noqa: E402
+from captioning.evaluation.coco_metrics import CiderD, python_tokenize  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 TEXT_DIR = "../shared/flickr8k/Flickr8k_text"

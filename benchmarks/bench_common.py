@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import prepare_text  # noqa: E402
-from captioning import text  # noqa: E402
-from captioning.features import save_features  # noqa: E402
-from captioning.runtime import finished, submitter  # noqa: E402
+from captioning.data import text  # noqa: E402
+from captioning.data.features import save_features  # noqa: E402
+from captioning.encoders.runtime import finished, submitter  # noqa: E402
 from captioning.utils import PipelineError  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "flickr8k"

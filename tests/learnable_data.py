@@ -13,8 +13,8 @@ from zero once the model has learnt.
 import numpy as np
 
 import prepare_text
-from captioning.text import SPLIT_FILES
-from captioning.features import save_features
+from captioning.data.text import SPLIT_FILES
+from captioning.data.features import save_features
 
 CAPTIONS = {
     "dog": ["A dog."] * 3 + ["A dog runs on the green grass near the water."] * 2,

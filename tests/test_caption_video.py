@@ -1,4 +1,4 @@
-"""Tests for captioning/video.py and caption_video.py on clips built here with PyAV from the
+"""Tests for captioning/apps/video.py and caption_video.py on clips built here with PyAV from the
 shared Flickr8k images: scenes and their timestamps, VFR, rotation, odd sizes, a 1-frame clip,
 audio kept by --burn, SRT/WebVTT parsed back, bad input, Ctrl-C, and one run through the real
 captioner stack (a tiny model) against the photo path's captions of the same images."""
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import caption_video as cv
-from captioning import video
+from captioning.apps import video
 from captioning.utils import run_cli
 
 IMAGE_NAMES = ["1000268201_693b08cb0e", "1001773457_577c3a7d70", "1002674143_1b742ab4b8"]
@@ -462,10 +462,10 @@ def mean_colour_extractor(weights=None, **kwargs):
 def test_real_captioner_matches_photo_captions(three_clip, flickr8k_dir, tmp_path, capsys,
                                                monkeypatch):
     import generate_caption as gc
-    from captioning import encoders
+    from captioning.encoders import backbones
     from test_generate_caption import make_tiny_run
     data_dir, model_dir, _, _ = make_tiny_run(tmp_path, feature_dim=16)
-    monkeypatch.setattr(encoders, "build", lambda *a, **k: tiny_extractor())
+    monkeypatch.setattr(backbones, "build", lambda *a, **k: tiny_extractor())
     photos = [str(flickr8k_dir / "Flicker8k_Dataset" / f"{n}.jpg") for n in IMAGE_NAMES]
     common = ["--model", str(model_dir), "--data-dir", str(data_dir), "--weights", "none"]
     capsys.readouterr()
@@ -479,7 +479,7 @@ def test_real_captioner_matches_photo_captions(three_clip, flickr8k_dir, tmp_pat
     assert [start for start, _, _ in cues] == [0.0, 2.0, 4.0]
     assert "3 scenes -> 3 captions" in capsys.readouterr().out
     # an extractor of another width than the model's features: one line, nothing written
-    monkeypatch.setattr(encoders, "build", lambda *a, **k: mean_colour_extractor())
+    monkeypatch.setattr(backbones, "build", lambda *a, **k: mean_colour_extractor())
     rc = run_cli(cv.main, [str(three_clip), "--vtt", str(tmp_path / "x.vtt")] + common)
     err = capsys.readouterr().err
     assert rc == 1 and not (tmp_path / "x.vtt").exists()

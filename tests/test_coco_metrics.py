@@ -1,4 +1,4 @@
-"""Tests for captioning/coco_metrics.py: CIDEr-D and ROUGE-L worked out by hand, the fast CiderD
+"""Tests for captioning/evaluation/coco_metrics.py: CIDEr-D and ROUGE-L worked out by hand, the fast CiderD
 against pycocoevalcap's, the pure-Python tokenisation against the PTB (Java) one, bad input.
 
 Java tests skip, with the reason, where no `java` is on PATH."""
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from captioning import coco_metrics as cm
+from captioning.evaluation import coco_metrics as cm
 from captioning.utils import PipelineError
 
 SAMPLE_TOKENS = Path(__file__).resolve().parents[1] / "data" / "sample" / "Flickr8k_text" / "Flickr8k.token.txt"

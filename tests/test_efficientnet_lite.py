@@ -1,4 +1,4 @@
-"""Tests of captioning/torch_checkpoint.py and captioning/efficientnet_lite.py.
+"""Tests of captioning/encoders/torch_checkpoint.py and captioning/encoders/efficientnet_lite.py.
 
 The checkpoint reader is tested on small legacy checkpoints written here by hand (no torch:
 write_legacy_checkpoint emits the same opcodes torch.save does), including ones whose pickle would
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioning import efficientnet_lite as el
-from captioning.features import load_features
-from captioning.images import load_rgb
-from captioning.torch_checkpoint import LEGACY_MAGIC, LEGACY_PROTOCOL, read_legacy_checkpoint
+from captioning.encoders import efficientnet_lite as el
+from captioning.data.features import load_features
+from captioning.data.images import load_rgb
+from captioning.encoders.torch_checkpoint import LEGACY_MAGIC, LEGACY_PROTOCOL, read_legacy_checkpoint
 from captioning.utils import PipelineError
 
 REFERENCE = "features_efficientnet_lite0.pkl"

@@ -1,11 +1,11 @@
-"""Tests for captioning/metrics.py and evaluate_bleu.py: BLEU in both modes on hand-made cases whose values are worked out
+"""Tests for captioning/evaluation/metrics.py and evaluate_bleu.py: BLEU in both modes on hand-made cases whose values are worked out
 by hand below (clipped n-gram precisions p_n, brevity penalty BP = exp(1 - r/c) when c < r)."""
 import math
 from pathlib import Path
 
 
 import evaluate_bleu as eb
-from captioning import metrics
+from captioning.evaluation import metrics
 
 S, E = "startseq", "endseq"
 
@@ -90,7 +90,7 @@ def test_standard_tokens_are_words_a_captioner_can_say():
     assert metrics.standard_tokens("T-shirt.") == ["t", "shirt"]
     assert metrics.standard_tokens("Two dogs / 2 cats in the U.S.") == ["two", "dogs", "cats", "in", "the", "us"]
     # on the bundled sample: every reference token is a word of the cleaned captions' vocabulary
-    from captioning import text
+    from captioning.data import text
     sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "Flickr8k_text" / "Flickr8k.token.txt"
     raw = [line.split("\t", 1)[1] for line in sample.read_text(encoding="utf-8").splitlines() if "\t" in line]
     words = {w for caption in raw for w in text.clean_caption(caption).split()}
@@ -154,7 +154,7 @@ def test_main_writes_results_captions_and_gallery(tmp_path, capsys):
     assert (out_dir / "gallery.html").read_text().count("data:image/jpeg;base64,") == 3
 
     # a split image without features: one-line error, nothing written
-    from captioning.features import load_features, save_features
+    from captioning.data.features import load_features, save_features
     feats = load_features(features)
     del feats[test_ids[5]]
     save_features(tmp_path / "partial.pkl", feats)

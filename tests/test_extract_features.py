@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import extract_features as ef
-from captioning import images
+import extract_features
+from captioning.encoders import extract as ef
+from captioning.data import images
 from captioning.utils import PipelineError, run_cli
 
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flicker8k_Dataset"
@@ -109,7 +110,7 @@ def test_every_mode_becomes_a_preprocessed_224_rgb_array(folder):
 
 
 def pil_only(path, size=(224, 224)):
-    from captioning import images
+    from captioning.data import images
     return images.resize_rgb(images.open_rgb(path), size)
 
 
@@ -205,7 +206,7 @@ def test_extract_skips_bad_files_and_ignores_batch_layout(folder, tiny_model):
 def fake_vgg(monkeypatch, tiny_model):
     monkeypatch.setattr(ef, "build_model",
                         lambda weights, seed=0, backbone="vgg16", output="pooled": tiny_model)
-    monkeypatch.setattr(ef, "RUNTIME", "tf")  # runtimes are tests/test_runtime.py's subject
+    monkeypatch.setattr(extract_features, "RUNTIME", "tf")  # runtimes are tests/test_runtime.py's subject
 
 
 def read_pickle(path):
@@ -215,7 +216,7 @@ def read_pickle(path):
 
 def test_cli_writes_features_and_summary(folder, tmp_path, fake_vgg, capsys):
     output = tmp_path / "out" / "features.pkl"
-    assert ef.main(["--images", str(folder), "--output", str(output), "--weights", "none",
+    assert extract_features.main(["--images", str(folder), "--output", str(output), "--weights", "none",
                     "--batch-size", "3"]) == 0
     out = capsys.readouterr().out
     assert "8 computed, 0 resumed, 4 skipped" in out
@@ -233,7 +234,7 @@ def test_killed_run_resumes_to_the_same_file(folder, tmp_path, fake_vgg, monkeyp
     common = ["--images", str(folder), "--weights", "none", "--batch-size", "2",
               "--checkpoint-every", "2"]
     full = tmp_path / "full.pkl"
-    assert ef.main(common + ["--output", str(full)]) == 0
+    assert extract_features.main(common + ["--output", str(full)]) == 0
 
     # second run: SIGTERM (like `kill`) arrives during the third forward pass
     real_make = ef.make_predict_fn
@@ -251,14 +252,14 @@ def test_killed_run_resumes_to_the_same_file(folder, tmp_path, fake_vgg, monkeyp
         return predict_then_maybe_die
     monkeypatch.setattr(ef, "make_predict_fn", make_killable)
     output = tmp_path / "resumed.pkl"
-    assert run_cli(ef.main, common + ["--output", str(output)]) == 130
+    assert run_cli(extract_features.main, common + ["--output", str(output)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not output.exists()
     checkpoint = read_pickle(tmp_path / "resumed.pkl.partial")
     assert sorted(checkpoint["features"]) == GOOD[:4]  # two finished batches of two were kept
 
     monkeypatch.setattr(ef, "make_predict_fn", real_make)
-    assert ef.main(common + ["--output", str(output)]) == 0
+    assert extract_features.main(common + ["--output", str(output)]) == 0
     assert "4 computed, 4 resumed, 4 skipped" in capsys.readouterr().out
     a, b = read_pickle(full), read_pickle(output)
     assert sorted(a) == sorted(b) == GOOD
@@ -268,15 +269,15 @@ def test_killed_run_resumes_to_the_same_file(folder, tmp_path, fake_vgg, monkeyp
 
 def test_limit_then_full_equals_one_full_run(folder, tmp_path, fake_vgg, capsys):
     common = ["--images", str(folder), "--weights", "none", "--batch-size", "3"]
-    assert ef.main(common + ["--output", str(tmp_path / "full.pkl")]) == 0
-    assert ef.main(common + ["--output", str(tmp_path / "part.pkl"), "--limit", "5"]) == 0
+    assert extract_features.main(common + ["--output", str(tmp_path / "full.pkl")]) == 0
+    assert extract_features.main(common + ["--output", str(tmp_path / "part.pkl"), "--limit", "5"]) == 0
     assert sorted(read_pickle(tmp_path / "part.pkl")) == GOOD[:5]
-    assert ef.main(common + ["--output", str(tmp_path / "part.pkl")]) == 0
+    assert extract_features.main(common + ["--output", str(tmp_path / "part.pkl")]) == 0
     assert "3 computed, 5 resumed" in capsys.readouterr().out
     a, b = read_pickle(tmp_path / "full.pkl"), read_pickle(tmp_path / "part.pkl")
     assert sorted(a) == sorted(b) and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
     # other settings never mix into the same file
-    code = run_cli(ef.main, common + ["--output", str(tmp_path / "part.pkl"), "--seed", "1"])
+    code = run_cli(extract_features.main, common + ["--output", str(tmp_path / "part.pkl"), "--seed", "1"])
     assert code == 1 and "--overwrite" in capsys.readouterr().err
 
 
@@ -285,7 +286,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     for folder, message in [(tmp_path / "missing", "error: image folder not found"),
                             (tmp_path / "empty", "error: no image files")]:
-        code = run_cli(ef.main, ["--images", str(folder), "--output", str(tmp_path / "f.pkl")])
+        code = run_cli(extract_features.main, ["--images", str(folder), "--output", str(tmp_path / "f.pkl")])
         err = capsys.readouterr().err
         assert code == 1 and err.startswith(message) and err.count("\n") == 1, err
     assert not (tmp_path / "f.pkl").exists()
@@ -298,7 +299,7 @@ def test_real_cli_with_random_vgg16_end_to_end(tmp_path, capsys):
         noise(10 + i, (320, 240)).save(folder / f"photo{i}.jpg")
     Image.new("L", (100, 80), 90).save(folder / "photo3.png")
     output = tmp_path / "data" / "features.pkl"
-    assert ef.main(["--images", str(folder), "--output", str(output), "--weights", "none",
+    assert extract_features.main(["--images", str(folder), "--output", str(output), "--weights", "none",
                     "--batch-size", "2", "--runtime", "tf"]) == 0
     captured = capsys.readouterr()
     assert "RANDOM weights" in captured.err and "4 computed" in captured.out

@@ -1,12 +1,12 @@
-"""captioning.features: the restricted loader never runs code, and keeps reading real files."""
+"""captioning.data.features: the restricted loader never runs code, and keeps reading real files."""
 import os
 import pickle
 
 import numpy as np
 import pytest
 
-import extract_features
-from captioning.features import load_features, load_pickle
+from captioning.encoders import extract
+from captioning.data.features import load_features, load_pickle
 from captioning.utils import PipelineError, run_cli
 
 
@@ -30,7 +30,7 @@ def test_a_pickle_that_would_run_a_command_is_refused_and_nothing_runs(tmp_path)
     # the checkpoint reader of extract_features uses the same loader
     (tmp_path / "f.pkl.partial").write_bytes(pickle.dumps(RunsACommand(marker)))
     with pytest.raises(PipelineError, match="not a safe checkpoint"):
-        extract_features.load_partial(tmp_path / "f.pkl.partial", "x")
+        extract.load_partial(tmp_path / "f.pkl.partial", "x")
     assert not marker.exists()
 
 

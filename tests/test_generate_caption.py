@@ -1,4 +1,4 @@
-"""Tests for captioning/decoding.py and generate_caption.py: decoding over a hand-written
+"""Tests for captioning/inference/decoding.py and generate_caption.py: decoding over a hand-written
 next-word table, the carried-state step against the Keras model and the course's
 re-run-the-prefix loop, and the command line's bad-input paths."""
 import json
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import generate_caption as gc
-from captioning import decoding, models
+from captioning.inference import decoding
+from captioning.models import registry
 
 # ---- a hand-written next-word table -----------------------------------------------------------
 WORDS = ["<pad>", "startseq", "endseq", "<unk>", "a", "the", "one", "dog", "cat", "runs",
@@ -174,7 +175,7 @@ def random_captioner(variant, mode, feature_dim=16, vocab=40, max_length=10, uni
     float rounding between the one-step and the whole-caption computation cannot flip an argmax."""
     import keras
     keras.utils.set_random_seed(seed)
-    model = models.build_model(variant, feature_dim, vocab, max_length, embed_dim=8, units=units,
+    model = registry.build_model(variant, feature_dim, vocab, max_length, embed_dim=8, units=units,
                               dropout=0.5, mode=mode)
     rng = np.random.default_rng(seed)
     for layer in model.layers:
@@ -225,8 +226,8 @@ def make_tiny_run(root, feature_dim=16):
     """prepare_text.py on data/sample, a random merge model saved as train.py would, random
     features for every captioned image. Returns (data_dir, model_dir, features_path, ids)."""
     import prepare_text
-    from captioning.features import save_features
-    from captioning import text
+    from captioning.data.features import save_features
+    from captioning.data import text
     from captioning.utils import sha256_file, write_json
     data_dir, model_dir = root / "data", root / "model"
     assert prepare_text.main(["--text-dir", str(SAMPLE / "Flickr8k_text"),
@@ -234,7 +235,7 @@ def make_tiny_run(root, feature_dim=16):
     meta = text.load_meta(data_dir)
     model = random_captioner("merge", "sequence", feature_dim, meta["vocab_size"], meta["max_length"])
     model_dir.mkdir()
-    model.save(model_dir / models.MODEL_FILE)
+    model.save(model_dir / registry.MODEL_FILE)
     write_json(model_dir / "model.json", {
         "variant": "merge", "mode": "sequence", "feature_dim": feature_dim,
         "vocab_size": meta["vocab_size"], "max_length": meta["max_length"], "embed_dim": 8,

@@ -1,4 +1,4 @@
-"""Tests for the grid captioners (captioning/grid_models.py, grid_data.py, the grid checks of
+"""Tests for the grid captioners (captioning/models/grid_models.py, grid_inputs.py, the grid checks of
 features.py): decoding through the step functions equals the re-run-the-whole-prefix loop,
 the doubly stochastic penalty on a hand-made alpha matrix, batches, files and bad input."""
 import json
@@ -8,10 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioning import attention_maps, decoding, grid_data, grid_models, models
-from captioning.features import check_features, load_features, read_grids, read_rows
+from captioning.inference import attention_maps
+
+from captioning.inference import decoding
+
+from captioning.data import grid_inputs
+
+from captioning.models import grid_models
+
+from captioning.models import registry
+from captioning.data.features import check_features, load_features, read_grids, read_rows
 from learnable_data import CAPTIONS, FEATURE_DIM, TRAIN_ARGS, make_learnable
-from captioning.spatial import SpatialWriter
+from captioning.data.spatial import SpatialWriter
 from captioning.utils import PipelineError
 
 # A learnable toy task: 12 images of G=6 cells x C=5 channels; one cell is "hot" and decides
@@ -42,7 +50,7 @@ def train_toy(variant, steps=150):
     keras.utils.set_random_seed(3)
     grid, captions = toy_data()
     model = grid_models.build_grid_model(variant, G, C, V, MAX_LENGTH, **OPTIONS[variant])
-    models.compile_model(model, learning_rate=0.02)
+    registry.compile_model(model, learning_rate=0.02)
     inputs = {"image_input": grid, "caption_input": captions[:, :-1],
               "image_index": np.arange(len(grid), dtype=np.int32)}
     for _ in range(steps):     # one batch: train_on_batch avoids fit's per-epoch overhead
@@ -114,15 +122,15 @@ def test_saved_model_loads_with_the_same_outputs(trained, tmp_path):
     grid, captions = toy_data()
     inputs = {"image_input": grid, "caption_input": captions[:, :-1],
               "image_index": np.arange(len(grid), dtype=np.int32)}
-    models.save_keras(model, tmp_path / "model.keras")
-    loaded = models.load_keras(tmp_path / "model.keras", compile=False)
+    registry.save_keras(model, tmp_path / "model.keras")
+    loaded = registry.load_keras(tmp_path / "model.keras", compile=False)
     np.testing.assert_allclose(loaded.predict_on_batch(inputs), model.predict_on_batch(inputs), atol=1e-6)
     # a fresh process that only loads (train.py resuming, generate_caption.py) has built no grid
     # model, so nothing registered the custom layers yet: load_keras must do it
     import subprocess
     import sys
     code = ("import sys; from captioning import models; "
-            "m = models.load_keras(sys.argv[1], compile=False); print(m.count_params())")
+            "m = registry.load_keras(sys.argv[1], compile=False); print(m.count_params())")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.keras")], text=True,
                           capture_output=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert done.returncode == 0 and done.stdout.split()[-1] == str(model.count_params()), done.stderr[-500:]
@@ -160,7 +168,7 @@ def test_penalty_is_added_in_training_only():
     for penalty in (0.0, 10.0):
         keras.utils.set_random_seed(0)
         model = grid_models.build_attention_model(G, C, V, **dict(OPTIONS["attention"], penalty=penalty))
-        models.compile_model(model, learning_rate=0.0)
+        registry.compile_model(model, learning_rate=0.0)
         model(inputs, training=True)
         added = sum(float(x) for x in model.losses)    # read now: the next call resets them
         alphas = keras.Model(model.inputs, model.get_layer("decoder").output[2]).predict_on_batch(inputs)
@@ -177,12 +185,12 @@ def test_penalty_is_added_in_training_only():
 def test_registry_builds_grid_models_from_model_json_fields():
     config = {"variant": "transformer", "grid": [2, 3], "feature_dim": C, "vocab_size": V,
               "max_length": MAX_LENGTH, "d_model": 8, "heads": 2}
-    model = models.build_from_config(config)
+    model = registry.build_from_config(config)
     assert model.get_layer("image_input").output.shape[1:] == (G, C)
     assert model.get_layer("decoder_block_0").heads == 2
     assert "decoder_block_1" in {layer.name for layer in model.layers}   # default 2 blocks
     with pytest.raises(PipelineError, match="whole captions only"):
-        models.build_from_config(config, "pairs")
+        registry.build_from_config(config, "pairs")
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -233,20 +241,20 @@ def test_image_batches_hold_whole_images_and_every_caption_once():
     rng = np.random.default_rng(0)
     examples = examples_with_captions([list(rng.integers(3, 15, size=5)) for _ in range(40)])
     for plan_rng in (None, np.random.default_rng(1)):
-        batches = grid_data.plan_image_batches(examples, batch_size=10, rng=plan_rng)
+        batches = grid_inputs.plan_image_batches(examples, batch_size=10, rng=plan_rng)
         flat = np.concatenate(batches)
         assert sorted(flat) == list(range(len(examples)))
         for batch in batches:
             rows = {examples[i][0] for i in batch}
             assert len(batch) == 5 * len(rows) == 10     # 2 whole images of 5 captions
-    longest = [max(len(examples[i][1]) for i in b) for b in grid_data.plan_image_batches(examples, 10)]
+    longest = [max(len(examples[i][1]) for i in b) for b in grid_inputs.plan_image_batches(examples, 10)]
     assert longest == sorted(longest)                    # evaluation order: by longest caption
 
 
 def test_grid_batch_inputs_targets_and_index():
     examples = [(4, np.array([1, 7, 2])), (1, np.array([1, 5, 6, 2])), (4, np.array([1, 8, 9, 3, 2]))]
     grid = np.arange(6 * 2 * 3, dtype=np.float16).reshape(6, 2, 3)
-    inputs, targets = grid_data.grid_batch(examples, [0, 1, 2], grid)
+    inputs, targets = grid_inputs.grid_batch(examples, [0, 1, 2], grid)
     assert inputs["image_input"].dtype == np.float32
     np.testing.assert_array_equal(inputs["image_input"], grid[[1, 4]])
     np.testing.assert_array_equal(inputs["image_index"], [1, 0, 1])
@@ -295,7 +303,7 @@ def test_train_and_caption_a_grid_model_from_the_command_line(learnt, variant, c
     import evaluate_bleu
     import generate_caption
     root, _, grids, data_dir, splits = learnt
-    config = models.read_config(root / "models" / variant)
+    config = registry.read_config(root / "models" / variant)
     assert config["grid"] == list(GRID_HW) and config["feature_dim"] == FEATURE_DIM
     capsys.readouterr()
     ids = splits["test"]
@@ -375,8 +383,8 @@ def test_the_web_page_gets_the_attention_of_each_greedy_word(learnt):
     """serve.py's captioner returns, for a grid model, the greedy caption's per-word weights in
     the page's format, equal to Captioner.attention_maps."""
     from PIL import Image
-    from captioning.captioner import Captioner
-    from captioning.web_captioner import WebCaptioner
+    from captioning.inference.captioner import Captioner
+    from captioning.apps.web_captioner import WebCaptioner
     root, _, grids, data_dir, splits = learnt
     image_id = [i for i in splits["test"] if "_cat" in i][0]
     grid = read_grids(grids, [image_id])[1].reshape(1, -1, FEATURE_DIM)

@@ -10,8 +10,9 @@ import pytest
 import evaluate_bleu
 import generate_caption
 import train
-from captioning import decoding, models
-from captioning.features import load_features
+from captioning.inference import decoding
+from captioning.models import registry
+from captioning.data.features import load_features
 from learnable_data import TRAIN_ARGS, make_learnable
 
 EPOCHS = 5
@@ -55,7 +56,7 @@ def test_cli_default_is_the_course_greedy_loop_caption_for_caption(learnt, capsy
     assert generate_caption.main(["--model", str(folder / "model.keras"), "--data-dir", str(data_dir),
                                   "--features", str(features), "--ids", *ids]) == 0
     printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
-    model, config, tokenizer = models.load_captioner(folder, data_dir)
+    model, config, tokenizer = registry.load_captioner(folder, data_dir)
     id_to_word, start, end, banned = decoding.vocabulary(tokenizer)
     vectors = load_features(features)
     expected = {}
@@ -81,7 +82,7 @@ def test_evaluate_bleu_limit_zero_is_a_one_line_error(learnt, capsys):
 
 def test_captioner_takes_folder_or_model_file_and_pil_images(learnt):
     from PIL import Image
-    from captioning.captioner import Captioner
+    from captioning.inference.captioner import Captioner
     root, features, data_dir, splits, folder = learnt
     vectors = load_features(features)
     by_folder = Captioner(folder, data_dir)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import prepare_text
-from captioning import text as pt
+from captioning.data import text as pt
 from captioning.utils import PipelineError, run_cli
 
 TRAIN_CAPTIONS = {  # tiny corpus: 2 train images, 1 dev, 1 test; each a `#n` caption list

@@ -2,7 +2,7 @@
 import json
 
 import generate_caption as gc
-from captioning.captioner import Captioner
+from captioning.inference.captioner import Captioner
 from conftest import REPO
 
 PRETRAINED = REPO / "pretrained" / "merge-lite0"

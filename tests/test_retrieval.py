@@ -15,9 +15,13 @@ import pytest
 import evaluate_retrieval
 import search_images
 import train_retrieval
-from captioning import caption_scoring, models, ranking, retrieval, vector_index
-from captioning import text
-from captioning.features import load_features
+from captioning.retrieval import caption_scoring
+from captioning.models import registry
+from captioning.retrieval import ranking
+from captioning.retrieval import vse
+from captioning.retrieval import vector_index
+from captioning.data import text
+from captioning.data.features import load_features
 from captioning.utils import PipelineError, run_cli, write_json
 
 LITE0 = "features_efficientnet_lite0.pkl"
@@ -91,20 +95,20 @@ def test_loss_on_a_hand_made_batch():
     # caption 1: images 0,2: .2+.6-.8 = 0, .2+1-.8 = .4         -> max .4, sum .4
     # caption 2: images 0,1: .2+0-.8 < 0, .2+1-.8 = .4          -> max .4, sum .4
     ids = np.array([0, 1, 2])
-    hardest = np.asarray(retrieval.contrastive_loss(images, texts, ids, 0.2, 1.0))
-    summed = np.asarray(retrieval.contrastive_loss(images, texts, ids, 0.2, 0.0))
+    hardest = np.asarray(vse.contrastive_loss(images, texts, ids, 0.2, 1.0))
+    summed = np.asarray(vse.contrastive_loss(images, texts, ids, 0.2, 0.0))
     np.testing.assert_allclose(hardest, [0.0, 0.8, 0.8], atol=1e-6)
     np.testing.assert_allclose(summed, [0.0, 0.8, 0.8], atol=1e-6)
     # the same image twice (rows 1 and 2): their pairs are not negatives of each other
-    masked = np.asarray(retrieval.contrastive_loss(images, texts, np.array([0, 1, 1]), 0.2, 1.0))
+    masked = np.asarray(vse.contrastive_loss(images, texts, np.array([0, 1, 1]), 0.2, 1.0))
     np.testing.assert_allclose(masked, [0.0, 0.0, 0.0], atol=1e-6)
     # a batch where the sum and the max differ: image 0 with two violating captions
     images2 = np.array([[1, 0], [1, 0], [1, 0]], np.float32)
     texts2 = np.array([[0.8, 0.6], [1, 0], [1, 0]], np.float32)
     # S rows all [.8, 1, 1]; image 0 (diag .8): captions 1,2 each .2+1-.8 = .4 -> max .4, sum .8
     #   caption 0 (diag .8): images 1,2 each .2+.8-.8=.2 -> max .2, sum .4
-    np.testing.assert_allclose(np.asarray(retrieval.contrastive_loss(images2, texts2, ids, 0.2, 1.0))[0], 0.6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(retrieval.contrastive_loss(images2, texts2, ids, 0.2, 0.0))[0], 1.2, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vse.contrastive_loss(images2, texts2, ids, 0.2, 1.0))[0], 0.6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vse.contrastive_loss(images2, texts2, ids, 0.2, 0.0))[0], 1.2, atol=1e-6)
 
 
 # ---- index -------------------------------------------------------------------------------------
@@ -147,11 +151,11 @@ TOKENIZER = {"word_index": {"startseq": 1, "endseq": 2, "<unk>": 3, "a": 4, "dog
 
 
 def test_encode_query_cleans_and_reports_unknown_words():
-    assert retrieval.encode_query("A dog's zebra runs!", TOKENIZER, 10) == ([1, 4, 5, 3, 6, 2], ["zebra"])
+    assert vse.encode_query("A dog's zebra runs!", TOKENIZER, 10) == ([1, 4, 5, 3, 6, 2], ["zebra"])
     with pytest.raises(PipelineError, match="empty query"):
-        retrieval.encode_query("  ?! 42 ", TOKENIZER, 10)
+        vse.encode_query("  ?! 42 ", TOKENIZER, 10)
     with pytest.raises(PipelineError, match="unknown: zebra, giraffe"):
-        retrieval.encode_query("zebra giraffe", TOKENIZER, 10)
+        vse.encode_query("zebra giraffe", TOKENIZER, 10)
 
 
 # ---- the captioner as a ranker -----------------------------------------------------------------
@@ -160,7 +164,7 @@ def test_captioner_scores_fast_path_equals_the_keras_model():
               "max_length": 8, "embed_dim": 4, "units": 5, "dropout": 0.0}
     import keras
     keras.utils.set_random_seed(0)
-    model = models.build_model("merge", 6, 9, 8, embed_dim=4, units=5, dropout=0.0)
+    model = registry.build_model("merge", 6, 9, 8, embed_dim=4, units=5, dropout=0.0)
     features = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
     tokens = [[1, 4, 5, 2], [1, 6, 2], [1, 7, 8, 4, 3, 2]]
     fast = caption_scoring.caption_scores(model, config, features, tokens, pair_budget=200)
@@ -283,7 +287,7 @@ def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, c
     printed = capsys.readouterr().out
     assert "embedding, 100 images" in printed and f"{results['embedding']['rsum']:.1f}" in printed
     # recompute independently: embed, rank with argsort
-    model, config, tokenizer = retrieval.load_embedding(tiny_model)
+    model, config, tokenizer = vse.load_embedding(tiny_model)
     table = load_features(small_set / "lite0_small.pkl")
     ids = text.load_splits(small_set / "data")["test"]
     desc = text.load_descriptions(small_set / "data" / "descriptions.txt")
@@ -300,7 +304,7 @@ def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, capsys):
     import keras
     keras.utils.set_random_seed(5)
     meta = text.load_meta(small_set / "data")
-    captioner = models.build_model("merge", 1280, meta["vocab_size"], meta["max_length"], embed_dim=8, units=8)
+    captioner = registry.build_model("merge", 1280, meta["vocab_size"], meta["max_length"], embed_dim=8, units=8)
     folder = small_set / "models" / "cap"
     folder.mkdir(parents=True, exist_ok=True)
     captioner.save(folder / "model.keras")
@@ -361,12 +365,12 @@ def test_search_cli_with_precomputed_features(tiny_model, small_set, photo_folde
     assert "skipped broken.jpg" in err and "skipped empty.png" in err and "8 images indexed, 2 skipped" in err
     assert "notes.txt" not in err
     # the printed order is the model's: recompute the cosines by hand
-    model, config, tokenizer = retrieval.load_embedding(tiny_model)
+    model, config, tokenizer = vse.load_embedding(tiny_model)
     table = load_features(small_set / "lite0_small.pkl")
     names = sorted(p.name for p in photo_folder.glob("*.jpg") if p.name != "broken.jpg")
-    img = retrieval.embed_images(retrieval.image_encoder(model), np.stack([table[n[:-4]] for n in names]))
-    ids, _ = retrieval.encode_query(args[0], tokenizer, config["max_length"])
-    txt = retrieval.embed_captions(retrieval.text_encoder(model), [ids])[0]
+    img = vse.embed_images(vse.image_encoder(model), np.stack([table[n[:-4]] for n in names]))
+    ids, _ = vse.encode_query(args[0], tokenizer, config["max_length"])
+    txt = vse.embed_captions(vse.text_encoder(model), [ids])[0]
     expected = [names[k] for k in np.argsort(-(img @ txt))[:3]]
     assert [line.split("\t")[2] for line in lines] == expected
     sheet = (tmp_path / "sheet.html").read_text()
@@ -426,7 +430,7 @@ def test_search_with_the_real_lite0_extractor_matches_the_shared_features(tiny_m
                                                                           tmp_path, capsys):
     # the model's backbone (lite0, from model.json) embeds the photos themselves: the same
     # matches as the shared reference features of those photos (cosine >= 0.999, issue 10)
-    from captioning import efficientnet_lite
+    from captioning.encoders import efficientnet_lite
     try:
         efficientnet_lite.checkpoint_path("lite0")
     except PipelineError as exc:
@@ -473,8 +477,8 @@ def test_reverse_search_finds_training_captions(tiny_model, small_set, flickr8k_
 # ---- the web page's search view (serve.py --retrieval) -----------------------------------------
 def test_web_search_ranks_every_feature_image_by_the_models_cosine(tiny_model, small_set):
     from fastapi.testclient import TestClient
-    from captioning.image_search import ImageSearch
-    from captioning.webapp import create_app
+    from captioning.retrieval.image_search import ImageSearch
+    from captioning.apps.webapp import create_app
     features = small_set / "lite0_small.pkl"
     search = ImageSearch(tiny_model, features, small_set / "data")
     client = TestClient(create_app(None, retrieval=search))
@@ -482,13 +486,13 @@ def test_web_search_ranks_every_feature_image_by_the_models_cosine(tiny_model, s
     assert info["images"] == 500 and info["backbone"] == "lite0"
     body = client.get("/api/search", params={"q": "a dog runs through the grass", "top": 4}).json()
     # the same ranking by hand: all 500 images' embeddings against the query's
-    model, config, tokenizer = retrieval.load_embedding(tiny_model)
+    model, config, tokenizer = vse.load_embedding(tiny_model)
     table = load_features(features)
     ids = sorted(table)
-    img = retrieval.embed_images(retrieval.image_encoder(model), np.stack([table[i] for i in ids]))
+    img = vse.embed_images(vse.image_encoder(model), np.stack([table[i] for i in ids]))
     img /= np.linalg.norm(img, axis=1, keepdims=True)
-    query, _ = retrieval.encode_query("a dog runs through the grass", tokenizer, config["max_length"])
-    txt = retrieval.embed_captions(retrieval.text_encoder(model), [query])[0]
+    query, _ = vse.encode_query("a dog runs through the grass", tokenizer, config["max_length"])
+    txt = vse.embed_captions(vse.text_encoder(model), [query])[0]
     txt /= np.linalg.norm(txt)
     order = np.argsort(-(img @ txt))[:4]
     assert [h["image_id"] for h in body["results"]] == [ids[k] for k in order]
@@ -501,8 +505,8 @@ def test_web_search_ranks_every_feature_image_by_the_models_cosine(tiny_model, s
 
 
 def test_web_search_refuses_features_of_another_width(tiny_model, small_set, tmp_path):
-    from captioning.features import save_features
-    from captioning.image_search import ImageSearch
+    from captioning.data.features import save_features
+    from captioning.retrieval.image_search import ImageSearch
     save_features(tmp_path / "wide.pkl", {"x": np.zeros(7, np.float32)})
     with pytest.raises(PipelineError, match="1280-d features .* holds 7-d"):
         ImageSearch(tiny_model, tmp_path / "wide.pkl", small_set / "data")

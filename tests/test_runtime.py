@@ -1,4 +1,4 @@
-"""Tests of captioning/runtime.py and extract_features.py --runtime.
+"""Tests of captioning/encoders/runtime.py and extract_features.py --runtime.
 
 TF and OpenVINO must give the same features, within the tolerance `auto` itself demands
 (runtime.PROBE_RTOL): max |openvino - tf| <= 1e-4 * max |tf|. The OpenVINO conversion cache
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import extract_features as ef
-from captioning import runtime
+import extract_features
+from captioning.encoders import extract as ef
+from captioning.encoders import runtime
 from captioning.utils import PipelineError, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +226,7 @@ def test_one_decoding_thread_on_a_cpu_every_core_beside_a_gpu(monkeypatch):
 
 
 def test_bench_extract_runtimes_runs_the_runtime_benchmark(monkeypatch):
-    sys.path.insert(0, str(Path(ef.__file__).parent / "benchmarks"))
+    sys.path.insert(0, str(Path(extract_features.__file__).parent / "benchmarks"))
     import bench_extract
     import bench_runtime
     calls = []
@@ -389,7 +390,7 @@ def test_vgg16_fc2_on_openvino_equals_tf(tmp_path):
 
 @needs_openvino
 def test_lite0_pooled_and_grid_on_openvino_equal_tf(tmp_path):
-    from captioning import efficientnet_lite
+    from captioning.encoders import efficientnet_lite
     model = efficientnet_lite.build_feature_extractor(weights="none", output="both", quiet=True)
     x = images(2, size=224, scale=1.0)                # Lite0's (x - 127) / 128 range
     tf_out = runtime.make_predict_fn(model, "tf")(x)
@@ -410,7 +411,7 @@ def test_the_applications_encoder_runs_on_the_same_runtime(tmp_path, monkeypatch
     """generate_caption, caption_video and serve.py encode photos through
     captioner.backbone_encoder: auto picks OpenVINO there too, under extract_features.py's cache
     key, and its features equal TF's within the tolerance."""
-    from captioning.captioner import backbone_encoder
+    from captioning.inference.captioner import backbone_encoder
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     rng = np.random.default_rng(4)
     photos = [Image.fromarray(rng.integers(0, 256, (150 + 10 * i, 200, 3), dtype=np.uint8))
@@ -443,7 +444,7 @@ def test_extract_features_runtime_flag(tmp_path, monkeypatch, capsys):
     outputs = {}
     for choice in ("tf", "openvino"):
         out = tmp_path / f"{choice}.pkl"
-        assert ef.main(["--images", str(folder), "--output", str(out), "--weights", "none",
+        assert extract_features.main(["--images", str(folder), "--output", str(out), "--weights", "none",
                         "--batch-size", "2", "--runtime", choice]) == 0
         summary = capsys.readouterr().out
         assert f"; runtime {choice} " in summary and "3 computed" in summary
@@ -460,7 +461,7 @@ SIGNAL_AFTER_OPENVINO = r"""
 import gc, os, signal, sys
 import numpy as np
 import keras
-from captioning import runtime
+from captioning.encoders import runtime
 inputs = keras.Input((8, 8, 3))
 model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
 runtime.PROBE_RTOL = -1.0          # OpenVINO "disagrees": auto compiles twice, then falls back
@@ -505,11 +506,11 @@ if mode == "unguarded":            # control: what a plain `import openvino` doe
     import openvino
 elif mode == "preimported":        # someone imported the telemetry package before us
     import openvino_telemetry
-    from captioning.runtime import import_openvino
+    from captioning.encoders.runtime import import_openvino
     import_openvino()
 else:                              # our way, through a whole conversion
     import keras
-    from captioning.runtime import make_predict_fn
+    from captioning.encoders.runtime import make_predict_fn
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
     assert make_predict_fn(model, "openvino").runtime == "openvino"

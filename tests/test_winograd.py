@@ -1,4 +1,4 @@
-"""Tests of captioning/winograd.py: the transforms compute a 3x3 correlation exactly (in float64),
+"""Tests of captioning/encoders/winograd.py: the transforms compute a 3x3 correlation exactly (in float64),
 the OpenVINO graph equals a direct convolution up to float32 rounding for any image size and
 batch, and rewrite() replaces exactly the convolutions it may and nothing else.
 
@@ -8,7 +8,9 @@ max |direct| (F(4x4) measures ~1e-6 on these small cases, 1-2e-5 on VGG16-sized 
 import numpy as np
 import pytest
 
-from captioning import runtime, winograd
+from captioning.encoders import runtime
+
+from captioning.encoders import winograd
 
 needs_openvino = pytest.mark.skipif(not runtime.openvino_installed(),
                                     reason="openvino is not installed (pip install openvino)")

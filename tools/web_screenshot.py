@@ -6,7 +6,7 @@ Usage:
         --images ../shared/flickr8k/Flicker8k_Dataset --photos A.jpg B.jpg --output docs/web.png
     ... --results results/ --view results      # the results view instead
 
-Starts the app (captioning/webapp.py) on a free loopback port in this process, drives Debian's
+Starts the app (captioning/apps/webapp.py) on a free loopback port in this process, drives Debian's
 Chromium (/usr/bin/chromium, /usr/bin/chromedriver) through Selenium, uploads --photos (caption
 view) or opens the first results run (results view), waits for the answer and saves a PNG.
 Reads what serve.py reads; writes --output only.
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from captioning.utils import HelpFormatter, atomic_write, run_cli  # noqa: E402
-from captioning.web_captioner import WebCaptioner  # noqa: E402
-from captioning.webapp import create_app, running  # noqa: E402
+from captioning.apps.web_captioner import WebCaptioner  # noqa: E402
+from captioning.apps.webapp import create_app, running  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WINDOW = (1280, 900)     # CSS pixels of the screenshot

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.text import clean_caption, encode_caption, load_tokenizer, model_tokenizer_path
+from captioning.data.text import clean_caption, encode_caption, load_tokenizer, model_tokenizer_path
 from captioning.utils import PipelineError, read_json
 
 # ---- settings (train_retrieval.py's defaults) --------------------------------------------------

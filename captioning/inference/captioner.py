@@ -8,7 +8,7 @@ Owns the Captioner class:
     captioner.attention_maps(features, id_lists)           -> N (L, H, W) maps (grid models)
 It loads the run folder (model.keras + model.json) and the tokenizer (data_dir, default the one
 recorded in model.json), checks they belong together (vocabulary size, tokenizer sha256, output
-width), and decodes through captioning.decoding (greedy for beam 1; beam search with length
+width), and decodes through captioning.inference.decoding (greedy for beam 1; beam search with length
 normalisation `alpha` for beam >= 2). Images become features through an injected
 `encode(list of PIL RGB images) -> float32 (N, D)` callable ((N, G, C) grids for the
 attention/transformer models); the default is the pooled (or spatial) extractor of the backbone
@@ -17,16 +17,25 @@ one whose width matches: 4096 VGG16 fc2, 1280 Lite0). An encoder may carry a `wi
 attribute, checked against the model's feature_dim before any image is encoded.
 Reads the run folder and tokenizer.json; writes nothing.
 """
+from pathlib import Path
+
 import numpy as np
 
-import extract_features
-from captioning import decoding, encoders, grid_models, models
-from captioning.features import check_features
-from captioning.images import resize_rgb
-from captioning.runtime import RUNTIME, make_predict_fn
+from captioning.encoders import extract
+from captioning.inference import decoding
+from captioning.encoders import backbones
+from captioning.models import grid_models
+from captioning.models import registry
+from captioning.data.features import check_features
+from captioning.data.images import resize_rgb
+from captioning.encoders.runtime import RUNTIME, make_predict_fn
 from captioning.utils import PipelineError
 
 WEIGHTS = "imagenet"    # VGG16 weights of the default encoder: imagenet | none | path to .h5/.keras
+# The captioner shipped in the repository (merge model, Lite0 features, tokenizer beside it), so
+# `python generate_caption.py photo.jpg` works out of the box; the scripts' default --model.
+PRETRAINED_DIR = str(Path(__file__).resolve().parents[2] / "pretrained" / "merge-lite0")
+DATA_DIR = None          # None: the tokenizer in the model folder, else model.json's data_dir
 
 
 class KerasEncoder:
@@ -39,10 +48,10 @@ class KerasEncoder:
     batch_size images (fewer for a short list: a few photos need not cost a full batch).
     """
 
-    def __init__(self, build, size, preprocess, batch_size=extract_features.BATCH_SIZE,
+    def __init__(self, build, size, preprocess, batch_size=extract.BATCH_SIZE,
                  spatial=False, runtime=RUNTIME, fingerprint=None):
         """spatial: the model outputs (N, h, w, C) grids, kept as (N, h*w, C). runtime,
-        fingerprint: captioning.runtime.make_predict_fn's (auto: OpenVINO on a CPU when
+        fingerprint: captioning.encoders.runtime.make_predict_fn's (auto: OpenVINO on a CPU when
         installed and equal to TF, cached under the weights' fingerprint; else TF)."""
         self.build, self.size, self.preprocess, self.batch_size = build, size, preprocess, batch_size
         self.spatial, self.runtime, self.fingerprint = spatial, runtime, fingerprint
@@ -84,18 +93,18 @@ class KerasEncoder:
 
 
 def backbone_encoder(backbone, weights=WEIGHTS, output="pooled", runtime=RUNTIME):
-    """The encoder of `backbone` ("vgg16" or "lite0", captioning/encoders.py) with its resize
+    """The encoder of `backbone` ("vgg16" or "lite0", captioning/encoders/backbones.py) with its resize
     and input scaling: what extract_features.py computes for the same picture. output "pooled"
     gives (N, D) vectors, "spatial" the (N, h*w, C) grids of extract_features.py --spatial."""
-    encoder = encoders.get(backbone)
+    encoder = backbones.get(backbone)
 
     def build():
-        return encoders.build(backbone, None if weights == "none" else weights, output=output,
+        return backbones.build(backbone, None if weights == "none" else weights, output=output,
                               quiet=True)
 
     # extract_features.py's cache key for the same weights (the runtime's key adds the network's
     # structure, so pooled and spatial get one conversion each)
-    fingerprint = f"{extract_features.weights_fingerprint(weights, extract_features.SEED, backbone)}; {backbone}"
+    fingerprint = f"{extract.weights_fingerprint(weights, extract.SEED, backbone)}; {backbone}"
     return KerasEncoder(build, encoder.image_size, encoder.preprocess, spatial=output == "spatial",
                         runtime=runtime, fingerprint=fingerprint)
 
@@ -114,11 +123,11 @@ class Captioner:
         tokenizer.json, as the shipped pretrained/ captioner does, else the data_dir recorded
         in model.json);
         encode: see the module docstring (default vgg16_encoder(), built on first use)."""
-        run_dir = models.run_folder(model_path)
+        run_dir = registry.run_folder(model_path)
         if data_dir is None:
             data_dir = (run_dir if (run_dir / "tokenizer.json").is_file()
-                        else models.read_config(run_dir).get("data_dir"))
-        self.model, self.config, self.tokenizer = models.load_captioner(run_dir, data_dir)
+                        else registry.read_config(run_dir).get("data_dir"))
+        self.model, self.config, self.tokenizer = registry.load_captioner(run_dir, data_dir)
         self.id_to_word, self.start_id, self.end_id, self.banned = decoding.vocabulary(self.tokenizer)
         self.encode = encode
         self.run_dir = run_dir
@@ -150,7 +159,7 @@ class Captioner:
     @property
     def backbone(self):
         """The backbone this model's features came from (model.json, else by width), or None."""
-        return encoders.backbone_of(self.config)
+        return backbones.backbone_of(self.config)
 
     def default_encoder(self, weights=WEIGHTS):
         """The encoder of the model's own backbone (VGG16 when it cannot be told); its grid for

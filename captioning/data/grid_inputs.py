@@ -1,18 +1,18 @@
 """Training batches for the grid captioners: each image once, with all of its captions.
 
 Owns how (image row, caption ids) examples become teacher-forcing batches for the models of
-captioning.grid_models: {"image_input": (M, G, C) float32, "caption_input": (B, T) int32,
+captioning.models.grid_models: {"image_input": (M, G, C) float32, "caption_input": (B, T) int32,
 "image_index": (B,) int32}, targets (B, T) int32. A batch holds whole images (about
 batch_size captions in all), so the grid is projected and encoded once per image; images
 are bucketed by their longest caption and every batch is cut to its longest caption.
 The grid matrix stays in its file's dtype (float16 for ~1 GB of Lite0 grids) and only each
 batch's images are cast to float32. grid_matrix reads the spatial file of
-extract_features.py --spatial (through captioning.features); nothing is written.
+extract_features.py --spatial (through captioning.data.features); nothing is written.
 """
 import numpy as np
 
-from captioning.data import check_missing
-from captioning.features import is_spatial_file, load_features, read_grids
+from captioning.data.inputs import check_missing
+from captioning.data.features import is_spatial_file, load_features, read_grids
 from captioning.utils import PipelineError
 
 BUCKET_POOL = 20      # batches per length-sorted pool: bigger = less padding, less random

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.torch_checkpoint import read_legacy_checkpoint
+from captioning.encoders.torch_checkpoint import read_legacy_checkpoint
 from captioning.utils import PipelineError
 
 # -- settings ---------------------------------------------------------------------------------

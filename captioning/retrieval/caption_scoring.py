@@ -2,8 +2,8 @@
 
 Owns: caption_scores (fast, merge models) and caption_scores_keras (any captioner, slow; the
 independent reference the tests compare against). Reads and writes no files: it takes the
-model and model.json config that captioning.models.load_run / load_captioner return (the
-layer names of captioning.models: image_dense, embedding, lstm, decoder_dense, output).
+model and model.json config that captioning.models.registry.load_run / load_captioner return (the
+layer names of captioning.models.registry: image_dense, embedding, lstm, decoder_dense, output).
 
 score(image, caption) = (1 / n) * sum_{t=1..n} log p(w_t | w_0..w_{t-1}, image), where w_0 is
 startseq and w_1..w_n are the caption's words followed by endseq (n = words + 1): the
@@ -18,7 +18,7 @@ LSTM's initial state, so they take the slow path: the whole Keras model per pair
 """
 import numpy as np
 
-from captioning.models import rebuild_for_mode
+from captioning.models.registry import rebuild_for_mode
 from captioning.utils import PipelineError, progress as progress_bar
 
 PAIR_BUDGET = 2 ** 24   # floats of the (images x captions x steps x vocab) block, ~64 MB

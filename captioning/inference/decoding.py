@@ -31,8 +31,8 @@ captions and against tutorial_greedy.
 """
 import numpy as np
 
-from captioning import grid_models
-from captioning.features import check_features
+from captioning.models import grid_models
+from captioning.data.features import check_features
 from captioning.utils import PipelineError, progress as progress_bar
 
 BEAM = 1             # 1 = greedy (the course's decoding)
@@ -236,7 +236,7 @@ def tutorial_greedy(model, photo, start_id, end_id, max_length, banned_ids=()):
     """
     width = model.get_layer("caption_input").output.shape[1] or max_length
     sequence = len(model.outputs[0].shape) == 3
-    grid = any(layer.name == "image_index" for layer in model.layers)   # captioning/grid_models.py
+    grid = any(layer.name == "image_index" for layer in model.layers)   # captioning/models/grid_models.py
     photo = np.asarray(photo, dtype=np.float32)
     photo = photo.reshape(1, *photo.shape[-2:]) if grid else photo.reshape(1, -1)
     extra = {"image_index": np.zeros(1, np.int32)} if grid else {}

@@ -7,7 +7,7 @@ Runtimes:
   openvino  the same Keras model converted once to OpenVINO IR (Keras's own
             model.export(format="openvino"): a tf.function trace handed to ov.convert_model,
             weights kept float32), its 3x3 stride-1 convolutions with enough channels rewritten
-            as Winograd F(4x4, 3x3) (captioning/winograd.py: 4x fewer multiplications, same
+            as Winograd F(4x4, 3x3) (captioning/encoders/winograd.py: 4x fewer multiplications, same
             result up to float32 rounding; VGG16's blocks 2-5, none of Lite0's), run by
             OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT
             f32 (OpenVINO's default on CPUs with bf16 instructions is bf16, which moves VGG16's
@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import winograd
+from captioning.encoders import winograd
 from captioning.utils import PipelineError, read_json, sha256_file, write_json
 
 # -- settings ---------------------------------------------------------------------------------

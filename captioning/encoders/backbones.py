@@ -11,15 +11,15 @@ VGG16's grid is block5_conv3 (14x14, before the last pooling), not block5_pool (
 over 196 regions of 16x16 pixels is what Show, Attend and Tell used, and the pooled 7x7 can be
 computed from it when wanted; the cost is 4x the bytes on disk.
 
-Reads weights files (through vgg16_build and captioning.efficientnet_lite); writes nothing.
+Reads weights files (through captioning.encoders.vgg16 and captioning.encoders.efficientnet_lite); writes nothing.
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-import vgg16_build
-from captioning import efficientnet_lite
+from captioning.encoders import vgg16
+from captioning.encoders import efficientnet_lite
 from captioning.utils import PipelineError, sha256_file
 
 BACKBONES = ("vgg16", "lite0")
@@ -45,8 +45,8 @@ class Encoder:
 
 
 ENCODERS = {
-    "vgg16": Encoder("vgg16", tuple(vgg16_build.IMAGE_SIZE), vgg16_build.FEATURE_LAYER,
-                     "block5_conv3", "vgg16 caffe", vgg16_build.FC_UNITS),
+    "vgg16": Encoder("vgg16", tuple(vgg16.IMAGE_SIZE), vgg16.FEATURE_LAYER,
+                     "block5_conv3", "vgg16 caffe", vgg16.FC_UNITS),
     "lite0": Encoder("lite0", (efficientnet_lite.image_size("lite0"),) * 2, "avg_pool", "head_relu",
                      "(x - 127) / 128 RGB", efficientnet_lite.HEAD_FILTERS),
 }
@@ -76,11 +76,11 @@ def build(name, weights, seed=0, output="pooled", quiet=False):
     encoder = get(name)
     if name == "lite0":
         return efficientnet_lite.build_feature_extractor(weights, "lite0", output, seed, quiet)
-    path = vgg16_build.resolve_weights(weights)  # fails fast, before the slow build
-    full = vgg16_build.build_vgg16(seed=seed)
-    vgg16_build.load_weights(full, path, quiet=quiet)
+    path = vgg16.resolve_weights(weights)  # fails fast, before the slow build
+    full = vgg16.build_vgg16(seed=seed)
+    vgg16.load_weights(full, path, quiet=quiet)
     if output == "pooled":
-        return vgg16_build.truncate_at(full, encoder.pooled_layer)
+        return vgg16.truncate_at(full, encoder.pooled_layer)
     layers = {"spatial": encoder.spatial_layer, "both": [encoder.pooled_layer, encoder.spatial_layer]}
     if output not in layers:
         raise PipelineError(f"unknown feature output {output!r} (pooled, spatial or both)")
@@ -103,7 +103,7 @@ def weights_fingerprint(name, weights, seed=0):
             path = efficientnet_lite.resolve_weights(weights, "lite0")
         return f"lite0 {path.name} sha256={sha256_file(path)}"
     if str(weights).lower() == "imagenet":
-        return f"imagenet md5={vgg16_build.IMAGENET_MD5}"
+        return f"imagenet md5={vgg16.IMAGENET_MD5}"
     path = Path(weights)
     if path.suffix.lower() == ".json":
         path = path.with_suffix(".h5")
@@ -129,7 +129,7 @@ def choose_backbone(backbone, weights, cache_dir=None):
     if choice != "imagenet":
         return ("lite0" if Path(weights).suffix.lower() in LITE_WEIGHTS_SUFFIXES else "vgg16"), None
     try:
-        vgg16_build.imagenet_weights_path(cache_dir)
+        vgg16.imagenet_weights_path(cache_dir)
         return "vgg16", None
     except PipelineError:
         pass

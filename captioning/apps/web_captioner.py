@@ -2,7 +2,7 @@
 beam-search alternatives with their scores.
 
 Owns: beam_alternatives, the n-best beam search whose best entry is the caption
-captioning.decoding.beam_search gives; WebCaptioner, a captioning.captioner.Captioner (model,
+captioning.inference.decoding.beam_search gives; WebCaptioner, a captioning.inference.captioner.Captioner (model,
 vocabulary, image encoder, loaded once) plus the page's answer per photo and cached features for
 dataset images.
 
@@ -17,14 +17,14 @@ Reads (once, when a WebCaptioner is made):
         captions those dataset photos; other photos get a one-line refusal saying why.
 Writes nothing.
 
-The web app (captioning/webapp.py) records each upload's SHA-256 in image.info[DIGEST_KEY].
+The web app (captioning/apps/webapp.py) records each upload's SHA-256 in image.info[DIGEST_KEY].
 """
 import numpy as np
 
-from captioning import decoding
-from captioning.captioner import WEIGHTS, Captioner
-from captioning.features import load_features
-from captioning.images import list_images, to_rgb
+from captioning.inference import decoding
+from captioning.inference.captioner import WEIGHTS, Captioner
+from captioning.data.features import load_features
+from captioning.data.images import list_images, to_rgb
 from captioning.utils import PipelineError, sha256_file
 
 DIGEST_KEY = "sha256"    # image.info key holding the SHA-256 of the uploaded file's bytes
@@ -110,7 +110,7 @@ def attention(config, words, maps):
 class WebCaptioner:
     """A Captioner with the page's answer per photo; everything is loaded when it is made.
 
-    encoder: encode(list of PIL RGB images) -> float32 (N, D) (see captioning.captioner); None
+    encoder: encode(list of PIL RGB images) -> float32 (N, D) (see captioning.inference.captioner); None
     = the model's own backbone with `weights`, or, when model.json cannot tell it, no encoder
     (only cached dataset images can then be captioned). Not thread-safe (a Keras model and the decoder
     state are shared): callers serialise calls; the web app holds a lock around each one.

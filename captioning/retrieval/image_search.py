@@ -1,20 +1,22 @@
 """serve.py's search view: a sentence -> the closest dataset images, through a train_retrieval.py
-model (VSE++, captioning/retrieval.py).
+model (VSE++, captioning/retrieval/vse.py).
 
-ImageSearch is the `retrieval` object that captioning.webapp.create_app expects:
+ImageSearch is the `retrieval` object that captioning.apps.webapp.create_app expects:
     .search(text, top_k) -> [{"image_id", "score" (cosine), "captions" (the image's own)}]
     .describe()          -> what the page shows about the loaded model.
 Every image of the features file is embedded once, when the server starts (a dense projection:
 about a second for Flickr8k's 8091 images on 2 cores); a query then costs one text-encoder call
-and one index search (captioning/vector_index.py).
+and one index search (captioning/retrieval/vector_index.py).
 """
 from pathlib import Path
 
 import numpy as np
 
-from captioning import retrieval, vector_index
-from captioning.features import load_features
-from captioning.text import load_descriptions
+from captioning.retrieval import vse
+
+from captioning.retrieval import vector_index
+from captioning.data.features import load_features
+from captioning.data.text import load_descriptions
 from captioning.utils import PipelineError
 
 CAPTIONS_SHOWN = 5          # a Flickr8k image has 5 captions; the page shows them under the hit
@@ -26,7 +28,7 @@ class ImageSearch:
         the images to search (the backbone the model was trained on; width checked). data_dir:
         its tokenizer.json must be the model's (default the data_dir in model.json); its
         descriptions.txt, if there, gives each hit's captions."""
-        model, self.config, self.tokenizer = retrieval.load_embedding(model_dir, data_dir)
+        model, self.config, self.tokenizer = vse.load_embedding(model_dir, data_dir)
         table = load_features(features_path)
         self.ids = sorted(table)
         if not self.ids:
@@ -39,8 +41,8 @@ class ImageSearch:
         vectors = np.stack([np.asarray(table[i], np.float32) for i in self.ids])
         del table
         self.index = vector_index.make_index(
-            retrieval.embed_images(retrieval.image_encoder(model), vectors), index)
-        self.text_encoder = retrieval.text_encoder(model)
+            vse.embed_images(vse.image_encoder(model), vectors), index)
+        self.text_encoder = vse.text_encoder(model)
         self.model_dir, self.features_path = Path(model_dir), Path(features_path)
         folder = Path(data_dir if data_dir is not None else self.config.get("data_dir", ""))
         descriptions = folder / "descriptions.txt"
@@ -49,8 +51,8 @@ class ImageSearch:
     def search(self, text, top_k):
         """The top_k images for `text`, best first. PipelineError for an empty query or one with
         no word in the vocabulary (the page shows its message)."""
-        ids, _unknown = retrieval.encode_query(text, self.tokenizer, self.config["max_length"])
-        query = retrieval.embed_captions(self.text_encoder, [ids])
+        ids, _unknown = vse.encode_query(text, self.tokenizer, self.config["max_length"])
+        query = vse.embed_captions(self.text_encoder, [ids])
         scores, rows = self.index.search(query, min(top_k, len(self.ids)))
         return [{"image_id": self.ids[row], "score": float(score),
                  "captions": list(self.captions.get(self.ids[row], []))[:CAPTIONS_SHOWN]}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.spatial import SpatialFeatures
+from captioning.data.spatial import SpatialFeatures
 from captioning.utils import PipelineError, atomic_write, read_json
 
 # (module, name) pairs a pickled dict/list of numpy arrays and scalars refers to. numpy 2 writes
@@ -115,7 +115,7 @@ def read_grids(path, ids, dtype=np.float32):
 
     G = H*W cells in row-major order (row h, column w is cell h*W + w). The array is `dtype`:
     float16 keeps the file's values and half the memory (training), float32 for decoding.
-    Ids not in the file are left out of `found`. The file is read by captioning.spatial (its
+    Ids not in the file are left out of `found`. The file is read by captioning.data.spatial (its
     layout checks give the one-line errors).
     """
     path = Path(path)

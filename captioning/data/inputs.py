@@ -10,13 +10,13 @@ Owns how prepare_text's outputs and a features dict become what a caption model 
                   loading - one photo per batch, all its (prefix -> next word) pairs, prefixes
                   pre-padded to max_length (keras.utils.pad_sequences).
   make_dataset    a tf.data pipeline over those batches, reshuffled per epoch from (seed, epoch).
-Reads prepare_text.py's folder (through captioning.text). Writes nothing.
+Reads prepare_text.py's folder (through captioning.data.text). Writes nothing.
 """
 from pathlib import Path
 
 import numpy as np
 
-from captioning import text
+from captioning.data import text
 from captioning.utils import PipelineError
 
 BUCKET_POOL = 20   # batches per length-sorted pool: bigger = less padding, less random

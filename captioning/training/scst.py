@@ -2,7 +2,7 @@
 
 Owns
   sample_decode       N captions sampled word by word from a step function (the fast decoder of
-                      captioning.decoding), seeded: the captions SCST reinforces.
+                      captioning.inference.decoding), seeded: the captions SCST reinforces.
   teacher_arrays      sampled captions -> (input ids, target ids) for one forward pass.
   caption_log_probs   the Keras model's log-probability of each whole caption (sum over its
                       tokens), from ONE batched forward pass on the sampled tokens; differentiable.
@@ -17,7 +17,7 @@ Owns
   dev_scorer          greedy dev-split CIDEr-D with the COCO convention (document frequencies
                       from the dev references; pure-Python PTB-style tokenisation of the original
                       captions, as coco_metrics.score_captions(java=False)) - the selection measure.
-Reads and writes no files (train_scst.py owns the run folder). Imports captioning.coco_metrics,
+Reads and writes no files (train_scst.py owns the run folder). Imports captioning.evaluation.coco_metrics,
 decoding, text, utils; TensorFlow inside the functions that need it (heavy).
 
 Why endseq is part of every reward caption (references and samples): without it a caption cut
@@ -31,8 +31,10 @@ import time
 
 import numpy as np
 
-from captioning import decoding, text
-from captioning.coco_metrics import CiderD, python_tokenize
+from captioning.inference import decoding
+
+from captioning.data import text
+from captioning.evaluation.coco_metrics import CiderD, python_tokenize
 from captioning.utils import PipelineError
 
 SAMPLES = 5              # sampled captions per image per update

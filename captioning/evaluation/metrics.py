@@ -16,11 +16,11 @@ BLEU is NLTK's corpus_bleu (corpus-level: n-gram counts pooled over all images; 
 Diagnostics: share of distinct captions, number of distinct words used, share of generated
 captions copied verbatim from a training caption (cleaned text), mean caption length, share
 that never produced endseq (truncated at max_length).
-Reads and writes no files. Imports captioning.text (the word rules); NLTK inside bleu_scores.
+Reads and writes no files. Imports captioning.data.text (the word rules); NLTK inside bleu_scores.
 """
 import warnings
 
-from captioning import text
+from captioning.data import text
 
 TUTORIAL_WEIGHTS = [(1.0, 0, 0, 0), (0.5, 0.5, 0, 0), (0.3, 0.3, 0.3, 0), (0.25, 0.25, 0.25, 0.25)]
 STANDARD_WEIGHTS = [(1.0,), (1 / 2,) * 2, (1 / 3,) * 3, (1 / 4,) * 4]

@@ -3,7 +3,7 @@
 Owns the model maths of variants "attention" (Show, Attend and Tell, Xu et al. 2015, soft
 attention) and "transformer" (an encoder over the grid cells and a causal decoder over words,
 as in the Keras "image captioning" example), their one-step decoders for greedy/beam search,
-and the per-word attention weights for maps (captioning.features checks that a features array
+and the per-word attention weights for maps (captioning.data.features checks that a features array
 is a grid of the size a model was built for). Reads and writes no files: callers save and load
 the Keras models (the custom layers below are registered, so keras.models.load_model restores
 them). Imports captioning.utils only; Keras and TensorFlow inside functions (heavy).

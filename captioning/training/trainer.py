@@ -10,10 +10,10 @@ Owns
   dev_bleu_scorer  greedy dev-split BLEU-4 of a model (train.py --select-by bleu).
   cross_validate   K folds over the training images per variant -> cv.csv (dev loss and
                    BLEU-4 of each held-out fold, mean and std, seconds).
-Pooled variants (merge, inject) train on a features pickle through captioning.data; grid variants
-(attention, transformer) on a spatial HDF5 file through captioning.grid_data (whole images per
+Pooled variants (merge, inject) train on a features pickle through captioning.data.inputs; grid variants
+(attention, transformer) on a spatial HDF5 file through captioning.data.grid_inputs (whole images per
 batch). Files of a run folder (<output-dir>/<name>): see train.py's docstring.
-Imports captioning.data, decoding, features, grid_data, metrics, models, spatial, text, utils;
+Imports captioning.data.inputs, decoding, features, grid_data, metrics, models, spatial, text, utils;
 Keras, TensorFlow and matplotlib inside functions (heavy).
 """
 import csv
@@ -27,9 +27,19 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import data, decoding, grid_data, metrics, models, text
-from captioning.features import is_spatial_file, load_features, recorded_backbone
-from captioning.spatial import SpatialFeatures
+from captioning.data import inputs
+
+from captioning.inference import decoding
+
+from captioning.data import grid_inputs
+
+from captioning.evaluation import metrics
+
+from captioning.models import registry
+
+from captioning.data import text
+from captioning.data.features import is_spatial_file, load_features, recorded_backbone
+from captioning.data.spatial import SpatialFeatures
 from captioning.utils import PipelineError, atomic_write, read_json, save_settings, sha256_file
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
@@ -48,7 +58,7 @@ CV_SUBSET = 0                   # 0 = all training images
 # names as links through `current`, settings.json
 CHECKPOINT_PREFIX, CURRENT = "checkpoint-", "current"
 LAST_FILE, STATE_FILE = "last.keras", "state.json"
-PUBLISHED = (models.MODEL_FILE, models.CONFIG_FILE, "history.csv", "loss.png")
+PUBLISHED = (registry.MODEL_FILE, registry.CONFIG_FILE, "history.csv", "loss.png")
 # settings that must match for a rerun to resume the run in a folder
 RESUME_KEYS = ("variant", "mode", "embed_dim", "units", "dropout", "batch_size", "learning_rate",
                "label_smoothing", "seed", "features_sha256", "tokenizer_sha256", "select_by")
@@ -71,7 +81,7 @@ def seed_everything(seed):
 # ---- inputs -----------------------------------------------------------------------------------
 def features_path(args, variant):
     """The file a variant trains on: the grid variants' --spatial when given, else --features."""
-    if variant in models.GRID_VARIANTS and getattr(args, "spatial", None):
+    if variant in registry.GRID_VARIANTS and getattr(args, "spatial", None):
         return Path(args.spatial)
     return Path(args.features)
 
@@ -97,7 +107,7 @@ def pooled_matrix(path, wanted, max_missing, variant):
         raise PipelineError(f"spatial grids {shape} given to the {variant} model, which needs "
                             f"pooled features (N, D): use the features pickle ({path})")
     features = load_features(path)
-    return data.feature_matrix(features, wanted, max_missing, str(path))
+    return inputs.feature_matrix(features, wanted, max_missing, str(path))
 
 
 def prepare_inputs(args, variant=None):
@@ -108,12 +118,12 @@ def prepare_inputs(args, variant=None):
     matrix is float32 (N, D) for merge/inject, float16 (N, G, C) grids for attention/transformer.
     """
     variant = variant or args.variant
-    meta, tokenizer, descriptions, splits = data.load_text(args.data_dir)
+    meta, tokenizer, descriptions, splits = inputs.load_text(args.data_dir)
     path = features_path(args, variant)
     where = str(path)
     wanted = list(splits["train"]) + list(splits["dev"])
-    if variant in models.GRID_VARIANTS:
-        matrix, row_of_id, missing, info = grid_data.grid_matrix(path, wanted, args.max_missing, variant)
+    if variant in registry.GRID_VARIANTS:
+        matrix, row_of_id, missing, info = grid_inputs.grid_matrix(path, wanted, args.max_missing, variant)
     else:
         matrix, row_of_id, missing = pooled_matrix(path, wanted, args.max_missing, variant)
         info = {"backbone": recorded_backbone(path)}
@@ -123,8 +133,8 @@ def prepare_inputs(args, variant=None):
         print(f"warning: {len(missing)} of {len(wanted)} train/dev images have no features; "
               f"skipped (first: {missing[0]})", file=sys.stderr)
     max_length = meta["max_length"]
-    train = data.encode_split(splits["train"], row_of_id, descriptions, tokenizer, max_length)
-    dev = data.encode_split(splits["dev"], row_of_id, descriptions, tokenizer, max_length)
+    train = inputs.encode_split(splits["train"], row_of_id, descriptions, tokenizer, max_length)
+    dev = inputs.encode_split(splits["dev"], row_of_id, descriptions, tokenizer, max_length)
     if not train or not dev:
         raise PipelineError(f"no training or dev captions with features ({args.data_dir})")
     word_index = tokenizer["word_index"]
@@ -191,7 +201,7 @@ def fsync_path(path, directory=False):
 def _write_synced(path, data):
     """Write bytes or text to a new file inside a checkpoint being built, then fsync it."""
     with open(path, "wb") as handle:
-        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        handle.write(inputs.encode("utf-8") if isinstance(data, str) else data)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -280,7 +290,7 @@ def write_checkpoint(run_dir, model, state, config, improved, previous, files=No
     """
     if files is None:
         files = {"history.csv": history_csv(state["history"]), "loss.png": loss_png(state["history"])}
-    published = (models.MODEL_FILE, models.CONFIG_FILE, *files)
+    published = (registry.MODEL_FILE, registry.CONFIG_FILE, *files)
     name = f"{CHECKPOINT_PREFIX}{state['epoch']:04d}"
     tmp, final = run_dir / f".{name}.tmp", run_dir / name
     _remove(tmp)                                       # a killed earlier attempt's leftovers
@@ -288,10 +298,10 @@ def write_checkpoint(run_dir, model, state, config, improved, previous, files=No
     model.save(tmp / LAST_FILE)
     fsync_path(tmp / LAST_FILE)
     if improved or previous is None:
-        os.link(tmp / LAST_FILE, tmp / models.MODEL_FILE)   # the same bytes: one file, two names
+        os.link(tmp / LAST_FILE, tmp / registry.MODEL_FILE)   # the same bytes: one file, two names
     else:
-        _link_or_copy(previous / models.MODEL_FILE, tmp / models.MODEL_FILE)
-    _write_synced(tmp / models.CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _link_or_copy(previous / registry.MODEL_FILE, tmp / registry.MODEL_FILE)
+    _write_synced(tmp / registry.CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     for file_name, content in files.items():
         _write_synced(tmp / file_name, content)
     _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
@@ -385,7 +395,7 @@ def dev_loss_scale(model, examples, mode):
     scaled by train/dev words per row (about 1.0 on Flickr8k; exact after this factor).
     """
     train_words = getattr(model.loss, "words_per_row", None)
-    return train_words / data.words_per_row(examples, mode) if train_words else 1.0
+    return train_words / inputs.words_per_row(examples, mode) if train_words else 1.0
 
 
 def make_keeper(run_dir, state, config, patience, scorer=None, previous=None, dev_scale=1.0):
@@ -442,15 +452,15 @@ def resume_settings(args, config):
 
 
 def make_datasets(config, batch_size, seed, train, dev, matrix, first_epoch=0):
-    """(training, dev) tf.data pipelines: caption batches for merge/inject (captioning.data),
-    whole-image batches for the grid variants (captioning.grid_data)."""
-    if config["variant"] in models.GRID_VARIANTS:
-        return (grid_data.make_grid_dataset(train, matrix, batch_size, seed=seed, first_epoch=first_epoch),
-                grid_data.make_grid_dataset(dev, matrix, batch_size))
-    mode, max_length = config.get("mode", models.MODE), config["max_length"]
-    return (data.make_dataset(train, matrix, mode, batch_size, max_length, seed=seed,
+    """(training, dev) tf.data pipelines: caption batches for merge/inject (captioning.data.inputs),
+    whole-image batches for the grid variants (captioning.data.grid_inputs)."""
+    if config["variant"] in registry.GRID_VARIANTS:
+        return (grid_inputs.make_grid_dataset(train, matrix, batch_size, seed=seed, first_epoch=first_epoch),
+                grid_inputs.make_grid_dataset(dev, matrix, batch_size))
+    mode, max_length = config.get("mode", registry.MODE), config["max_length"]
+    return (inputs.make_dataset(train, matrix, mode, batch_size, max_length, seed=seed,
                               first_epoch=first_epoch),
-            data.make_dataset(dev, matrix, mode, batch_size, max_length))
+            inputs.make_dataset(dev, matrix, mode, batch_size, max_length))
 
 
 def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
@@ -468,7 +478,7 @@ def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
             if old.get(key) != settings.get(key):
                 raise PipelineError(f"run folder holds a run with another {key} ({old.get(key)!r}); "
                                     f"use another --name, or --overwrite to start again ({run_dir})")
-        config.update(read_json(source / models.CONFIG_FILE), **{
+        config.update(read_json(source / registry.CONFIG_FILE), **{
             k: config[k] for k in ("features_file", "data_dir")})
         point_current(run_dir, source)                 # repairs what a kill left half done
         tidy(run_dir, source)
@@ -476,17 +486,17 @@ def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
             print(f"{run_dir}: already trained {state['epoch']} epochs "
                   f"(best epoch {state['best_epoch']}); nothing to do (--overwrite starts again)")
             return state
-        model = models.load_keras(source / LAST_FILE)   # weights + optimizer state
+        model = registry.load_keras(source / LAST_FILE)   # weights + optimizer state
         restore_rng_state(model, state.get("rng"))
         print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
     else:
         tidy(run_dir, None)
         state = {"epoch": 0, "best_val_loss": None, "best_epoch": None, "wait": 0,
                  "stopped_early": False, "history": [], "settings": settings}
-        model = models.build_from_config(config)
-        models.compile_model(model, args.learning_rate, args.label_smoothing,
-                             data.words_per_row(train, args.mode))
-        config["layers"] = models.layer_names(model)
+        model = registry.build_from_config(config)
+        registry.compile_model(model, args.learning_rate, args.label_smoothing,
+                             inputs.words_per_row(train, args.mode))
+        config["layers"] = registry.layer_names(model)
     state["settings"] = settings
     save_settings(run_dir / "settings.json", args, **{k: config[k] for k in (
         "feature_dim", "vocab_size", "max_length", "features_sha256", "tokenizer_sha256")},
@@ -531,11 +541,11 @@ def cross_validate(args, run_dir, first):
     if args.cv < 2 or args.cv > len(ids_all):
         raise PipelineError(f"--cv needs 2..{len(ids_all)} folds, got {args.cv}")
     fold_of = {image_id: k % args.cv for k, image_id in enumerate(ids_all)}
-    loaded = {args.variant in models.GRID_VARIANTS: first}
+    loaded = {args.variant in registry.GRID_VARIANTS: first}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     results = []
     for variant in variants:
-        grid = variant in models.GRID_VARIANTS
+        grid = variant in registry.GRID_VARIANTS
         if grid not in loaded:
             loaded[grid] = prepare_inputs(args, variant)
         matrix, train, _, base, row_of_id = loaded[grid]
@@ -546,9 +556,9 @@ def cross_validate(args, run_dir, first):
             held_out = [i for i in ids_all if fold_of[i] == fold]
             fit_ex = [e for e in train if fold_of.get(id_of_row[e[0]], fold) != fold]
             val_ex = [e for e in train if fold_of.get(id_of_row[e[0]]) == fold]
-            model = models.build_from_config(config, "sequence")
-            models.compile_model(model, args.learning_rate, args.label_smoothing,
-                                 data.words_per_row(fit_ex, "sequence"))
+            model = registry.build_from_config(config, "sequence")
+            registry.compile_model(model, args.learning_rate, args.label_smoothing,
+                                 inputs.words_per_row(fit_ex, "sequence"))
             started = time.time()
             fit_ds, val_ds = make_datasets(config, args.batch_size, args.seed, fit_ex, val_ex, matrix)
             best = keras.callbacks.ModelCheckpoint(str(run_dir / f".cv-{variant}-{fold}.weights.h5"),

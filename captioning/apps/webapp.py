@@ -8,7 +8,7 @@ passed to create_app, so tests can pass fakes:
                 "attention": None or {"grid": [rows, cols], "words": [w...],
                 "weights": [[rows*cols floats] per word]}} or {"error": str} for an image it
                cannot caption; optional .describe() -> dict shown on the page.
-               (captioning/web_captioner.py's WebCaptioner.) Calls are serialised by a lock: one at a
+               (captioning/apps/web_captioner.py's WebCaptioner.) Calls are serialised by a lock: one at a
                time, because a Keras model and its decoder state are not thread-safe.
     retrieval  optional, the image-search model: .search(text, top_k) ->
                [{"image_id": str, "score": float, "captions": [str, ...]}], raising
@@ -53,10 +53,10 @@ from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from captioning.images import list_images
-from captioning.metrics import standard_tokens
+from captioning.data.images import list_images
+from captioning.evaluation.metrics import standard_tokens
 from captioning.utils import PipelineError, read_json
-from captioning.web_captioner import DIGEST_KEY
+from captioning.apps.web_captioner import DIGEST_KEY
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")   # the extensions extract_features reads
@@ -65,7 +65,7 @@ BEAM_DEFAULT = 3
 SEARCH_TOP_DEFAULT = 12
 ROWS_PER_PAGE = 50
 MB = 2 ** 20
-log = logging.getLogger("captioning.webapp")
+log = logging.getLogger("captioning.apps.webapp")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Owns
                 variant adds its builder here and its step builder to decoding.STEP_BUILDERS.
   the wiring and layer names of merge and inject (below); decoders find layers by these names.
                 The grid variants "attention" and "transformer" (spatial grid inputs) live in
-                captioning/grid_models.py and are registered here under their names.
+                captioning/models/grid_models.py and are registered here under their names.
   CaptionLoss   masked sparse cross-entropy, every predicted word weighing the same (caption_loss_class).
   the run folder's model files: model.keras (the kept model) + model.json (all a decoder needs),
                 read back by load_run / load_captioner, which accept the folder or its model.keras.
@@ -45,7 +45,9 @@ import functools
 import os
 from pathlib import Path
 
-from captioning import grid_models, text
+from captioning.models import grid_models
+
+from captioning.data import text
 from captioning.utils import PipelineError, read_json
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------

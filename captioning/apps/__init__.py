@@ -1,0 +1,1 @@
+"""Applications over a trained captioner: video subtitles and the local web page."""

@@ -1,0 +1,1 @@
+"""Scores and reports: BLEU two ways, diagnostics, COCO metrics, the HTML gallery."""

@@ -1,0 +1,1 @@
+"""A trained captioner at work: decoding (greedy, beam), the Captioner, attention maps."""

@@ -1,0 +1,1 @@
+"""Caption networks: the variant registry, the four families, their layers, saving and loading."""

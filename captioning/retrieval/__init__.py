@@ -1,0 +1,1 @@
+"""Image-sentence retrieval: the VSE++ embedding, ranking, the vector index, image search."""
