@@ -1,5 +1,5 @@
-"""Tests for the grid captioners (captioning/models/grid_models.py, grid_inputs.py, the grid checks of
-features.py): decoding through the step functions equals the re-run-the-whole-prefix loop,
+"""Tests for the grid captioners (captioning/models/attention.py and transformer.py, grid_inputs.py,
+the grid checks of features.py): decoding through the step functions equals the re-run-the-whole-prefix loop,
 the doubly stochastic penalty on a hand-made alpha matrix, batches, files and bad input."""
 import json
 
@@ -14,9 +14,7 @@ from captioning.inference import decoding
 
 from captioning.data import grid_inputs
 
-from captioning.models import grid_models
-
-from captioning.models import registry
+from captioning.models import attention, layers, registry
 from captioning.data.features import check_features, load_features, read_grids, read_rows
 from learnable_data import CAPTIONS, FEATURE_DIM, TRAIN_ARGS, make_learnable
 from captioning.data.spatial import SpatialWriter
@@ -45,11 +43,17 @@ def toy_data(n=12, seed=0):
     return grid, np.array(captions, dtype=np.int32)
 
 
+def grid_config(variant):
+    """model.json's fields of a toy model (G = 2 x 3 cells)."""
+    return {"variant": variant, "grid": [2, 3], "feature_dim": C, "vocab_size": V,
+            "max_length": MAX_LENGTH, **OPTIONS[variant]}
+
+
 def train_toy(variant, steps=150):
     import keras
     keras.utils.set_random_seed(3)
     grid, captions = toy_data()
-    model = grid_models.build_grid_model(variant, G, C, V, MAX_LENGTH, **OPTIONS[variant])
+    model = registry.build_from_config(grid_config(variant))
     registry.compile_model(model, learning_rate=0.02)
     inputs = {"image_input": grid, "caption_input": captions[:, :-1],
               "image_index": np.arange(len(grid), dtype=np.int32)}
@@ -58,7 +62,7 @@ def train_toy(variant, steps=150):
     return model
 
 
-@pytest.fixture(scope="module", params=grid_models.VARIANTS)
+@pytest.fixture(scope="module", params=registry.GRID_VARIANTS)
 def trained(request):
     return request.param, train_toy(request.param)
 
@@ -67,9 +71,10 @@ def trained(request):
 def test_greedy_through_the_step_equals_the_prefix_loop(trained):
     variant, model = trained
     grid, captions = toy_data()
-    init_fn, step_fn = grid_models.grid_step_fns(model)
+    init_fn, step_fn = decoding.make_step_fn(model, {"variant": variant})
+    ref_init, ref_step = decoding.prefix_step_fns(model, grid)
     fast = decoding.greedy_decode(step_fn, init_fn(grid), START, END, MAX_LENGTH, BANNED)
-    slow = grid_models.prefix_greedy(model, grid, START, END, MAX_LENGTH, BANNED)
+    slow = decoding.greedy_decode(ref_step, ref_init(grid), START, END, MAX_LENGTH, BANNED)
     assert fast == slow
     # the course's one-predict-per-word loop (bench_grid's baseline) takes grid models too
     course = [decoding.tutorial_greedy(model, g, START, END, MAX_LENGTH, BANNED) for g in grid[:3]]
@@ -79,11 +84,11 @@ def test_greedy_through_the_step_equals_the_prefix_loop(trained):
 
 
 def test_beam_through_the_step_equals_beam_over_the_prefix_loop(trained):
-    _, model = trained
+    variant, model = trained
     grid, _ = toy_data()
     noisy = grid + np.random.default_rng(5).normal(0, 1.0, grid.shape).astype(np.float32)
-    init_fn, step_fn = grid_models.grid_step_fns(model)
-    ref_init, ref_step = grid_models.prefix_step_fns(model, noisy)
+    init_fn, step_fn = decoding.make_step_fn(model, {"variant": variant})
+    ref_init, ref_step = decoding.prefix_step_fns(model, noisy)
     fast = decoding.beam_search(step_fn, init_fn(noisy), START, END, MAX_LENGTH, 3, 0.7, BANNED)
     slow = decoding.beam_search(ref_step, ref_init(noisy), START, END, MAX_LENGTH, 3, 0.7, BANNED)
     assert fast == slow
@@ -106,7 +111,7 @@ def test_step_attention_weights_are_the_training_model_weights(trained):
     variant, model = trained
     grid, captions = toy_data()
     words = captions[:, 1:-1]
-    maps = grid_models.attention_weights(model, grid, words, START)
+    maps = decoding.attention_weights(model, grid, words, START)
     assert maps.shape == (len(grid), words.shape[1], G)
     np.testing.assert_allclose(maps.sum(axis=-1), 1.0, atol=1e-5)
     if variant == "attention":   # the teacher-forced run's alphas: the decoder's third output
@@ -129,7 +134,7 @@ def test_saved_model_loads_with_the_same_outputs(trained, tmp_path):
     # model, so nothing registered the custom layers yet: load_keras must do it
     import subprocess
     import sys
-    code = ("import sys; from captioning import models; "
+    code = ("import sys; from captioning.models import registry; "
             "m = registry.load_keras(sys.argv[1], compile=False); print(m.count_params())")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.keras")], text=True,
                           capture_output=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
@@ -155,7 +160,7 @@ def test_penalty_on_a_hand_made_alpha_matrix():
                         [1.0, 0.0, 0.0]]], np.float32)
     mask = np.array([[1, 1], [1, 0]], np.float32)     # caption 2's second step is padding
     # caption 1: coverage (1, .75, .25) -> 0 + .0625 + .5625; caption 2: (.2, .2, .6) -> .64+.64+.16
-    got = keras.ops.convert_to_numpy(grid_models.attention_penalty(alphas, mask))
+    got = keras.ops.convert_to_numpy(layers.attention_penalty(alphas, mask))
     np.testing.assert_allclose(got, [0.625, 1.44], rtol=1e-6)
 
 
@@ -167,13 +172,13 @@ def test_penalty_is_added_in_training_only():
     losses = {}
     for penalty in (0.0, 10.0):
         keras.utils.set_random_seed(0)
-        model = grid_models.build_attention_model(G, C, V, **dict(OPTIONS["attention"], penalty=penalty))
+        model = attention.build_attention_model(G, C, V, **dict(OPTIONS["attention"], penalty=penalty))
         registry.compile_model(model, learning_rate=0.0)
         model(inputs, training=True)
         added = sum(float(x) for x in model.losses)    # read now: the next call resets them
         alphas = keras.Model(model.inputs, model.get_layer("decoder").output[2]).predict_on_batch(inputs)
         # penalty * sum over captions / real words (4 captions x 3 words, no padding)
-        expected = penalty * grid_models.attention_penalty(alphas, np.ones((4, 3))).numpy().sum() / 12
+        expected = penalty * layers.attention_penalty(alphas, np.ones((4, 3))).numpy().sum() / 12
         np.testing.assert_allclose(added, expected, rtol=1e-4)
         losses[penalty] = (model.train_on_batch(inputs, captions[:, 1:]),
                            model.evaluate(inputs, captions[:, 1:], verbose=0))
@@ -291,14 +296,14 @@ def learnt(tmp_path_factory):
     import train
     root = tmp_path_factory.mktemp("learnable")
     features, grids, data_dir, splits = make_learnable_grids(root)
-    for variant in grid_models.VARIANTS:
+    for variant in registry.GRID_VARIANTS:
         assert train.main(["--variant", variant, "--features", str(grids), "--data-dir", str(data_dir),
                            "--output-dir", str(root / "models"), "--epochs", "8", *TRAIN_ARGS,
                            *GRID_TRAIN_ARGS[variant]]) == 0
     return root, features, grids, data_dir, splits
 
 
-@pytest.mark.parametrize("variant", grid_models.VARIANTS)
+@pytest.mark.parametrize("variant", registry.GRID_VARIANTS)
 def test_train_and_caption_a_grid_model_from_the_command_line(learnt, variant, capsys):
     import evaluate_bleu
     import generate_caption
@@ -341,6 +346,7 @@ def test_pooled_file_to_a_grid_model_and_grids_to_merge_are_one_line_errors(lear
 
 def test_attention_map_and_gallery_panels(learnt, tmp_path, capsys):
     import evaluate_bleu
+    from captioning.evaluation.gallery import gallery_html
     import generate_caption
     from PIL import Image
     root, _, grids, data_dir, splits = learnt
@@ -360,7 +366,7 @@ def test_attention_map_and_gallery_panels(learnt, tmp_path, capsys):
                                "--output", str(tmp_path / "results"), "--images", str(images)]) == 0
     page = (tmp_path / "results" / "gallery.html").read_text()
     assert page.count("alt='attention per word'") == len(splits["test"])
-    merge_page = evaluate_bleu.gallery_html([("x", None, "a cat", ["a cat"])], "t")
+    merge_page = gallery_html([("x", None, "a cat", ["a cat"])], "t")
     assert "attention per word" not in merge_page
 
 

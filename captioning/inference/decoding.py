@@ -1,38 +1,34 @@
-"""Decoding: greedy and beam search over one step interface, the step of every variant, the course's loop.
+"""Decoding: greedy and beam search over one step interface, and the course's re-run-the-prefix loop.
 
 Owns
   the step interface   step_fn(states, last_ids) -> (log_probs (N, V), new_states): the
                        next-word log-probabilities of N partial captions. `states` is a tuple of
                        numpy arrays whose first axis is the caption (beam search reorders them by
                        fancy indexing); init_fn(features (N, ...)) -> the states before startseq.
-  STEP_BUILDERS        {variant: builder(model, config) -> (init_fn, step_fn)}; make_step_fn picks
-                       one. A new variant registers its builder here (and its model builder in
-                       models.VARIANTS).
+  make_step_fn         (init_fn, step_fn) of a model: its family's step builder, from
+                       captioning.models.registry.VARIANTS (each builder lives beside its model).
   greedy_decode, beam_search, decode, caption_features (a feature matrix -> id lists, batched),
-  tutorial_greedy (the course's re-run-the-prefix loop: the reference the fast path must equal),
+  attention_weights (each generated word's attention over the grid, for maps),
+  tutorial_greedy (the course's re-run-the-prefix loop: the reference the fast path must equal)
+  and prefix_step_fns (the same as a step interface, for grid models),
   vocabulary / ids_to_words (ids <-> caption words).
-Reads and writes no files. Imports captioning.utils, features (the input check) and grid_models
-(the attention/transformer steps); TensorFlow is imported inside the step builders (heavy). Step builders find a model's layers by the names models.py gives them.
+Reads and writes no files. Imports captioning.utils, data.features (the input check) and
+models.registry (the families).
 
-Rules shared by every decoder (decode picks greedy for beam 1, whatever alpha is). `max_length` is meta.json's: the most tokens in a caption
-COUNTING startseq and endseq, so at most max_length - 1 tokens are generated after startseq. The
-pad id, the OOV id and the start id are never generated (banned_ids). Greedy = the course's
-loop: the most probable next word until endseq. Beam K keeps the K best partial captions per
-image (by summed log-probability); a caption ending in endseq is finished when it ranks in the
-image's top K; the result is the best finished caption by sum_logp / length**alpha (length =
-generated tokens incl. endseq; alpha 0 = no normalisation), or the best unfinished one if none
-finished by max_length. beam 1 with alpha 0 == greedy.
-
-The merge/inject step (lstm_steps) is not a copy of the network's maths: it calls the trained
-model's own layers (image_dense, embedding, the LSTM's cell, add, decoder_dense, output) on one
-time step, compiled once with tf.function, and carries the LSTM state (h, c) between steps
-instead of re-running the whole prefix. The tests check it against the Keras model run on whole
-captions and against tutorial_greedy.
+Rules shared by every decoder (decode picks greedy for beam 1, whatever alpha is). `max_length`
+is meta.json's: the most tokens in a caption COUNTING startseq and endseq, so at most
+max_length - 1 tokens are generated after startseq. The pad id, the OOV id and the start id are
+never generated (banned_ids). Greedy = the course's loop: the most probable next word until
+endseq. Beam K keeps the K best partial captions per image (by summed log-probability); a
+caption ending in endseq is finished when it ranks in the image's top K; the result is the best
+finished caption by sum_logp / length**alpha (length = generated tokens incl. endseq; alpha 0 =
+no normalisation), or the best unfinished one if none finished by max_length. beam 1 with
+alpha 0 == greedy.
 """
 import numpy as np
 
-from captioning.models import grid_models
 from captioning.data.features import check_features
+from captioning.models import registry
 from captioning.utils import PipelineError, progress as progress_bar
 
 BEAM = 1             # 1 = greedy (the course's decoding)
@@ -166,61 +162,34 @@ def decode(step_fn, states, start_id, end_id, max_length, beam=1, alpha=0.0, ban
 
 
 # ---- step functions of the trained networks ---------------------------------------------------
-def lstm_steps(model, config):
-    """(init_fn, step_fn) of a merge or inject model (models.build_merge / build_inject).
-
-    Both run the model's own layers on one time step (see the module docstring):
-      init   image = image_dense(features); merge: h = c = 0 and image is kept for `add`;
-             inject: h = c = image (the LSTM's initial state).
-      step   h, c = lstm.cell(embedding(last_ids), (h, c));
-             log p = log(output(decoder_dense(add([image, h]) if merge else h))).
-    Dropout layers are left out: decoding is inference.
-    """
-    import tensorflow as tf
-    get = model.get_layer
-    image_dense, embedding, cell = get("image_dense"), get("embedding"), get("lstm").cell
-    decoder_dense, output = get("decoder_dense"), get("output")
-    merge = config.get("variant", "merge") == "merge"
-    add = get("add") if merge else None
-
-    @tf.function(reduce_retracing=True)
-    def image_vector(features):
-        return image_dense(features)
-
-    @tf.function(reduce_retracing=True)
-    def word_step(last_ids, h, c, image):
-        # tf.identity drops the padding mask Keras attaches to the embedding's output (the
-        # cell does not take masks; a last id is never padding)
-        out, (h, c) = cell(tf.identity(embedding(last_ids)), [h, c])
-        probs = output(decoder_dense(add([image, out]) if merge else out))
-        # log of the model's own probabilities: the argmax is the one model.predict gives
-        return tf.math.log(probs), h, c
-
-    def init_fn(features):
-        image = image_vector(np.asarray(features, dtype=np.float32)).numpy()
-        if merge:
-            zeros = np.zeros_like(image)
-            return (zeros, zeros.copy(), image)
-        return (image, image.copy(), image)
-
-    def step_fn(states, last_ids):
-        h, c, image = states
-        log_probs, h, c = word_step(np.asarray(last_ids, dtype=np.int32), h, c, image)
-        return log_probs.numpy(), (h.numpy(), c.numpy(), image)
-
-    return init_fn, step_fn
-
-
-STEP_BUILDERS = {"merge": lstm_steps, "inject": lstm_steps,
-                 "attention": grid_models.grid_step_fns, "transformer": grid_models.grid_step_fns}
-
-
 def make_step_fn(model, config):
-    """(init_fn, step_fn) for the model of config["variant"] (see STEP_BUILDERS)."""
+    """(init_fn, step_fn) for the model of config["variant"]: its registry entry's step builder."""
     variant = config.get("variant", "merge")
-    if variant not in STEP_BUILDERS:
-        raise PipelineError(f"no decoder for variant {variant!r} (known: {', '.join(STEP_BUILDERS)})")
-    return STEP_BUILDERS[variant](model, config)
+    if variant not in registry.VARIANTS:
+        raise PipelineError(f"no decoder for variant {variant!r} (known: {', '.join(registry.VARIANTS)})")
+    return registry.VARIANTS[variant].steps(model, config)
+
+
+def attention_weights(model, grid, ids, start_id):
+    """Per-word attention over the grid for captions already decoded: (N, len(ids[0]), G).
+
+    grid (N, G, C); ids (N, L) generated ids (after startseq); the weights of word t are those
+    the model used while predicting it (fed startseq, ids[:t]). For maps: reshape G to the
+    grid's rows x cols. The family is read from the model (registry.model_variant).
+    """
+    name = registry.model_variant(model)
+    if registry.VARIANTS[name].attention_steps is None:
+        raise PipelineError(f"the {name} model has no attention over a grid")
+    init_fn, step_fn = registry.VARIANTS[name].attention_steps(model)
+    ids = np.asarray(ids, dtype=np.int64)
+    states = init_fn(grid)
+    last = np.full(len(ids), start_id, dtype=np.int64)
+    maps = []
+    for t in range(ids.shape[1]):
+        _, states, weights = step_fn(states, last)
+        maps.append(weights)
+        last = ids[:, t]
+    return np.stack(maps, axis=1)
 
 
 # ---- the course's loop (reference and benchmark baseline) -------------------------------------
@@ -236,7 +205,7 @@ def tutorial_greedy(model, photo, start_id, end_id, max_length, banned_ids=()):
     """
     width = model.get_layer("caption_input").output.shape[1] or max_length
     sequence = len(model.outputs[0].shape) == 3
-    grid = any(layer.name == "image_index" for layer in model.layers)   # captioning/models/grid_models.py
+    grid = any(layer.name == "image_index" for layer in model.layers)   # attention, transformer
     photo = np.asarray(photo, dtype=np.float32)
     photo = photo.reshape(1, *photo.shape[-2:]) if grid else photo.reshape(1, -1)
     extra = {"image_index": np.zeros(1, np.int32)} if grid else {}
@@ -258,6 +227,26 @@ def tutorial_greedy(model, photo, start_id, end_id, max_length, banned_ids=()):
             break
         prefix.append(word)
     return out
+
+
+def prefix_step_fns(model, grid):
+    """(init_fn, step_fn) of the step interface for a grid model that keep no state but the
+    tokens: every step re-runs the whole training model on (grid, prefix) for all rows at once
+    and takes the last position. The reference the carried-state steps are tested against, and
+    the alternative to the key/value cache that benchmarks/bench_grid.py times. init_fn takes
+    image rows of `grid` (N, G, C); states are (rows (N,), tokens so far (N, t))."""
+    def init_fn(images):
+        return (np.arange(len(images)), np.zeros((len(images), 0), np.int32))
+
+    def step_fn(states, last_ids):
+        rows, tokens = states
+        tokens = np.concatenate([tokens, np.asarray(last_ids, np.int32)[:, None]], axis=1)
+        probs = model.predict_on_batch({"image_input": grid[rows], "caption_input": tokens,
+                                        "image_index": np.arange(len(rows), dtype=np.int32)})
+        with np.errstate(divide="ignore"):     # a probability of exactly 0 is log -inf
+            return np.log(np.asarray(probs[:, -1], np.float64)), (rows, tokens)
+
+    return init_fn, step_fn
 
 
 # ---- vocabulary and whole feature matrices ----------------------------------------------------
