@@ -24,7 +24,6 @@ import numpy as np
 from captioning.encoders import extract
 from captioning.inference import decoding
 from captioning.encoders import backbones
-from captioning.models import grid_models
 from captioning.models import registry
 from captioning.data.features import check_features
 from captioning.data.images import resize_rgb
@@ -202,6 +201,6 @@ class Captioner:
         padded = np.zeros((len(id_lists), max(longest, 1)), np.int64)
         for row, ids in enumerate(id_lists):
             padded[row, :len(words[row])] = ids[:len(words[row])]
-        weights = grid_models.attention_weights(self.model, np.asarray(features, np.float32),
-                                                padded, self.start_id)
+        weights = decoding.attention_weights(self.model, np.asarray(features, np.float32),
+                                             padded, self.start_id)
         return [weights[row, :len(w)].reshape(len(w), height, width) for row, w in enumerate(words)]
