@@ -2,7 +2,7 @@
 
 Owns word_panels (one panel per generated word: the picture lit where the word's attention
 weights are high, the word written under it, panels in rows) and its PNG bytes. The weights
-come from grid_models.attention_weights, reshaped to the grid (H, W): Show, Attend and Tell's
+come from decoding.attention_weights, reshaped to the grid (H, W): Show, Attend and Tell's
 alphas, or the Transformer's last cross-attention averaged over its heads. Each map is scaled
 to its own maximum, so a panel shows where that word looked, not how sharply.
 Reads and writes no files (callers write the PNG atomically). Uses PIL only.
