@@ -34,7 +34,7 @@ from captioning.apps import video
 from captioning.encoders.extract import sigterm_as_interrupt
 from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS, Captioner
 from captioning.inference.decoding import ALPHA, BEAM
-from captioning.utils import HelpFormatter, PipelineError, run_cli, save_settings
+from captioning.utils import HelpFormatter, run_cli, save_settings
 
 
 def photo_captioner(model_dir, data_dir, beam, alpha, weights):

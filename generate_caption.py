@@ -11,15 +11,13 @@ or corrupt image prints `error: ... (<path>)` on stderr, the other images are st
 and the exit code is 1 at the end.
 
 Reads:
-    --model PATH      train.py's run folder, or its model.keras: model.keras + model.json
-                      (feature_dim, vocab_size, max_length, start_token, end_token, pad_id,
-                      tokenizer_sha256, ...).
+    --model PATH      train.py's run folder, or its model.keras: model.keras + model.json.
     --data-dir DIR    prepare_text.py's tokenizer.json + meta.json (the vocabulary the model
                       was trained with; a mismatch is a one-line error).
     images            JPEG/PNG files or folders (every image in a folder, sorted), run through
-                      the VGG16 fc2 extractor (extract_features.py; --weights imagenet|none|PATH).
-                      A model trained on other features (e.g. the shared 1280-d EfficientNet-Lite0
-                      file) cannot caption raw images this way: use --features/--ids.
+                      the extractor of the model's backbone, VGG16 fc2 or Lite0, as
+                      extract_features.py does (--weights imagenet|none|PATH). A model trained on
+                      features of unknown origin cannot caption raw images: use --features/--ids.
     --features FILE   with --ids: caption cached features, a features.pkl ({image_id: vector})
                       or, for an attention/transformer model, the spatial grid file of
                       extract_features.py --spatial.
@@ -28,8 +26,7 @@ Writes: nothing but stdout, except with --attention-map OUT.png (attention/trans
     that word (captioning/inference/attention_maps.py). One image: OUT.png; several: OUT-<name>.png each.
     Cached features (--ids) have no picture: their panels light a grey square.
 
-Decoding: captioning/inference/decoding.py (greedy, beam search, the step of each variant);
-loading and checking the model with its vocabulary: captioning/inference/captioner.py (Captioner).
+Decoding: captioning/inference/decoding.py; the model with its vocabulary: captioning/inference/captioner.py.
 """
 import argparse
 import sys
@@ -37,13 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.inference import attention_maps
-
-from captioning.inference import decoding
+from captioning.inference import attention_maps, decoding
 from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS, Captioner
 from captioning.inference.decoding import ALPHA, BEAM
 from captioning.data.features import check_features, read_rows
-from captioning.data.images import list_images, open_rgb
+from captioning.data.images import expand_paths, open_rgb
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
 MODEL_DIR = PRETRAINED_DIR  # the shipped captioner
@@ -56,22 +51,6 @@ def generate_caption(model, tokenizer, photo, max_length, beam=BEAM, alpha=ALPHA
     ids = decoding.caption_features(model, config, tokenizer, np.reshape(photo, (1, -1)), beam, alpha)[0]
     id_to_word, _, end_id, _ = decoding.vocabulary(tokenizer)
     return " ".join(decoding.ids_to_words(id_to_word, ids, end_id))
-
-
-def expand_inputs(paths):
-    """Files and folders -> (image paths, [(path, reason)] for the ones that do not exist)."""
-    images, missing = [], []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = list_images(path)
-            images.extend(found)
-            if not found:
-                missing.append((path, "no images in folder"))
-        elif path.is_file():
-            images.append(path)
-        else:
-            missing.append((path, "no such file or folder"))
-    return images, missing
 
 
 def parse_args(argv):
@@ -116,7 +95,7 @@ def main(argv=None):
     if args.ids:      # a pooled pickle or a spatial grid file, whichever the model reads
         found, cached, _ = read_rows(args.features, args.ids)
         failures += [(i, f"id not in {args.features}") for i in args.ids if i not in set(found)]
-    paths, missing = expand_inputs(args.images)
+    paths, missing = expand_paths(args.images)
     failures += missing
     report(failures)
     if not found and not paths:

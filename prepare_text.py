@@ -62,7 +62,6 @@ from captioning.data.text import (CLEANING, MIN_COUNT, OOV, OUTPUT_DIR, TEXT_DIR
 from captioning.utils import HelpFormatter, run_cli
 
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)

@@ -32,10 +32,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules
-
-from captioning.evaluation.coco_metrics import CiderD, python_tokenize  # noqa: E402
-from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
+from captioning.evaluation.coco_metrics import CiderD, python_tokenize
+from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 TEXT_DIR = "../shared/flickr8k/Flickr8k_text"
 SAMPLES = 5          # hypotheses per image (SCST samples per image)

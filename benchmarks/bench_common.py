@@ -6,19 +6,17 @@ a temporary folder, or on the bundled data/sample when the real files are absent
 default to the shared EfficientNet-Lite0 file, or random vectors for the sample's images (timing
 only: they carry no meaning). Every benchmark prints the `data:` line describe() returns.
 """
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from captioning.apps.pipeline import run_script
+from captioning.data import text
+from captioning.data.features import save_features
+from captioning.encoders.runtime import finished, submitter
+from captioning.utils import PipelineError
 
-import prepare_text  # noqa: E402
-from captioning.data import text  # noqa: E402
-from captioning.data.features import save_features  # noqa: E402
-from captioning.encoders.runtime import finished, submitter  # noqa: E402
-from captioning.utils import PipelineError  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED = REPO.parent / "shared" / "flickr8k"
 SHARED_TEXT = SHARED / "Flickr8k_text"
@@ -36,8 +34,7 @@ def prepare(data_dir, features, workdir):
                                 f"leave --data-dir out to prepare one in a temporary folder")
         source = SHARED_TEXT if SHARED_TEXT.is_dir() else SAMPLE_TEXT
         data_dir = Path(workdir) / "data"
-        if prepare_text.main(["--text-dir", str(source), "--output-dir", str(data_dir)]) != 0:
-            raise PipelineError(f"prepare_text.py failed on {source}")
+        text.write_outputs(data_dir, text.prepare(source)[0])     # what prepare_text.py does
         made.append(f"prepare_text.py on {source} (default cleaning) in a temporary folder")
     else:
         made.append(f"prepared text in {data_dir}")
@@ -53,6 +50,13 @@ def prepare(data_dir, features, workdir):
             made.append(f"RANDOM {RANDOM_WIDTH}-d features (no Flickr8k features found: timing only)")
     made.append(f"features {Path(features).name}")
     return Path(data_dir), Path(features), "; ".join(made)
+
+
+def train(args, what):
+    """train.py ARGS in a process of its own, exactly as a user runs it; PipelineError naming
+    `what` if it fails (its own error is on stderr above)."""
+    if run_script(REPO / "train.py", args) != 0:
+        raise PipelineError(f"training {what} failed (train.py {' '.join(map(str, args))})")
 
 
 def ceiling(predict, tensors, batch_size, overlapped=True):

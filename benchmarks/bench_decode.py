@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-import bench_common  # noqa: F401  (puts the repository on sys.path)
-import train
+import bench_common
 from captioning.inference import decoding
 from captioning.models import registry
 from captioning.data import text
@@ -76,10 +75,9 @@ def run(args, workdir):
     if args.model is None:
         print(f"model: training merge for {args.train_epochs} epoch(s) in a temporary folder "
               f"(a stand-in, not the tuned model)", flush=True)
-        if train.main(["--features", str(features_path), "--data-dir", str(data_dir),
-                       "--output-dir", str(workdir / "models"), "--name", "merge",
-                       "--epochs", str(args.train_epochs)]) != 0:
-            raise PipelineError("training the stand-in model failed")
+        bench_common.train(["--features", features_path, "--data-dir", data_dir,
+                            "--output-dir", workdir / "models", "--name", "merge",
+                            "--epochs", args.train_epochs], "the stand-in model")
         args.model = workdir / "models" / "merge"
     model, config, tokenizer = registry.load_captioner(args.model, data_dir)
     print(f"model: {args.model} ({config['variant']}, best epoch {config.get('best_epoch')})")

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are top-level modules
 
 import numpy as np  # noqa: E402
 

@@ -32,6 +32,7 @@ import argparse
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -39,15 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-import bench_common  # noqa: F401  (puts the repository on sys.path)
-from captioning.data import inputs
-from captioning.inference import decoding
-from captioning.models import grid_models
-from captioning.models import registry
-from captioning.data import text
-from captioning.training import trainer
+import bench_common
+from captioning.data import inputs, text
 from captioning.data.features import read_grids
-from captioning.utils import HelpFormatter, PipelineError, run_cli
+from captioning.inference import decoding
+from captioning.models import registry
+from captioning.training import trainer
+from captioning.utils import HelpFormatter, PipelineError, run_cli, write_json
 
 TRAIN_BATCHES = 30      # timed training batches per variant (~6% of an epoch)
 WARMUP_BATCHES = 3
@@ -64,24 +63,29 @@ def parse_args(argv):
                         help="prepare_text.py output (unset: prepared in a temporary folder)")
     parser.add_argument("--models", default="",
                         help="comma-separated run folders of trained grid models (unset: stand-ins)")
-    parser.add_argument("--variants", default=",".join(grid_models.VARIANTS), help="variants timed")
+    parser.add_argument("--variants", default=",".join(registry.GRID_VARIANTS), help="variants timed")
     parser.add_argument("--train-batches", type=int, default=TRAIN_BATCHES, help="timed training batches")
     parser.add_argument("--subset", type=int, default=SUBSET, help="images decoded by the predict loop")
     parser.add_argument("--skip-training", action="store_true", help="decoding only")
     return parser.parse_args(argv)
 
 
-def train_args(variant, spatial, data_dir, output_dir, epochs=1):
-    """train.py's namespace with its defaults (parsed by train.py itself)."""
-    import train
-    return train.parse_args(["--variant", variant, "--features", str(spatial), "--data-dir", str(data_dir),
-                             "--output-dir", str(output_dir), "--label-smoothing", "0.1",
-                             "--epochs", str(epochs), "--verbose", "0"])
+def train_args(variant, spatial, data_dir):
+    """train.py's options at their defaults, label smoothing 0.1, as trainer.prepare_inputs and
+    the timing below read them (from the package: benchmarks import no script)."""
+    transformer = registry.OPTIONS["transformer"]
+    return argparse.Namespace(
+        variant=variant, mode=registry.MODE, features=Path(spatial), spatial=None,
+        data_dir=Path(data_dir), max_missing=trainer.MAX_MISSING, fail_on_missing=False,
+        **registry.OPTIONS["attention"],            # embed_dim, units, dropout and attention's own
+        **{key: value for key, value in transformer.items() if key != "dropout"},
+        transformer_dropout=transformer["dropout"], learning_rate=registry.LEARNING_RATE,
+        label_smoothing=0.1, batch_size=trainer.BATCH_SIZE, seed=trainer.SEED)
 
 
 def time_training(variant, spatial, data_dir, batches, queue):
     """Child process: project one epoch of `variant` from `batches` timed batches."""
-    args = train_args(variant, spatial, data_dir, "/nonexistent")
+    args = train_args(variant, spatial, data_dir)
     matrix, train, dev, config, _ = trainer.prepare_inputs(args)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     trainer.seed_everything(args.seed)
@@ -123,7 +127,7 @@ def time_decoding(run_dir, spatial, data_dir, subset):
            "beam_s": beam_s, "same": sum(a == b for a, b in zip(slow, greedy)), "subset": subset,
            "tokens": float(np.mean([len(c) for c in greedy]))}
     if config["variant"] == "transformer":
-        init_fn, step_fn = grid_models.prefix_step_fns(model, grid)
+        init_fn, step_fn = decoding.prefix_step_fns(model, grid)
         decoding.greedy_decode(step_fn, init_fn(grid[:2]), start_id, end_id, 3, banned)   # warm-up
         t0 = time.perf_counter()
         rerun = decoding.greedy_decode(step_fn, init_fn(grid), start_id, end_id, max_length, banned)
@@ -134,18 +138,15 @@ def time_decoding(run_dir, spatial, data_dir, subset):
 
 def stand_in(variant, spatial, data_dir, workdir):
     """A 1-epoch model on the first STAND_IN_IMAGES training images (realistic caption lengths)."""
-    import train
     small = workdir / f"data-{variant}"
     if not small.is_dir():
-        import shutil
         shutil.copytree(data_dir, small)
         splits = text.load_splits(small)
         splits["train"] = splits["train"][:STAND_IN_IMAGES]
-        from captioning.utils import write_json
         write_json(small / "splits.json", splits)
-    if train.main(["--variant", variant, "--features", str(spatial), "--data-dir", str(small),
-                   "--output-dir", str(workdir / "models"), "--epochs", "1", "--verbose", "0"]) != 0:
-        raise PipelineError(f"training the stand-in {variant} model failed")
+    bench_common.train(["--variant", variant, "--features", spatial, "--data-dir", small,
+                        "--output-dir", workdir / "models", "--epochs", "1", "--verbose", "0"],
+                       f"the stand-in {variant} model")
     return workdir / "models" / variant, small
 
 

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages are top-level modules
 
 import numpy as np  # noqa: E402
 
@@ -103,9 +102,8 @@ def make_runtimes(model, fingerprint):
     `--runtime auto` picks (its own predictor: openvino with hint AUTO, or tf).
 
     (d) gets AUTO a predictor of its own: on one image AUTO compiles a second (LATENCY) model,
-    which extract_features.py never compiles for full batches, and that compilation in use
-    beside the batch one measured Lite0 extract() 2% slower (A/B, 16 rounds: 171.4 vs 175.0
-    img/s on the 2-core AVX-512 VM)."""
+    which extract_features.py never compiles for full batches, and that compilation held beside
+    the batch one would slow (b) a little."""
     runtimes = {"tf": runtime.make_predict_fn(model, "tf")}
     if runtime.openvino_installed():
         for hint in ("LATENCY", "THROUGHPUT"):

@@ -1,4 +1,4 @@
-"""Benchmark: text-to-image search latency over all 8091 Flickr8k images (issue 13: <= 50 ms).
+"""Benchmark: text-to-image search latency over all 8091 Flickr8k images (the goal: <= 50 ms).
 
 Usage:
     python benchmarks/bench_search.py --model models/vse \\
@@ -26,16 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are top-level modules
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from captioning.retrieval import vse  # noqa: E402
-
-from captioning.retrieval import vector_index
-from captioning.data.features import load_features  # noqa: E402
-from captioning.data.text import load_descriptions, load_splits  # noqa: E402
-from captioning.utils import HelpFormatter, run_cli  # noqa: E402
+from captioning.data.features import load_features
+from captioning.data.text import load_descriptions, load_splits
+from captioning.retrieval import vector_index, vse
+from captioning.utils import HelpFormatter, run_cli
 
 MODEL_DIR = "models/vse"
 FEATURES = "../shared/flickr8k/features_efficientnet_lite0.pkl"

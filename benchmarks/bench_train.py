@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-import bench_common  # noqa: F401  (puts the repository on sys.path)
+import bench_common
 from captioning.data import inputs
 from captioning.models import registry
 from captioning.training import trainer

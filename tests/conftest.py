@@ -5,13 +5,11 @@ wherever $FLICKR8K_DIR points). Tests that need them take the `flickr8k_dir` fix
 skipped, with the reason, where the folder is absent.
 """
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the six scripts are top-level modules, imported by name
+REPO = Path(__file__).resolve().parents[1]   # on sys.path through pytest.ini's pythonpath (the scripts)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -1,4 +1,5 @@
-"""download_flickr8k.py against a loopback HTTP server serving small zips made here.
+"""download_flickr8k.py (captioning/data/download.py) against a loopback HTTP server serving
+small zips made here.
 
 No test touches the internet: the server listens on 127.0.0.1 and serves zips with the
 release's layouts (text files at the zip's top level with a __MACOSX folder; images inside a
@@ -12,8 +13,9 @@ import zipfile
 
 import pytest
 
-import download_flickr8k as dl
-from captioning.utils import PipelineError
+import download_flickr8k
+from captioning.data import download as dl
+from captioning.utils import PipelineError, run_cli
 
 TEXT_FILES = {name: f"content of {name}\n" for name in dl.TEXT_FILES}
 
@@ -84,7 +86,7 @@ def server(monkeypatch):
 
 
 def test_fresh_download_unpacks_the_expected_layout(server, tmp_path):
-    assert dl.main(["--data-dir", str(tmp_path), "--base-url", server.url, "--yes"]) == 0
+    assert download_flickr8k.main(["--data-dir", str(tmp_path), "--base-url", server.url, "--yes"]) == 0
     for name, text in TEXT_FILES.items():
         assert (tmp_path / "Flickr8k_text" / name).read_text() == text
     assert not (tmp_path / "Flickr8k_text" / "__MACOSX").exists()
@@ -121,7 +123,7 @@ def test_checksum_mismatch_deletes_the_file_and_extracts_nothing(server, tmp_pat
 
 def test_offline_gives_one_line_saying_what_to_put_where(tmp_path, capsys):
     dead = "http://127.0.0.1:9"  # discard port: nothing listens, the connection is refused
-    assert dl.run_cli(dl.main, ["--data-dir", str(tmp_path), "--base-url", dead, "--yes"]) == 1
+    assert run_cli(download_flickr8k.main, ["--data-dir", str(tmp_path), "--base-url", dead, "--yes"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: cannot reach")
     assert "Flickr8k_text/Flickr8k.token.txt" in err and "Flicker8k_Dataset" in err

@@ -1,11 +1,13 @@
-"""Tests for captioning/evaluation/metrics.py and evaluate_bleu.py: BLEU in both modes on hand-made cases whose values are worked out
-by hand below (clipped n-gram precisions p_n, brevity penalty BP = exp(1 - r/c) when c < r)."""
+"""Tests for captioning/evaluation/metrics.py and evaluate_bleu.py: BLEU in both modes on hand-made
+cases whose values are worked out by hand below (clipped n-gram precisions p_n, brevity penalty
+BP = exp(1 - r/c) when c < r)."""
 import math
 from pathlib import Path
 
 
 import evaluate_bleu as eb
 from captioning.evaluation import metrics
+from captioning.evaluation.gallery import gallery_html, write_captions_tsv
 
 S, E = "startseq", "endseq"
 
@@ -84,7 +86,7 @@ def test_standard_uses_original_captions_not_cleaned_ones():
 
 
 def test_standard_tokens_are_words_a_captioner_can_say():
-    """Issue 9: references must be tokenised as the default cleaning makes training words
+    """References must be tokenised as the default cleaning makes training words
     ("dog's" -> "dog", "T-shirt" -> "t shirt"), not into words no model ever saw ("dogs", "tshirt")."""
     assert metrics.standard_tokens("A dog's ball, red!  ") == ["a", "dog", "ball", "red"]
     assert metrics.standard_tokens("T-shirt.") == ["t", "shirt"]
@@ -116,11 +118,11 @@ def test_diagnostics_expose_repeated_and_copied_captions():
 
 
 def test_captions_tsv_and_gallery(tmp_path):
-    eb.write_captions_tsv(tmp_path / "c.tsv", ["x1"], [["a", "dog"]], [["A dog.\tok", "r2", "r3", "r4", "r5"]])
+    write_captions_tsv(tmp_path / "c.tsv", ["x1"], [["a", "dog"]], [["A dog.\tok", "r2", "r3", "r4", "r5"]])
     lines = (tmp_path / "c.tsv").read_text().splitlines()
     assert lines[0].split("\t")[:3] == ["image_id", "generated", "reference_1"]
     assert lines[1].split("\t") == ["x1", "a dog", "A dog. ok", "r2", "r3", "r4", "r5"]
-    page = eb.gallery_html([("x1", None, "a <dog>", ["ref & one"])], "t")
+    page = gallery_html([("x1", None, "a <dog>", ["ref & one"])], "t")
     assert "a &lt;dog&gt;" in page and "ref &amp; one" in page and "image not found" in page
 
 

@@ -226,7 +226,7 @@ def test_one_decoding_thread_on_a_cpu_every_core_beside_a_gpu(monkeypatch):
 
 
 def test_bench_extract_runtimes_runs_the_runtime_benchmark(monkeypatch):
-    sys.path.insert(0, str(Path(extract_features.__file__).parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(extract_features.__file__).parent / "benchmarks"))
     import bench_extract
     import bench_runtime
     calls = []
@@ -371,7 +371,7 @@ def test_winograd_rewrite_is_in_the_conversion_and_its_cache_key(tmp_path, monke
 
 @needs_openvino
 def test_vgg16_fc2_on_openvino_equals_tf(tmp_path):
-    from vgg16_build import build_feature_extractor
+    from captioning.encoders.vgg16 import build_feature_extractor
     model = build_feature_extractor(weights=None, seed=0, quiet=True)
     x = images(2, size=224, scale=128.0)             # the range of VGG16's preprocessed pixels
     tf_features = runtime.make_predict_fn(model, "tf")(x)

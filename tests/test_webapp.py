@@ -24,12 +24,13 @@ from PIL import Image
 
 import evaluate_bleu
 import generate_caption as gc
+from captioning.evaluation.gallery import write_captions_tsv
 from captioning.inference import decoding
 from captioning.utils import PipelineError, write_json
 from captioning.apps.web_captioner import WebCaptioner, beam_alternatives, rgb
 from captioning.apps.webapp import Limits, create_app, running, sentence_bleu4
-from test_generate_caption import (BANNED, END, START, caption as table_caption, make_tiny_run,
-                                   table_step)
+from test_decoding import BANNED, END, START, caption as table_caption, table_step
+from test_generate_caption import make_tiny_run
 
 TestClient = pytest.importorskip("fastapi.testclient").TestClient
 SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "data" / "sample" / "Flicker8k_Dataset"
@@ -381,7 +382,7 @@ def results_folder(root):
     references = [["Two cats sleep on a sofa.", "Cats nap"], ["A dog runs on the green grass."],
                   ["A bird flies."]]
     for run in ("test_b3", "dev"):
-        evaluate_bleu.write_captions_tsv(root / run / "captions.tsv", ids, generated, references)
+        write_captions_tsv(root / run / "captions.tsv", ids, generated, references)
         write_json(root / run / "results.json", {
             "bleu": {"standard": {"bleu1": 0.6, "bleu4": 0.2}, "tutorial": {"bleu1": 0.7, "bleu4": 0.25}},
             "diagnostics": {"distinct_share": 0.66}, "split": "test", "n_images": 3, "beam": 3})

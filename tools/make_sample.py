@@ -3,8 +3,9 @@
 Usage: python tools/make_sample.py --source ../shared/flickr8k [--train 600 --dev 60 --test 60 --size 160]
 
 Picks images at random (seed 0) from each official split, shrinks them to 160x160 JPEG
-(quality 80, ~7 KB each; the encoders scale them back up to 224x224. 600 training images is about the least for captions that differ between photos: README, "The sample"), and writes the
-official layout so every script treats the sample like the real dataset:
+(quality 80, ~7 KB each; the encoders scale them back up to 224x224; 600 training images is
+about the least for captions that differ between photos: docs/results.md, "The bundled
+sample"), and writes the official layout so every script treats the sample like the real dataset:
   data/sample/Flicker8k_Dataset/<id>.jpg
   data/sample/Flickr8k_text/Flickr8k.token.txt           (their 5 captions each)
   data/sample/Flickr8k_text/Flickr_8k.{train,dev,test}Images.txt

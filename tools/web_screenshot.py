@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stages are top-level modules
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from captioning.utils import HelpFormatter, atomic_write, run_cli  # noqa: E402

@@ -21,12 +21,10 @@ accepted, odd ones included; burn() crops an odd width or height by one pixel, b
 Scenes (the default). Every decoded frame is shrunk to THUMB_SIZE² and reduced to an HSV histogram
 (HIST_BINS soft bins per channel, each channel normalised to sum 1). Two consecutive frames whose
 histogram distance (half the L1 difference, averaged over H, S and V: 0 = same colours,
-1 = disjoint) exceeds SCENE_THRESHOLD start a new scene. Why 0.2, measured on Flickr8k images
-(224², shrunk as here): 99.7% of 999 pairs of different images score above it (0.3% would be
-missed cuts; 1.5% score below 0.25), while the same picture panned by 8 px, zoomed by 10% or
-brightened by 3% scored at most 0.043, 0.071 and 0.076 over 300 images; a sudden 10% brightening
-scored 0.17 at the 99th percentile and 0.22 at worst (a spurious cut, whose caption then usually
-merges with its neighbour's). Histograms ignore motion, so pans do not cut; gradual fades and
+1 = disjoint) exceeds SCENE_THRESHOLD start a new scene. Why 0.2: nearly all pairs of different
+Flickr8k images score above it, while the same picture panned by a few pixels, zoomed or brightened
+a little scores below 0.1 (a sudden strong brightening can cut; its caption then usually merges
+with its neighbour's). Histograms ignore motion, so pans do not cut; gradual fades and
 dissolves are not detected as cuts.
 `every=SECONDS` instead starts a segment at every multiple of SECONDS.
 

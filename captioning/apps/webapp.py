@@ -15,6 +15,8 @@ passed to create_app, so tests can pass fakes:
                PipelineError for a query it cannot use (e.g. only unknown words; the message is
                shown); optional .nearest(image, top_k) -> the same, shown under each uploaded
                photo; optional .describe() -> dict. Without one the search view says so.
+create_app keeps them, with the results folder, the image table and the limits, on
+app.state.served (Served); the routes are module-level functions of `router` that read it.
 Reads: the page (captioning/static/); per results run, results.json, captions.tsv and
 gallery.html; images of the --images folder, by dataset id. Writes nothing.
 
@@ -41,11 +43,11 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -315,179 +317,228 @@ def image_table(images_dir):
     return {p.stem: p for p in list_images(root) if inside(p, root)}
 
 
+@dataclass
+class Served:
+    """What the routes serve; one per app, on app.state.served."""
+    captioner: object           # None: the caption view says no model is loaded
+    results: object             # ResultsFolder or None
+    retrieval: object           # the image-search model or None
+    images: dict                # {dataset image id: path}
+    limits: Limits
+    model_lock: threading.Lock = field(default_factory=threading.Lock)   # one model call at a time
+
+
 def create_app(captioner, results_dir=None, retrieval=None, images_dir=None, limits=Limits()):
     """The FastAPI app. captioner may be None (the caption view then says no model is loaded)."""
     app = FastAPI(title="Flickr8k captioner", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
-    results = ResultsFolder(results_dir) if results_dir is not None else None
-    images = image_table(images_dir)
-    model_lock = threading.Lock()
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc):
-        message = exc.detail if exc.status_code != 404 else f"not found: {request.url.path}"
-        return error(exc.status_code, str(message))
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_parameter(request, exc):
-        parts = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())[1:]), e.get("msg"))
-                 for e in exc.errors()]
-        return error(422, "bad parameter: " + "; ".join(parts))
-
-    @app.exception_handler(Refusal)
-    async def refused(request, exc):
-        return error(exc.status, exc.message)
-
-    @app.get("/", include_in_schema=False)
-    def index():
-        return FileResponse(STATIC_DIR / "index.html")
-
+    app.state.served = Served(captioner, ResultsFolder(results_dir) if results_dir is not None else None,
+                              retrieval, image_table(images_dir), limits)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, bad_parameter)
+    app.add_exception_handler(Refusal, refused)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.get("/api/info")
-    def info():
-        describe = getattr(captioner, "describe", None)
-        describe_retrieval = getattr(retrieval, "describe", None)
-        return {"captioner": (describe() if describe else {}) if captioner is not None else None,
-                "retrieval": (describe_retrieval() if describe_retrieval else {})
-                if retrieval is not None else None,
-                "runs": list(results.runs()) if results is not None else [],
-                "images": len(images), "beam_default": BEAM_DEFAULT, "limits": asdict(limits)}
-
-    @app.post("/api/caption")
-    async def caption(request: Request):
-        if captioner is None:
-            raise Refusal(503, "no captioning model is loaded: start serve.py with --model DIR")
-        started = time.perf_counter()
-        try:
-            form = await request.form(max_files=limits.max_images, max_fields=4)
-        except BodyTooLarge:
-            return too_large(limits.max_request_bytes)
-        except HTTPException as exc:          # starlette's multipart errors (too many files...)
-            raise Refusal(400, f"upload refused: {exc.detail}") from None
-        try:
-            beam = parse_beam(form.get("beam"), limits)
-            uploads = [f for f in form.getlist("images") if hasattr(f, "read")]
-            if not uploads:
-                raise Refusal(400, "no images in the request (send them as form field 'images')")
-            files = [(safe_name(f.filename), await f.read()) for f in uploads]
-        finally:
-            await form.close()
-        results_out, opened = await run_in_threadpool(open_all, files, limits)
-        if opened:
-            try:
-                answers = await run_in_threadpool(caption_locked, [img for _, img in opened], beam)
-                near = await run_in_threadpool(nearest_all, [img for _, img in opened])
-            except Exception as exc:          # keep serving; the log has the traceback
-                log.exception("captioning failed")
-                reason = exc if isinstance(exc, PipelineError) else type(exc).__name__
-                raise Refusal(500, f"captioning failed ({reason}); see the server log") from None
-            for (index, image), answer, neighbours in zip(opened, answers, near):
-                results_out[index].update(image_answer(image, answer, neighbours))
-        ok = [r for r in results_out if "error" not in r]
-        status = 200 if ok else results_out[0]["status"]
-        body = {"beam": beam, "results": results_out,
-                "seconds": round(time.perf_counter() - started, 3)}
-        if not ok:
-            body["error"] = results_out[0]["error"] if len(results_out) == 1 else \
-                "no image could be captioned: " + "; ".join(r["error"] for r in results_out)
-        return JSONResponse(body, status_code=status)
-
-    def open_all(files, limits):
-        """[(name, bytes)] -> (one result dict per file, [(index, PIL image)] of the good ones)."""
-        out, opened, pixels_left = [], [], limits.max_request_pixels
-        for index, (name, data) in enumerate(files):
-            try:
-                image = open_upload(data, name, limits, pixels_left)
-                pixels_left -= image.size[0] * image.size[1]
-                opened.append((index, image))
-                out.append({"name": name, "width": image.size[0], "height": image.size[1]})
-            except Refusal as exc:
-                out.append({"name": name, "error": exc.message, "status": exc.status})
-        return out, opened
-
-    def caption_locked(pil_images, beam):
-        with model_lock:
-            return captioner.caption(pil_images, beam)
-
-    def nearest_all(pil_images):
-        nearest = getattr(retrieval, "nearest", None)
-        if nearest is None:
-            return [None] * len(pil_images)
-        with model_lock:
-            return [nearest(image, SEARCH_TOP_DEFAULT // 2) for image in pil_images]
-
-    def image_answer(image, answer, neighbours):
-        if "error" in answer:
-            return {"error": answer["error"], "status": 422}
-        out = {"greedy": answer["greedy"],
-               "beams": [{"caption": c, "score": float(s), "finished": bool(done)} for (c, s), done
-                         in zip(answer["beams"], answer.get("finished") or [True] * len(answer["beams"]))],
-               "features": answer.get("features"), "attention": answer.get("attention")}
-        if neighbours is not None:
-            out["nearest"] = [with_image_flag(n) for n in neighbours]
-        return out
-
-    def with_image_flag(hit):
-        return {**hit, "score": float(hit["score"]), "has_image": hit["image_id"] in images}
-
-    @app.get("/api/results")
-    def list_runs():
-        if results is None:
-            raise Refusal(404, "no results folder: start serve.py with --results DIR")
-        return {"runs": list(results.runs())}
-
-    @app.get("/api/results/{run}")
-    def show_run(run: str, min_bleu: float = 0.0, max_bleu: float = 1.0, words: str = "",
-                 sort: str = "order", offset: int = 0, limit: int = ROWS_PER_PAGE):
-        if results is None:
-            raise Refusal(404, "no results folder: start serve.py with --results DIR")
-        if not (0 <= min_bleu <= max_bleu <= 1) or math.isnan(min_bleu + max_bleu):
-            raise Refusal(400, "BLEU bounds must satisfy 0 <= from <= to <= 1")
-        if sort not in ("order", "bleu", "-bleu") or offset < 0 or not 1 <= limit <= 500:
-            raise Refusal(400, "sort is order, bleu or -bleu; offset >= 0; 1 <= limit <= 500")
-        try:
-            summary, rows, files = results.load(run)
-        except PipelineError as exc:
-            raise Refusal(422, f"results run {run!r} cannot be read: {exc}") from None
-        chosen = select_rows(rows, min_bleu, max_bleu, words[:limits.max_query_chars], sort)
-        page = [{**r, "has_image": r["image_id"] in images} for r in chosen[offset:offset + limit]]
-        return {"run": run, "summary": summary, "files": files, "total": len(rows),
-                "matched": len(chosen), "offset": offset, "rows": page,
-                "row_bleu": "sentence BLEU-4, standard tokens, NLTK smoothing method1 "
-                            "(for filtering; the run's corpus BLEU is above)"}
-
-    @app.get("/results/{run}/{name}")
-    def results_file(run: str, name: str):
-        if results is None:
-            raise Refusal(404, "no results folder: start serve.py with --results DIR")
-        return FileResponse(results.file(run, name))
-
-    @app.get("/api/image/{image_id}")
-    def image(image_id: str):
-        path = images.get(image_id)
-        if path is None:
-            raise Refusal(404, f"no image {image_id!r} in the image folder")
-        return FileResponse(path)
-
-    @app.get("/api/search")
-    def search(q: str = "", top: int = SEARCH_TOP_DEFAULT):
-        if retrieval is None:
-            raise Refusal(503, "no retrieval model is loaded, so text search is not available")
-        query = " ".join(q.split())
-        if not query:
-            raise Refusal(400, "type a few words to search for")
-        if len(query) > limits.max_query_chars or not 1 <= top <= limits.max_search_top:
-            raise Refusal(400, f"queries are at most {limits.max_query_chars} characters and "
-                               f"1 <= top <= {limits.max_search_top}")
-        try:
-            with model_lock:
-                hits = retrieval.search(query, top)
-        except PipelineError as exc:
-            raise Refusal(400, str(exc)) from None
-        return {"query": query, "results": [with_image_flag(h) for h in hits]}
-
+    app.include_router(router)
     return app
+
+
+def served(request):
+    return request.app.state.served
+
+
+# ---- errors: every refusal is {"error": "..."} with its status ---------------------------------
+async def http_error(request, exc):
+    message = exc.detail if exc.status_code != 404 else f"not found: {request.url.path}"
+    return error(exc.status_code, str(message))
+
+
+async def bad_parameter(request, exc):
+    parts = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())[1:]), e.get("msg"))
+             for e in exc.errors()]
+    return error(422, "bad parameter: " + "; ".join(parts))
+
+
+async def refused(request, exc):
+    return error(exc.status, exc.message)
+
+
+# ---- routes ------------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+def index():
+    return FileResponse(STATIC_DIR / "index.html")
+
+
+@router.get("/api/info")
+def info(request: Request):
+    state = served(request)
+    describe = getattr(state.captioner, "describe", None)
+    describe_retrieval = getattr(state.retrieval, "describe", None)
+    return {"captioner": (describe() if describe else {}) if state.captioner is not None else None,
+            "retrieval": (describe_retrieval() if describe_retrieval else {})
+            if state.retrieval is not None else None,
+            "runs": list(state.results.runs()) if state.results is not None else [],
+            "images": len(state.images), "beam_default": BEAM_DEFAULT, "limits": asdict(state.limits)}
+
+
+@router.post("/api/caption")
+async def caption(request: Request):
+    state = served(request)
+    if state.captioner is None:
+        raise Refusal(503, "no captioning model is loaded: start serve.py with --model DIR")
+    started = time.perf_counter()
+    try:
+        beam, files = await read_caption_form(request, state.limits)
+    except BodyTooLarge:
+        return too_large(state.limits.max_request_bytes)
+    results_out, opened = await run_in_threadpool(open_all, files, state.limits)
+    if opened:
+        try:
+            answers = await run_in_threadpool(caption_locked, state, [img for _, img in opened], beam)
+            near = await run_in_threadpool(nearest_all, state, [img for _, img in opened])
+        except Exception as exc:          # keep serving; the log has the traceback
+            log.exception("captioning failed")
+            reason = exc if isinstance(exc, PipelineError) else type(exc).__name__
+            raise Refusal(500, f"captioning failed ({reason}); see the server log") from None
+        for (index, _), answer, neighbours in zip(opened, answers, near):
+            results_out[index].update(image_answer(answer, neighbours, state.images))
+    ok = [r for r in results_out if "error" not in r]
+    status = 200 if ok else results_out[0]["status"]
+    body = {"beam": beam, "results": results_out,
+            "seconds": round(time.perf_counter() - started, 3)}
+    if not ok:
+        body["error"] = results_out[0]["error"] if len(results_out) == 1 else \
+            "no image could be captioned: " + "; ".join(r["error"] for r in results_out)
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/api/results")
+def list_runs(request: Request):
+    return {"runs": list(results_of(request).runs())}
+
+
+@router.get("/api/results/{run}")
+def show_run(request: Request, run: str, min_bleu: float = 0.0, max_bleu: float = 1.0,
+             words: str = "", sort: str = "order", offset: int = 0, limit: int = ROWS_PER_PAGE):
+    state, results = served(request), results_of(request)
+    if not (0 <= min_bleu <= max_bleu <= 1) or math.isnan(min_bleu + max_bleu):
+        raise Refusal(400, "BLEU bounds must satisfy 0 <= from <= to <= 1")
+    if sort not in ("order", "bleu", "-bleu") or offset < 0 or not 1 <= limit <= 500:
+        raise Refusal(400, "sort is order, bleu or -bleu; offset >= 0; 1 <= limit <= 500")
+    try:
+        summary, rows, files = results.load(run)
+    except PipelineError as exc:
+        raise Refusal(422, f"results run {run!r} cannot be read: {exc}") from None
+    chosen = select_rows(rows, min_bleu, max_bleu, words[:state.limits.max_query_chars], sort)
+    page = [{**r, "has_image": r["image_id"] in state.images} for r in chosen[offset:offset + limit]]
+    return {"run": run, "summary": summary, "files": files, "total": len(rows),
+            "matched": len(chosen), "offset": offset, "rows": page,
+            "row_bleu": "sentence BLEU-4, standard tokens, NLTK smoothing method1 "
+                        "(for filtering; the run's corpus BLEU is above)"}
+
+
+@router.get("/results/{run}/{name}")
+def results_file(request: Request, run: str, name: str):
+    return FileResponse(results_of(request).file(run, name))
+
+
+@router.get("/api/image/{image_id}")
+def image(request: Request, image_id: str):
+    path = served(request).images.get(image_id)
+    if path is None:
+        raise Refusal(404, f"no image {image_id!r} in the image folder")
+    return FileResponse(path)
+
+
+@router.get("/api/search")
+def search(request: Request, q: str = "", top: int = SEARCH_TOP_DEFAULT):
+    state = served(request)
+    if state.retrieval is None:
+        raise Refusal(503, "no retrieval model is loaded, so text search is not available")
+    query, limits = " ".join(q.split()), state.limits
+    if not query:
+        raise Refusal(400, "type a few words to search for")
+    if len(query) > limits.max_query_chars or not 1 <= top <= limits.max_search_top:
+        raise Refusal(400, f"queries are at most {limits.max_query_chars} characters and "
+                           f"1 <= top <= {limits.max_search_top}")
+    try:
+        with state.model_lock:
+            hits = state.retrieval.search(query, top)
+    except PipelineError as exc:
+        raise Refusal(400, str(exc)) from None
+    return {"query": query, "results": [with_image_flag(h, state.images) for h in hits]}
+
+
+# ---- the routes' helpers -----------------------------------------------------------------------
+def results_of(request):
+    """The ResultsFolder, or Refusal 404 when serve.py was started without --results."""
+    results = served(request).results
+    if results is None:
+        raise Refusal(404, "no results folder: start serve.py with --results DIR")
+    return results
+
+
+async def read_caption_form(request, limits):
+    """The caption form -> (beam, [(safe file name, bytes)]); Refusal for a bad form.
+    BodyTooLarge passes through (the caller answers 413)."""
+    try:
+        form = await request.form(max_files=limits.max_images, max_fields=4)
+    except HTTPException as exc:          # starlette's multipart errors (too many files...)
+        raise Refusal(400, f"upload refused: {exc.detail}") from None
+    try:
+        beam = parse_beam(form.get("beam"), limits)
+        uploads = [f for f in form.getlist("images") if hasattr(f, "read")]
+        if not uploads:
+            raise Refusal(400, "no images in the request (send them as form field 'images')")
+        return beam, [(safe_name(f.filename), await f.read()) for f in uploads]
+    finally:
+        await form.close()
+
+
+def open_all(files, limits):
+    """[(name, bytes)] -> (one result dict per file, [(index, PIL image)] of the good ones)."""
+    out, opened, pixels_left = [], [], limits.max_request_pixels
+    for index, (name, data) in enumerate(files):
+        try:
+            image = open_upload(data, name, limits, pixels_left)
+            pixels_left -= image.size[0] * image.size[1]
+            opened.append((index, image))
+            out.append({"name": name, "width": image.size[0], "height": image.size[1]})
+        except Refusal as exc:
+            out.append({"name": name, "error": exc.message, "status": exc.status})
+    return out, opened
+
+
+def caption_locked(state, pil_images, beam):
+    with state.model_lock:
+        return state.captioner.caption(pil_images, beam)
+
+
+def nearest_all(state, pil_images):
+    nearest = getattr(state.retrieval, "nearest", None)
+    if nearest is None:
+        return [None] * len(pil_images)
+    with state.model_lock:
+        return [nearest(image, SEARCH_TOP_DEFAULT // 2) for image in pil_images]
+
+
+def image_answer(answer, neighbours, images):
+    """The captioner's answer for one photo (+ its nearest dataset images) -> the page's JSON."""
+    if "error" in answer:
+        return {"error": answer["error"], "status": 422}
+    out = {"greedy": answer["greedy"],
+           "beams": [{"caption": c, "score": float(s), "finished": bool(done)} for (c, s), done
+                     in zip(answer["beams"], answer.get("finished") or [True] * len(answer["beams"]))],
+           "features": answer.get("features"), "attention": answer.get("attention")}
+    if neighbours is not None:
+        out["nearest"] = [with_image_flag(n, images) for n in neighbours]
+    return out
+
+
+def with_image_flag(hit, images):
+    return {**hit, "score": float(hit["score"]), "has_image": hit["image_id"] in images}
 
 
 def parse_beam(value, limits):

@@ -53,8 +53,8 @@ DOG_CLASSES = range(151, 269)            # ImageNet ids 151..268 are the dog bre
 
 def preprocess(rgb):
     """RGB pixel values 0..255 (any float/uint8 array, channels last) -> the network's input."""
-    # one copy, then in place: the expression (x - m) / s made two more 600 KB temporaries and
-    # cost 0.56 ms an image against 0.04 (measured), a third of what a decoder thread spends
+    # one copy, then in place: the expression (x - m) / s made two more 600 KB temporaries an
+    # image, a large share of a decoder thread's time (benchmarks/bench_extract.py)
     x = np.array(rgb, dtype=np.float32)
     x -= INPUT_MEAN
     x /= INPUT_SCALE

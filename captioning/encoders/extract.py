@@ -32,13 +32,13 @@ from captioning.data.spatial import SpatialFeatures, SpatialWriter
 from captioning.utils import PipelineError, atomic_write, on_terminal, read_json, save_settings
 from captioning.utils import progress as progress_bar
 
-# -- defaults (extract_features.py's options) ---------------------------------------------------------------------------------
+# -- defaults (extract_features.py's options) ----------------------------------------------------
 BACKBONE = backbones.DEFAULT_BACKBONE  # vgg16 | lite0 | auto
 WEIGHTS = "imagenet"        # imagenet | none | PATH (see vgg16_build.py / efficientnet_lite.py)
 SEED = 0                    # random init seed, only matters with --weights none
 BATCH_SIZE = 32             # images per forward pass; fixed shape (the last batch is zero-padded)
-WORKERS = 1                 # decode threads on a CPU (one keeps up: 0.2 ms an image against the
-                            # network's 10; a second stole cores, Lite0 0.91 vs 0.94 of the ceiling)
+WORKERS = 1                 # decode threads on a CPU: one keeps up with the network, a second
+                            # takes its cores (benchmarks/bench_extract.py measures it)
 PREFETCH_BATCHES = 2        # decoded batches kept ready ahead of the model (bounds memory)
 CHECKPOINT_EVERY = 512      # images between checkpoints of FILE.partial (~30 s of CPU work)
 RESIZE_FILTER = "bilinear"  # PIL filter for images that are not already 224x224
@@ -125,8 +125,8 @@ def extract(model, paths, batch_size=BATCH_SIZE, workers=WORKERS, resize_filter=
     batch_ids, batch_failures = [], []
     # Two batch buffers in turn: one is read by the forward pass in flight while the other is
     # filled. Preprocessing straight into a reused buffer, not into a fresh 600 KB array per
-    # image stacked into a fresh batch, saves ~0.3 ms of core time an image (page faults and
-    # cache misses; measured), which the network's threads get back.
+    # image stacked into a fresh batch, saves core time (page faults, cache misses) that the
+    # network's threads get back (benchmarks/bench_extract.py measures extraction).
     buffers = []
     in_flight = []   # at most one submitted batch: (ids, failures, Future of the output)
     bar = progress_bar(total=len(paths), unit="img", desc="features",

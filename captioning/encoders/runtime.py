@@ -15,12 +15,11 @@ Runtimes:
             compiled for THROUGHPUT (one stream per core; the batch cut into CHUNK-image pieces
             on a RequestPool, so a stream that finishes early takes the next piece, even of the
             next batch), a single image compiled for LATENCY (one stream using every core);
-            each is compiled on first use. Measured on the 2-core AVX2 VM
-            (benchmarks/bench_runtime.py): THROUGHPUT extracts Lite0 batches faster, because
-            extract()'s decoding threads stall a stream, not a barrier shared by all cores;
-            LATENCY is 1.6x faster on one image (a photo, a web request).
+            each is compiled on first use. Why two: extract()'s decoding threads stall one
+            stream, not a barrier shared by all cores, while one image is done soonest by all
+            cores together (benchmarks/bench_runtime.py measures both).
   auto      tf when TensorFlow sees a GPU (a GPU runs VGG16 hundreds of times faster than any
-            CPU runtime; docs/readme/runtime.md). Otherwise openvino if the package is installed,
+            CPU runtime; docs/runtime.md). Otherwise openvino if the package is installed,
             the conversion works and its output on a probe batch agrees with TF's
             (max |ov - tf| <= PROBE_RTOL * max |tf|); otherwise tf. A fallback says why on stderr.
 
@@ -68,22 +67,17 @@ DEVICE = "CPU"                  # OpenVINO device; a CUDA GPU is TF's (runtime t
 PERFORMANCE_HINT = "AUTO"       # AUTO | LATENCY | THROUGHPUT (see the module docstring)
 HINTS = ("AUTO", "LATENCY", "THROUGHPUT")
 PRECISION = "f32"               # OpenVINO inference precision: exact, not bf16
-# Rewrite eligible 3x3 convolutions as Winograd F(winograd.TILE x TILE, 3x3) when converting.
-# Measured on the 2-core AVX-512 VM, VGG16 fc2 THROUGHPUT forward passes: 7.3 img/s direct,
-# 10.4-11.0 rewritten; max relative difference from TF 8e-7 direct, 3e-6 rewritten.
+# Rewrite eligible 3x3 convolutions as Winograd F(winograd.TILE x TILE, 3x3) when converting:
+# 4x fewer multiplications, the same features up to float32 rounding (benchmarks/bench_runtime.py).
 WINOGRAD = True
-# Why not pinned: extract() decodes JPEGs in threads while the network runs; pinned OpenVINO
-# threads wait for the core a decoder holds, unpinned ones move. Measured on the 2-core AVX2 VM
-# (Lite0, extract()/ceiling): 0.87 pinned, 0.92 unpinned; VGG16 0.98 either way.
+# Not pinned: extract() decodes JPEGs in threads meanwhile, and a pinned OpenVINO thread waits for
+# the core a decoder holds where an unpinned one moves (benchmarks/bench_runtime.py measures it).
 CPU_PINNING = False
-# THROUGHPUT: a batch is cut into CHUNK-image pieces queued on QUEUE_DEPTH requests per stream.
-# Why small pieces: a stream that finishes early takes the next piece instead of idling until
-# the batch's last one is done, and Lite0's activations for 4 images stay in cache. Measured on
-# the 2-core AVX-512 VM (forward passes only, img/s): Lite0 170 with the batch halved between
-# the two streams, 195 with pieces of 4 on 4 requests; VGG16 7.3 either way (7.1 to 7.3).
+# THROUGHPUT cuts a batch into CHUNK-image pieces on QUEUE_DEPTH requests per stream, so a stream that
+# finishes early takes the next piece instead of idling (benchmarks/bench_runtime.py measures it).
 CHUNK = 4
 QUEUE_DEPTH = 2
-PROBE_RTOL = 1e-4               # agreement needed: max |ov - tf| <= PROBE_RTOL * max |tf| (VGG16 fc2 measures 3e-6)
+PROBE_RTOL = 1e-4               # agreement needed: max |ov - tf| <= PROBE_RTOL * max |tf| (VGG16 fc2: ~3e-6)
 PROBE_IMAGES = 2                # images in the probe batch
 PROBE_RANGE = 2.0               # probe pixels ~ uniform(-PROBE_RANGE, PROBE_RANGE), seeded
 PROBE_SEED = 0
@@ -428,8 +422,7 @@ class RequestPool:
     one CHUNK-image piece of a batch. A piece reads its input from the caller's batch and writes
     its output straight into the result arrays (OpenVINO tensors sharing numpy's memory), and no
     Python callback runs in OpenVINO's threads: one would wait for the GIL while extract()'s
-    Python thread holds it, stalling its stream (measured on the 2-core AVX-512 VM, Lite0
-    extract(): 173 img/s with a copying callback, 183 without).
+    Python thread holds it, stalling its stream (benchmarks/bench_runtime.py measures extract()).
 
     submit(batch) -> Pending; it returns once every piece has started, waiting for a request
     only when all of them are busy. Thread-safe: one lock guards the requests.

@@ -15,10 +15,9 @@ F(m x m, 3 x 3), one output tile of m x m pixels from an input tile of a = m + 2
   [tiles, C] x [C, K]. Multiplications per output pixel and channel pair: a^2 / m^2 instead
   of 9 (F(4x4): 36/16 = 2.25, 4x fewer; F(2x2): 16/4 = 4, 2.25x fewer).
 
-Numbers: the transforms are exact in real arithmetic; in float32 they add rounding. Measured
-against OpenVINO's direct convolution on one layer of He-initialised weights (max |diff| / max
-|direct|): F(2x2) 1-2e-6, F(4x4) 0.6-2e-5; on VGG16 up to fc2 against TF: 3e-6. The weight
-transform G g G^T is computed in float64 and rounded once.
+Numbers: the transforms are exact in real arithmetic; in float32 they add rounding, F(4x4) more
+than F(2x2) (tests/test_winograd.py bounds it: 2e-5 of the direct convolution's largest value).
+The weight transform G g G^T is computed in float64 and rounded once.
 
 rewrite(model, opset) replaces, in a converted model (NCHW, as ov.convert_model writes it),
 each Convolution that is 3x3, stride 1, dilation 1, padded 1 on every side ("same"), with
@@ -26,22 +25,19 @@ constant weights and at least MIN_IN_CHANNELS inputs and MIN_OUT_CHANNELS output
 convolutions (Lite0's are all depthwise, strided or 1x1) are left as they are. The bias Add
 and ReLU right after a rewritten convolution are taken into its graph (they act on the last
 product's output), and between two rewritten convolutions the activations stay channels-last
-(the transposes out of and back into NCHW cancel): on VGG16 fc2 with random non-zero biases,
-THROUGHPUT, 10.0-10.3 -> 10.7-11.0 img/s.
+(the transposes out of and back into NCHW cancel), so no pass of its own copies them.
 
-Which layers gain, measured on the 2-core AVX-512 VM (one image, LATENCY, ms, direct ->
-F(4x4), one convolution alone, with its layout changes): 224x224 64->64 26.9 -> 34.4 (slower:
-a large image's transformed tiles do not stay in cache, hence MIN_OUT_CHANNELS), 112x112
-128->128 18.5 -> 15.2, 56x56 256->256 17.0 -> 8.3, 28x28 512->512 16.6 -> 6.7, 14x14 512->512
-3.9 -> 2.7.
+Which layers gain: those with many channels on small images; on VGG16's 224x224 first block the
+transformed tiles do not stay in cache and the rewrite is slower, hence MIN_OUT_CHANNELS
+(benchmarks/bench_runtime.py measures the whole network).
 """
 import numpy as np
 
 # -- settings ---------------------------------------------------------------------------------
 VERSION = 2              # of the graph rewrite() builds; part of runtime's cache key
 TILE = 4                 # m: output tile side; 4 -> F(4x4, 3x3), 2 -> F(2x2, 3x3)
-MIN_IN_CHANNELS = 64     # VGG16's first layer (3 inputs): little to save, not measured
-MIN_OUT_CHANNELS = 128   # VGG16's block1 (64 outputs at 224x224) measured slower, see above
+MIN_IN_CHANNELS = 64     # VGG16's first layer (3 inputs): little to save
+MIN_OUT_CHANNELS = 128   # VGG16's block1 (64 outputs at 224x224) is slower rewritten, see above
 
 
 def transforms(tile=TILE):
@@ -89,8 +85,8 @@ def tiles(opset, node, axis, count, tile, rank):
     """The a = tile + 2 overlapping windows along `axis`, stacked on a new axis after it:
     [..., L, ...] -> [..., count, a, ...], window t = [t * tile, t * tile + a), L >= (count + 1)
     * tile. Made of two contiguous slices and reshapes, not one stepped slice per position
-    (why: OpenVINO runs slices by its reference code, and fewer of them copy less; VGG16 fc2
-    measured 10.7 -> 10.9 img/s, LATENCY 9.0 -> 9.8): positions 0..tile-1 of every window from
+    (why: OpenVINO runs slices by its reference code, and fewer of them copy less):
+    positions 0..tile-1 of every window from
     [0, count * tile), positions tile, tile+1 from [tile, count * tile + tile)."""
     def windows(start, keep):
         part = sliced(opset, node, axis, start, start + count * tile, rank)
@@ -116,7 +112,7 @@ def conv3x3(opset, x, weights, height, width, tile=TILE, bias=None, relu=False):
     """Graph for conv(x, weights), "same" padding, stride 1, x [N, C, H, W] (N may be dynamic),
     weights [K, C, 3, 3] numpy -> [N, K, H, W]. Steps (P = N * Th * Tw tiles): channels last
     (why: the windows are then cut along outer axes and each transform is one matrix product
-    over whole rows; measured 2-3x faster than cutting NCHW's innermost axis) -> pad to whole
+    over whole rows, much faster than cutting NCHW's innermost axis) -> pad to whole
     tiles -> windows along H, B^T on them -> windows along W, B^T on them -> [a*a, P, C]
     -> times U [a*a, C, K] -> A^T along H, then along W -> + bias [K], ReLU (when given: they
     run on the last product's output, not as passes of their own) -> back to [N, K, H, W]."""

@@ -4,7 +4,7 @@
   gallery_html        rows of (image_id, thumbnail data URI, caption, references[, attention
                       panels]) -> one self-contained HTML page (no files beside it).
   thumbnail_data_uri, attention_data_uri   an image file -> a base64 JPEG/PNG data URI.
-Used by evaluate_bleu.py and search_images.py.
+Used by captioning/evaluation/scoring.py (evaluate_bleu.py) and captioning/retrieval/folder_search.py.
 """
 import base64
 import html
