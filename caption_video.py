@@ -30,7 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from captioning.apps import video
+from captioning.utils import check_installed
+
+check_installed("caption_video.py", "video", "av")   # PyAV decodes and encodes the video
+from captioning.apps import video  # noqa: E402
 from captioning.encoders.extract import sigterm_as_interrupt
 from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS, Captioner
 from captioning.inference.decoding import ALPHA, BEAM

@@ -28,6 +28,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from captioning.utils import check_installed
+
+check_installed("evaluate_bleu.py", "metrics", "pycocoevalcap")   # METEOR, ROUGE-L, CIDEr-D
 from captioning.evaluation.scoring import GALLERY_IMAGES, SPLIT, evaluate_split, summary_lines, write_evaluation
 from captioning.inference.decoding import ALPHA, BEAM
 from captioning.utils import HelpFormatter, PipelineError, run_cli

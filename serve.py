@@ -41,7 +41,10 @@ import socket
 import sys
 from pathlib import Path
 
-from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR as MODEL_DIR, WEIGHTS
+from captioning.utils import check_installed
+
+check_installed("serve.py", "web", "fastapi", "uvicorn", "multipart")   # the web server and uploads
+from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR as MODEL_DIR, WEIGHTS  # noqa: E402
 from captioning.inference.decoding import ALPHA
 from captioning.retrieval.image_search import ImageSearch
 from captioning.utils import HelpFormatter, PipelineError, run_cli

@@ -175,3 +175,13 @@ def require(module, extra, purpose):
             raise       # installed, but something it imports is missing: the real error
         raise PipelineError(f"{purpose} needs the '{module}' package: pip install "
                             f"'flickr8k-captioning[{extra}]' (or pip install -r requirements.txt)") from None
+
+
+def check_installed(purpose, extra, *modules):
+    """At a script's top, before the imports that need an optional extra: exit 1 with
+    require()'s one line (no traceback) when one of `modules` is not installed."""
+    for module in modules:
+        try:
+            require(module, extra, purpose)
+        except PipelineError as exc:
+            sys.exit(f"error: {exc}")

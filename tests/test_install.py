@@ -122,3 +122,13 @@ def test_keras_model_exports_to_openvino_and_gives_kerass_outputs(tmp_path):
     want = model.predict(x, verbose=0)
     assert got.shape == want.shape == (3, 5)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_script_without_its_extra_says_which_to_install_in_one_line(monkeypatch):
+    from captioning.utils import check_installed
+    monkeypatch.setitem(sys.modules, "av", None)      # what an uninstalled package looks like
+    with pytest.raises(SystemExit) as stop:
+        check_installed("caption_video.py", "video", "av")
+    assert str(stop.value) == ("error: caption_video.py needs the 'av' package: pip install "
+                               "'flickr8k-captioning[video]' (or pip install -r requirements.txt)")
+    check_installed("caption_video.py", "video", "json")   # installed: nothing happens
