@@ -6,8 +6,8 @@ Three kinds of image, told apart by their features (a one-hot kind code plus noi
     man  "A man rides a bike." five times
 So a trained model says "a dog" and then hesitates: p(endseq) ~ 0.6 against "runs" ~ 0.4. The
 greedy caption is "a dog"; a one-beam search with length normalisation (alpha 0.7) prefers the
-long caption (log 0.4 / 10**0.7 > log 0.6 / 3**0.7), which is what issue 9 found the old default
-"greedy" doing. The captions of a kind are its references on dev/test too, so dev BLEU is far
+long caption (log 0.4 / 10**0.7 > log 0.6 / 3**0.7): the trap a length-normalised "greedy" falls into
+instead of the argmax loop. The captions of a kind are its references on dev/test too, so dev BLEU is far
 from zero once the model has learnt.
 """
 import numpy as np

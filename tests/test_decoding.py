@@ -81,7 +81,7 @@ def test_table_captions(beam, max_length, expected, finished):
 
 
 def test_beam_1_is_greedy_whatever_alpha():
-    """Issue 9's table: the -> dog -> {endseq .52, runs .48}. Greedy stops at "the dog"; a
+    """A hand-written table: the -> dog -> {endseq .52, runs .48}. Greedy stops at "the dog"; a
     one-beam search with length normalisation would say "the dog runs" (log .48 / 4**0.7 beats
     log .52 / 3**0.7). decode with beam 1 is greedy for any alpha; alpha acts from beam 2."""
     table = {(): {"the": 1.0}, ("the",): {"dog": 1.0}, ("the", "dog"): {"endseq": .52, "runs": .48},

@@ -170,7 +170,7 @@ def test_cli_lite0_model_on_raw_images_says_use_features(tiny_run, capsys):
 
 
 def test_cli_missing_photo_is_reported_before_a_missing_model(tmp_path, capsys):
-    """Issue 9: the user's own inputs are checked first."""
+    """The user's own inputs are checked first."""
     from captioning.utils import run_cli
     rc = run_cli(gc.main, [str(tmp_path / "missing.jpg"), "--model", str(tmp_path / "no_model"),
                            "--data-dir", str(tmp_path / "no_data")])

@@ -47,7 +47,7 @@ def test_select_by_bleu_keeps_the_epoch_with_the_best_dev_bleu(learnt):
 
 
 def test_cli_default_is_the_course_greedy_loop_caption_for_caption(learnt, capsys):
-    """Issue 9: the default decoding (--beam 1, --alpha left at its beam default) is greedy:
+    """The default decoding (--beam 1, --alpha left at its beam default) is greedy:
     the same captions as tutorial_greedy's one predict per word, on every image."""
     root, features, data_dir, splits, folder = learnt
     ids = splits["dev"] + splits["test"]          # 12 images, 4 of each kind
