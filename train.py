@@ -49,30 +49,19 @@ Writes, into the run folder <output-dir>/<name> (name defaults to the variant, p
     cv.csv          (--cv only, in <output-dir>/<name>, name default "cv") variant,fold,
                     val_loss,best_epoch,seconds per fold, then a mean and a std row per variant.
 
-The models (merge, inject) and their layer names are described in captioning/models/registry.py, the
-grid models (attention, transformer) in captioning/models/grid_models.py. Their batches hold whole images
-(each image's grid is encoded once for its five captions); the attention model's training loss
-adds the doubly stochastic attention penalty, its dev loss is the cross-entropy alone.
-
-Training modes:
-  sequence (default): whole captions, input = ids[:-1], target = ids[1:], one masked sparse
-      cross-entropy over all real target words (padding targets masked out). Batches are
-      drawn from length-sorted pools and trimmed to their longest caption (bucketing), so
-      almost no work is spent on padding. No one-hot targets, no pair expansion.
-  pairs: the tutorial's progressive loading - one photo per batch, all its (prefix -> next
-      word) pairs, prefixes pre-padded to max_length. Same loss per predicted word; kept
-      for comparison (benchmarks/bench_train.py) and ~20x slower. merge/inject only.
+The models, their batches and the two training modes (sequence, the default, and the tutorial's
+pairs): captioning/training/trainer.py; the run folder: captioning/training/run_folder.py.
 """
 import argparse
 import sys
 from pathlib import Path
 
+from captioning.models.registry import OPTIONS as GRID_OPTIONS
+from captioning.models.registry import (DROPOUT, EMBED_DIM, LABEL_SMOOTHING, LEARNING_RATE, MODE, MODES,
+                                        UNITS, VARIANTS)
 from captioning.training import trainer
-from captioning.models.grid_models import OPTIONS as GRID_OPTIONS
-from captioning.models.registry import (DROPOUT, EMBED_DIM, GRID_VARIANTS, LABEL_SMOOTHING, LEARNING_RATE, MODE,
-                               MODES, UNITS, VARIANTS)
 from captioning.training.trainer import (BATCH_SIZE, CV_EPOCHS, CV_SUBSET, CV_VARIANTS, EPOCHS, MAX_MISSING,
-                                 PATIENCE, SEED, SELECT_BY)
+                                         PATIENCE, SEED, SELECT_BY)
 from captioning.utils import HelpFormatter, PipelineError, keras_verbose, run_cli
 
 FEATURES = "data/features.pkl"  # extract_features.py default output; ../shared/... for real features
@@ -82,8 +71,7 @@ VARIANT = "merge"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--features", type=Path, default=Path(FEATURES),
                    help="features pickle (merge, inject) or spatial .h5 (attention, transformer)")
     p.add_argument("--spatial", type=Path, default=None,
@@ -137,24 +125,7 @@ def parse_args(argv):
                         "auto = a bar on a terminal, else one line per epoch")
     args = p.parse_args(argv)
     args.verbose = keras_verbose() if args.verbose == "auto" else int(args.verbose)
-    for name in ("embed_dim", "units", "epochs", "batch_size", "annotation_dim", "attention_dim",
-                 "d_model", "heads", "decoder_layers", "ff_dim"):
-        if getattr(args, name) < 1:
-            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.encoder_layers < 0 or args.penalty < 0:
-        raise PipelineError("--encoder-layers and --penalty must not be negative")
-    if args.d_model % args.heads:
-        raise PipelineError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
-    if not all(0 <= x < 1 for x in (args.dropout, args.transformer_dropout, args.label_smoothing)) \
-            or not 0 <= args.max_missing <= 1:
-        raise PipelineError("--dropout, --transformer-dropout, --label-smoothing and --max-missing "
-                            "must be in [0, 1)")
-    if args.mode == "pairs" and not args.cv and args.variant in GRID_VARIANTS:
-        raise PipelineError(f"--mode pairs is the tutorial's merge/inject training; {args.variant} "
-                            f"trains on whole captions (--mode sequence)")
-    bad = [v for v in args.variants.split(",") if v.strip() and v.strip() not in VARIANTS]
-    if bad:
-        raise PipelineError(f"unknown variant {bad[0]!r} in --variants (choose from {', '.join(VARIANTS)})")
+    trainer.check_options(args)
     return args
 
 

@@ -15,7 +15,7 @@ import pytest
 import evaluate_retrieval
 import search_images
 import train_retrieval
-from captioning.retrieval import caption_scoring
+from captioning.retrieval import caption_scoring, folder_search, protocol
 from captioning.models import registry
 from captioning.retrieval import ranking
 from captioning.retrieval import vse
@@ -226,57 +226,39 @@ def test_training_beats_random_and_writes_its_files(tiny_model):
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tiny_model, small_set, capsys):
+    import keras
     args = ["--features", str(small_set / "lite0_small.pkl"), "--data-dir", str(small_set / "data"),
             "--output-dir", str(small_set / "models"), "--backbone", "lite0", *TINY]
     # a rerun of the finished run has nothing to do
+    best = json.loads((tiny_model / "model.json").read_text())
+    capsys.readouterr()
     assert train_retrieval.main([*args, "--name", "tiny", "--epochs", "4"]) == 0
-    assert "nothing to do" in capsys.readouterr().out
-    # another setting in the same folder is refused with one line
+    assert (f"{tiny_model}: already trained 4 epochs (best dev rsum {best['best_dev_rsum']:.1f}, "
+            f"epoch {best['best_epoch']}); nothing to do") in capsys.readouterr().out
+    # another setting in the same folder is refused with one line naming both values
     assert run_cli(train_retrieval.main, [*args, "--name", "tiny", "--epochs", "4", "--margin", "0.3"]) == 1
-    assert capsys.readouterr().err.strip() == (f"error: run folder holds a run with another margin (0.2); "
-                                               f"use another --name or remove it ({tiny_model})")
-    # 1 epoch (the warm-up), then resumed for a second with hardest negatives: the same losses
-    # and dev ranks as the uninterrupted 4-epoch run (same seed), so weights, optimizer state,
-    # the warm-up switch and the per-epoch shuffle were all restored
+    assert capsys.readouterr().err.strip() == (f"error: run folder holds a run with another margin "
+                                               f"(0.2 there, 0.3 now); use another --name or remove it "
+                                               f"({tiny_model})")
+    # 1 epoch (the warm-up), then resumed for a second with hardest negatives: the same weights,
+    # losses and dev ranks as an uninterrupted 2-epoch run (same seed), so weights, optimizer
+    # state, the warm-up switch and the per-epoch shuffle were all restored
     assert train_retrieval.main([*args, "--name", "resumed", "--epochs", "1"]) == 0
     assert train_retrieval.main([*args, "--name", "resumed", "--epochs", "2"]) == 0
-    assert "resuming" in capsys.readouterr().out
+    assert f"resuming {small_set / 'models' / 'resumed'} after epoch 1" in capsys.readouterr().out
+    assert train_retrieval.main([*args, "--name", "two", "--epochs", "2"]) == 0
+    for name in ("current/last.keras", "model.keras"):
+        resumed, two = (keras.models.load_model(small_set / "models" / run / name, compile=False).get_weights()
+                        for run in ("resumed", "two"))
+        assert all(np.array_equal(x, y) for x, y in zip(resumed, two)), name
 
     def rows(run):
         lines = (small_set / "models" / run / "history.csv").read_text().splitlines()
         return [line.split(",")[:10] for line in lines[1:]]     # all but seconds and lr
-    assert rows("resumed") == rows("tiny")[:2]
+    assert rows("resumed") == rows("two") == rows("tiny")[:2]
     assert [r[2] for r in rows("resumed")] == ["0.0", "1.0"]   # max_violation: warm-up first
-
-
-def test_a_kill_after_any_write_resumes_to_the_same_run(small_set, tmp_path, monkeypatch):
-    """As train.py's test: the run folder is copied right after every durable write (what a
-    SIGKILL there would leave); the same command rerun from each copy ends bit for bit where an
-    uninterrupted run ends (weights, model.json, history but for seconds), with no leftovers."""
-    import keras
-    from test_train import run_folder_listing, states_after_every_write
-    argv = ["--features", str(small_set / "lite0_small.pkl"), "--data-dir", str(small_set / "data"),
-            "--backbone", "lite0", *TINY, "--epochs", "2", "--name", "k"]
-    assert train_retrieval.main([*argv, "--output-dir", str(tmp_path / "clean")]) == 0
-
-    def outcome(folder):
-        weights = [keras.models.load_model(folder / "current" / name, compile=False).get_weights()
-                   for name in ("last.keras", "model.keras")]
-        history = [line.split(",")[:-2] for line in (folder / "history.csv").read_text().splitlines()]
-        return weights, json.loads((folder / "model.json").read_text()), history, \
-            [row[0] for row in run_folder_listing(folder)]
-
-    expected = outcome(tmp_path / "clean" / "k")
-    with monkeypatch.context() as patch:
-        states = states_after_every_write(patch, tmp_path / "killed" / "k", tmp_path / "states")
-        assert train_retrieval.main([*argv, "--output-dir", str(tmp_path / "killed")]) == 0
-    assert len(states) >= 2 * 6, len(states)       # settings.json, then per epoch its files, rename, link
-    for state in states:
-        assert train_retrieval.main([*argv, "--output-dir", str(state.parent)]) == 0, state
-        weights, config, history, listing = outcome(state)
-        for got, want in zip(weights, expected[0]):
-            assert all(np.array_equal(x, y) for x, y in zip(got, want)), state
-        assert (config, history, listing) == expected[1:], state
+    state = json.loads((small_set / "models" / "resumed" / "current" / "state.json").read_text())
+    assert (state["epoch"], state["best_epoch"], state["wait"]) == (2, 2, 0)
 
 
 def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, capsys):
@@ -292,7 +274,7 @@ def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, c
     ids = text.load_splits(small_set / "data")["test"]
     desc = text.load_descriptions(small_set / "data" / "descriptions.txt")
     caps = [(k, c) for k, i in enumerate(ids) for c in desc[i]]
-    sim = evaluate_retrieval.embedding_scores(model, config, tokenizer, np.stack([table[i] for i in ids]), caps)
+    sim = protocol.embedding_scores(model, config, tokenizer, np.stack([table[i] for i in ids]), caps)
     i2t, t2i = argsort_ranks(sim, [k for k, _ in caps])
     assert results["embedding"]["image_to_text"]["r5"] == pytest.approx(100 * np.mean(np.array(i2t) <= 5), abs=1e-3)
     assert results["embedding"]["text_to_image"]["mean_rank"] == pytest.approx(np.mean(t2i), abs=1e-3)
@@ -410,13 +392,13 @@ def test_search_with_an_extractor_skips_broken_files_and_checks_width(tiny_model
         x = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, strides=8)(inputs))
         return keras.Model(inputs, layers.Dense(width)(x))
 
-    monkeypatch.setattr(search_images, "build_extractor", lambda backbone, weights, seed=0: (tiny_backbone(1280), "fake"))
+    monkeypatch.setattr(folder_search, "build_extractor", lambda backbone, weights, seed=0: (tiny_backbone(1280), "fake"))
     assert search(tiny_model, small_set, tmp_path, "a dog", "--images", str(photo_folder), "--top", "2") == 0
     out, err = capsys.readouterr()
     assert len(out.strip().splitlines()) == 2
     assert "skipped broken.jpg: cannot read image" in err and "8 images indexed, 2 skipped" in err
     # a backbone of another width than the model's features: one line, nothing written
-    monkeypatch.setattr(search_images, "build_extractor", lambda backbone, weights, seed=0: (tiny_backbone(64), "fake"))
+    monkeypatch.setattr(folder_search, "build_extractor", lambda backbone, weights, seed=0: (tiny_backbone(64), "fake"))
     html = tmp_path / "other.html"
     code = run_cli(search_images.main, ["a dog", "--images", str(photo_folder), "--model", str(tiny_model),
                                         "--cache-dir", str(tmp_path / "cache2"), "--html", str(html)])

@@ -1,7 +1,8 @@
-"""Tests for captioning/training/scst.py and train_scst.py: sampling from a hand-written next-word table,
-the forward pass's caption log-probabilities against the decoder's, the direction of an SCST
-update, the reward references, and the stage on a tiny model (outputs, resume, same seed same
-weights, bad input)."""
+"""Tests for captioning/training/scst.py, scst_run.py and train_scst.py: sampling from a hand-written
+next-word table, the forward pass's caption log-probabilities against the decoder's, the direction
+of an SCST update, the reward references, the stage on a tiny model (outputs, nothing to do,
+refusal, bad input), and a resumed run on a model that has learnt (the same weights as an
+uninterrupted one)."""
 import json
 from collections import Counter
 
@@ -14,7 +15,7 @@ from captioning.models import registry
 from captioning.training import scst
 from captioning.utils import PipelineError, run_cli
 from test_generate_caption import make_tiny_run, random_captioner
-from test_train import run_folder_listing, states_after_every_write
+from test_run_folder import run_folder_listing
 
 # ---- sampling from a hand-written table ---------------------------------------------------------
 WORDS = ["<pad>", "startseq", "endseq", "<unk>", "a", "the", "dog", "cat", "runs"]
@@ -161,16 +162,11 @@ def test_stage_writes_the_run_folder_resumes_and_repeats(tiny, tmp_path, capsys)
     assert "nothing to do" in capsys.readouterr().out
     assert run_stage(tiny, tmp_path / "a", "--epochs", "2") == 0
     assert json.loads((run_dir / "current" / "state.json").read_text())["epoch"] == 2
-    # same seed, same run: a fresh folder trained 2 epochs at once has the same weights
-    assert run_stage(tiny, tmp_path / "b", "--epochs", "2") == 0
-    one = registry.load_keras(run_dir / "current" / "last.keras", compile=False).get_weights()
-    two = registry.load_keras(tmp_path / "b" / "model-scst" / "current" / "last.keras",
-                            compile=False).get_weights()
-    assert all(np.array_equal(x, y) for x, y in zip(one, two))
     # settings that differ from the folder's run are refused
     capsys.readouterr()
     assert run_stage(tiny, tmp_path / "a", "--epochs", "3", "--seed", "7") == 1
-    assert "another seed" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (f"error: run folder holds an SCST run with another seed "
+                                               f"(1 there, 7 now); use another --name or remove it ({run_dir})")
 
 
 def test_stage_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys):
@@ -219,34 +215,33 @@ def run_learnt(learnt, out_dir, *extra):
                                      "0.01", *extra])
 
 
-def test_a_kill_after_any_write_resumes_to_the_same_run(learnt, tmp_path, monkeypatch):
-    """As train.py's test: the SCST run folder is copied right after every durable write (what a
-    SIGKILL there would leave); the same command rerun from each copy must end with bit-for-bit
-    the weights, model.json and history of an uninterrupted run, and no leftover files."""
-    assert run_learnt(learnt, tmp_path / "clean", "--epochs", "2") == 0
+def test_resumed_run_equals_an_uninterrupted_one(learnt, tmp_path, capsys):
+    """One SCST epoch, then the same command with --epochs 2: bit for bit the weights (last and
+    kept model), model.json, history and files of an uninterrupted 2-epoch run."""
+    assert run_learnt(learnt, tmp_path / "whole", "--epochs", "2") == 0
 
     def outcome(folder):
         weights = [registry.load_keras(folder / "current" / name, compile=False).get_weights()
                    for name in ("last.keras", "model.keras")]
-        history = json.loads((folder / "current" / "state.json").read_text())["history"]
-        return (weights, json.loads((folder / "model.json").read_text()),
-                [dict(row, seconds=None, cpu_seconds=None) for row in history],
+        state = json.loads((folder / "current" / "state.json").read_text())
+        history = [dict(row, seconds=None, cpu_seconds=None) for row in state.pop("history")]
+        return (weights, json.loads((folder / "model.json").read_text()), history, state,
                 [row[0] for row in run_folder_listing(folder)])
 
-    expected = outcome(tmp_path / "clean" / "m-scst")
-    assert "checkpoint-0002/last.keras" in expected[3] and "current" in expected[3]
+    expected = outcome(tmp_path / "whole" / "m-scst")
+    assert "checkpoint-0002/last.keras" in expected[4] and "current" in expected[4]
+    assert [row["epoch"] for row in expected[2]] == [0, 1, 2] and expected[3]["epoch"] == 2
+    assert expected[1]["scst"]["best_epoch"] == expected[3]["best_epoch"]
+    assert expected[3]["best_dev_cider_d"] == max(row["dev_cider_d"] for row in expected[2])
     # the rewards were not all zero and the weights moved: the comparison below can fail
     assert any(row["sample_reward"] != 0 for row in expected[2][1:]), expected[2]
     init = registry.load_keras(learnt[1] / "model.keras", compile=False).get_weights()
     assert not all(np.array_equal(x, y) for x, y in zip(init, expected[0][0]))
-    with monkeypatch.context() as patch:
-        states = states_after_every_write(patch, tmp_path / "killed" / "m-scst", tmp_path / "states")
-        assert run_learnt(learnt, tmp_path / "killed", "--epochs", "2") == 0
-    # settings.json, then per checkpoint (epoch 0 = the init model, 1, 2): its files, rename, link
-    assert len(states) >= 3 * 7, len(states)
-    for state in states:
-        assert run_learnt(learnt, state.parent, "--epochs", "2") == 0, state
-        weights, config, history, listing = outcome(state)
-        for got, want in zip(weights, expected[0]):
-            assert all(np.array_equal(x, y) for x, y in zip(got, want)), state
-        assert (config, history, listing) == expected[1:], state
+    assert run_learnt(learnt, tmp_path / "split", "--epochs", "1") == 0
+    capsys.readouterr()
+    assert run_learnt(learnt, tmp_path / "split", "--epochs", "2") == 0
+    assert f"resuming {tmp_path / 'split' / 'm-scst'} after SCST epoch 1" in capsys.readouterr().out
+    weights, *rest = outcome(tmp_path / "split" / "m-scst")
+    for got, want in zip(weights, expected[0]):
+        assert all(np.array_equal(x, y) for x, y in zip(got, want))
+    assert rest == list(expected[1:])

@@ -17,7 +17,7 @@ Owns
   dev_scorer          greedy dev-split CIDEr-D with the COCO convention (document frequencies
                       from the dev references; pure-Python PTB-style tokenisation of the original
                       captions, as coco_metrics.score_captions(java=False)) - the selection measure.
-Reads and writes no files (train_scst.py owns the run folder). Imports captioning.evaluation.coco_metrics,
+Reads and writes no files (captioning.training.scst_run keeps the run folder). Imports coco_metrics,
 decoding, text, utils; TensorFlow inside the functions that need it (heavy).
 
 Why endseq is part of every reward caption (references and samples): without it a caption cut

@@ -1,45 +1,47 @@
-"""The training loop around a caption model: run folders, resume, best-epoch selection, history, CV.
+"""The caption trainer: inputs, one run (resumable, best epoch, early stopping), cross-validation.
 
 Owns
   prepare_inputs   text + features -> feature matrix, encoded train/dev captions, model.json config.
-  train_run        train (or resume) one run in its folder with model.fit and the Keeper callback.
-  Keeper           after every epoch: history, best-epoch selection (lowest dev loss, or highest
-                   dev BLEU-4 with a scorer), early stopping, then ONE checkpoint folder.
-  checkpoints      write_checkpoint / latest_checkpoint / point_current: the run folder's layout,
-                   written so that a kill at any moment leaves one whole epoch's state.
+  train_run        train (or resume) one run in its run folder with model.fit and the Keeper callback.
+  Keeper           after every epoch: a history row (losses, dev BLEU-4 with a scorer, seconds,
+                   learning rate) and the dropout RNG state, then ONE checkpoint of the run folder
+                   (captioning.training.run_folder: selection, patience, atomic writes, resume).
   dev_bleu_scorer  greedy dev-split BLEU-4 of a model (train.py --select-by bleu).
   cross_validate   K folds over the training images per variant -> cv.csv (dev loss and
                    BLEU-4 of each held-out fold, mean and std, seconds).
-Pooled variants (merge, inject) train on a features pickle through captioning.data.inputs; grid variants
-(attention, transformer) on a spatial HDF5 file through captioning.data.grid_inputs (whole images per
-batch). Files of a run folder (<output-dir>/<name>): see train.py's docstring.
-Imports captioning.data.inputs, decoding, features, grid_data, metrics, models, spatial, text, utils;
-Keras, TensorFlow and matplotlib inside functions (heavy).
+Pooled variants (merge, inject) train on a features pickle through captioning.data.inputs; grid
+variants (attention, transformer) on a spatial HDF5 file through captioning.data.grid_inputs
+(whole images per batch: each image's grid is encoded once for its five captions; the attention
+model's training loss adds the doubly stochastic attention penalty, its dev loss is the
+cross-entropy alone). The models and their layer names: captioning.models (the variant
+registry, registry.py). Files of a run folder: train.py's docstring.
+
+Training modes:
+  sequence (default): whole captions, input = ids[:-1], target = ids[1:], one masked sparse
+      cross-entropy over all real target words (padding targets masked out). Batches are
+      drawn from length-sorted pools and trimmed to their longest caption (bucketing), so
+      almost no work is spent on padding. No one-hot targets, no pair expansion.
+  pairs: the tutorial's progressive loading - one photo per batch, all its (prefix -> next
+      word) pairs, prefixes pre-padded to max_length. Same loss per predicted word; kept
+      for comparison (benchmarks/bench_train.py) and ~20x slower. merge/inject only.
+
+Keras, TensorFlow and matplotlib are imported inside functions (heavy).
 """
 import csv
 import io
-import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from captioning.data import inputs
-
-from captioning.inference import decoding
-
-from captioning.data import grid_inputs
-
-from captioning.evaluation import metrics
-
-from captioning.models import registry
-
-from captioning.data import text
+from captioning.data import grid_inputs, inputs, text
 from captioning.data.features import is_spatial_file, load_features, recorded_backbone
 from captioning.data.spatial import SpatialFeatures
+from captioning.evaluation import metrics
+from captioning.inference import decoding
+from captioning.models import registry
+from captioning.training.run_folder import LAST_FILE, RunFolder, Selection
 from captioning.utils import PipelineError, atomic_write, read_json, save_settings, sha256_file
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
@@ -53,17 +55,11 @@ CV_VARIANTS = "merge,inject"
 CV_EPOCHS = 3
 CV_SUBSET = 0                   # 0 = all training images
 
-# a run folder: checkpoint-NNNN/ (the state after NNNN epochs: last.keras, model.keras, model.json,
-# state.json, history.csv, loss.png), `current` (a link to the newest checkpoint), the PUBLISHED
-# names as links through `current`, settings.json
-CHECKPOINT_PREFIX, CURRENT = "checkpoint-", "current"
-LAST_FILE, STATE_FILE = "last.keras", "state.json"
-PUBLISHED = (registry.MODEL_FILE, registry.CONFIG_FILE, "history.csv", "loss.png")
+HISTORY_FIELDS = ["epoch", "loss", "val_loss", "dev_bleu4", "seconds", "lr"]
 # settings that must match for a rerun to resume the run in a folder
 RESUME_KEYS = ("variant", "mode", "embed_dim", "units", "dropout", "batch_size", "learning_rate",
                "label_smoothing", "seed", "features_sha256", "tokenizer_sha256", "select_by")
-# the grid variants' sizes, compared through model.json alone (absent, so None, for merge/inject
-# and for runs made before these variants existed)
+# the grid variants' sizes, compared through model.json alone (absent for merge/inject)
 GRID_RESUME_KEYS = ("grid", "annotation_dim", "attention_dim", "penalty", "d_model", "heads",
                     "encoder_layers", "decoder_layers", "ff_dim")
 TRANSFORMER_KEYS = ("d_model", "heads", "encoder_layers", "decoder_layers", "ff_dim")
@@ -76,6 +72,29 @@ def seed_everything(seed):
     import tensorflow as tf
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+def check_options(args):
+    """train.py's option values that no run can use: a one-line PipelineError naming the option."""
+    for name in ("embed_dim", "units", "epochs", "batch_size", "annotation_dim", "attention_dim",
+                 "d_model", "heads", "decoder_layers", "ff_dim"):
+        if getattr(args, name) < 1:
+            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.encoder_layers < 0 or args.penalty < 0:
+        raise PipelineError("--encoder-layers and --penalty must not be negative")
+    if args.d_model % args.heads:
+        raise PipelineError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    if not all(0 <= x < 1 for x in (args.dropout, args.transformer_dropout, args.label_smoothing)) \
+            or not 0 <= args.max_missing <= 1:
+        raise PipelineError("--dropout, --transformer-dropout, --label-smoothing and --max-missing "
+                            "must be in [0, 1)")
+    if args.mode == "pairs" and not args.cv and args.variant in registry.GRID_VARIANTS:
+        raise PipelineError(f"--mode pairs is the tutorial's merge/inject training; {args.variant} "
+                            f"trains on whole captions (--mode sequence)")
+    bad = [v for v in args.variants.split(",") if v.strip() and v.strip() not in registry.VARIANTS]
+    if bad:
+        raise PipelineError(f"unknown variant {bad[0]!r} in --variants "
+                            f"(choose from {', '.join(registry.VARIANTS)})")
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -177,78 +196,7 @@ def dev_bleu_scorer(data_dir, matrix, row_of_id):
     return score
 
 
-# ---- the run folder: one atomic checkpoint per epoch -----------------------------------------
-# Keras' BackupAndRestore / ModelCheckpoint / CSVLogger / EarlyStopping each keep or write their
-# own piece (weights, then metadata, a CSV row, an in-memory counter) at different moments and
-# none saves the dropout RNG, so a kill between them mixes epochs. Here one folder per epoch
-# holds everything and becomes visible with one rename; the Keeper callback owns selection and
-# early stopping because their counters must live in that same folder.
-
-def fsync_path(path, directory=False):
-    """Flush a file (or a folder's entries) to disk; folders are skipped where the OS cannot."""
-    flags = os.O_RDONLY
-    if directory:
-        if not hasattr(os, "O_DIRECTORY"):
-            return                       # e.g. Windows: no directory fsync
-        flags |= os.O_DIRECTORY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path, data):
-    """Write bytes or text to a new file inside a checkpoint being built, then fsync it."""
-    with open(path, "wb") as handle:
-        handle.write(inputs.encode("utf-8") if isinstance(data, str) else data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _remove(path):
-    """Delete a file, link or folder tree if it is there."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def checkpoint_dirs(run_dir):
-    """[(epochs, folder)] of the complete checkpoints in run_dir, oldest first. A checkpoint
-    gets its final name only once every file in it is on disk, so a name means complete."""
-    found = []
-    for path in Path(run_dir).glob(CHECKPOINT_PREFIX + "*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX):]
-        if path.is_dir() and not path.is_symlink() and suffix.isdigit():
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir):
-    """The folder to resume from: the newest checkpoint; run_dir itself for a run folder of the
-    earlier layout (last.keras + state.json at its top); None for a fresh run."""
-    found = checkpoint_dirs(run_dir)
-    if found:
-        return found[-1][1]
-    if (run_dir / STATE_FILE).is_file() and (run_dir / LAST_FILE).is_file():
-        return run_dir
-    return None
-
-
-HISTORY_FIELDS = ["epoch", "loss", "val_loss", "dev_bleu4", "seconds", "lr"]
-
-
-def history_csv(history, fields=HISTORY_FIELDS):
-    """history.csv's text: one row per epoch dict, the given columns."""
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row.get(k) for k in fields})
-    return buffer.getvalue()
-
-
+# ---- one run: a Keras fit whose callback keeps the run folder ------------------------------------
 def loss_png(history):
     """PNG bytes: training and dev loss per epoch."""
     import matplotlib
@@ -267,105 +215,6 @@ def loss_png(history):
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def _link_or_copy(source, target):
-    """Hard-link an unchanging file into the new checkpoint (no copy); copy where links fail."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-        fsync_path(target)
-
-
-def write_checkpoint(run_dir, model, state, config, improved, previous, files=None):
-    """Write the state after state["epoch"] epochs as ONE new checkpoint folder; return it.
-
-    Built under a temporary name (every file fsync'd, then the folder), renamed to
-    checkpoint-NNNN (atomic), then `current` is pointed at it (atomic link swap) and older
-    checkpoints are deleted. A kill at any moment leaves the previous checkpoint or this one,
-    never a mix. model.keras is the new model when it improved, else the previous checkpoint's
-    (hard link). `files` ({name: text or bytes}, default train.py's history.csv and loss.png)
-    are written into the checkpoint and published beside model.keras and model.json.
-    """
-    if files is None:
-        files = {"history.csv": history_csv(state["history"]), "loss.png": loss_png(state["history"])}
-    published = (registry.MODEL_FILE, registry.CONFIG_FILE, *files)
-    name = f"{CHECKPOINT_PREFIX}{state['epoch']:04d}"
-    tmp, final = run_dir / f".{name}.tmp", run_dir / name
-    _remove(tmp)                                       # a killed earlier attempt's leftovers
-    tmp.mkdir(parents=True)
-    model.save(tmp / LAST_FILE)
-    fsync_path(tmp / LAST_FILE)
-    if improved or previous is None:
-        os.link(tmp / LAST_FILE, tmp / registry.MODEL_FILE)   # the same bytes: one file, two names
-    else:
-        _link_or_copy(previous / registry.MODEL_FILE, tmp / registry.MODEL_FILE)
-    _write_synced(tmp / registry.CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for file_name, content in files.items():
-        _write_synced(tmp / file_name, content)
-    _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
-    fsync_path(tmp, directory=True)
-    _remove(final)          # only a checkpoint of the same epoch from an abandoned branch
-    os.rename(tmp, final)
-    fsync_path(run_dir, directory=True)
-    point_current(run_dir, final, published)
-    tidy(run_dir, final, published)
-    return final
-
-
-def point_current(run_dir, checkpoint, published=PUBLISHED):
-    """Make run_dir/current name `checkpoint` (one atomic link swap), and the published files
-    (model.keras, model.json, history.csv, loss.png: links through `current`) follow it. Where
-    the OS has no symbolic links the published files are copied instead, one by one."""
-    if checkpoint == run_dir:
-        return                                         # earlier layout: files are already there
-    try:
-        _set_link(run_dir / CURRENT, checkpoint.name)
-    except (OSError, NotImplementedError):
-        for name in published:
-            with atomic_write(run_dir / name, "wb") as handle:
-                handle.write((checkpoint / name).read_bytes())
-        return
-    for name in published:
-        _set_link(run_dir / name, f"{CURRENT}/{name}")     # also replaces an earlier layout's file
-    fsync_path(run_dir, directory=True)
-
-
-def _set_link(path, target):
-    """Make `path` a symbolic link to `target` in one atomic step (new name, or a swap)."""
-    if path.is_symlink() and os.readlink(path) == target:
-        return
-    if not path.exists() and not path.is_symlink():
-        os.symlink(target, path)                       # creating a name is atomic by itself
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    _remove(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, path)
-
-
-def tidy(run_dir, keep, published=PUBLISHED):
-    """Delete what a finished checkpoint makes obsolete or a kill left behind: temporary
-    checkpoint folders and links, older checkpoints, the earlier layout's last.keras/state.json."""
-    for path in [*run_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"),
-                 *(run_dir / f".{name}.tmp" for name in (CURRENT, *published))]:
-        _remove(path)
-    for _, path in checkpoint_dirs(run_dir):
-        if path != keep:
-            _remove(path)
-    if keep != run_dir:
-        for name in (LAST_FILE, STATE_FILE):
-            _remove(run_dir / name)
-
-
-def clear_run(run_dir):
-    """train.py --overwrite: remove a run folder's checkpoints and published files."""
-    for _, path in checkpoint_dirs(run_dir):
-        _remove(path)
-    for name in (CURRENT, LAST_FILE, STATE_FILE, "settings.json", *PUBLISHED):
-        _remove(run_dir / name)
-    tidy(run_dir, None)
 
 
 def rng_state(model):
@@ -398,12 +247,9 @@ def dev_loss_scale(model, examples, mode):
     return train_words / inputs.words_per_row(examples, mode) if train_words else 1.0
 
 
-def make_keeper(run_dir, state, config, patience, scorer=None, previous=None, dev_scale=1.0):
-    """Keras callback: after each epoch, select, count, and write one checkpoint (write_checkpoint).
-
-    "Best" is the lowest dev loss, or with a scorer (--select-by bleu) the highest dev BLEU-4;
-    early stopping counts epochs without improvement of the same measure.
-    """
+def make_keeper(folder, state, config, scorer=None, dev_scale=1.0):
+    """Keras callback: after each epoch, a history row, the selection (folder.record), then one
+    checkpoint (folder.save). With a scorer (--select-by bleu) the row also holds dev BLEU-4."""
     import keras
 
     class Keeper(keras.callbacks.Callback):
@@ -411,37 +257,37 @@ def make_keeper(run_dir, state, config, patience, scorer=None, previous=None, de
             self.started = time.time()
 
         def on_epoch_end(self, epoch, logs=None):
-            nonlocal previous
             val = float(logs["val_loss"]) * dev_scale
             logs["val_loss"] = val     # Keras' progress line and History print this, after us
             bleu4 = round(float(scorer(self.model, config)), 6) if scorer else None
             lr = float(f"{float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)):.6g}")
-            state["history"].append({"epoch": epoch + 1, "loss": round(float(logs["loss"]), 6),
-                                     "val_loss": round(val, 6), "dev_bleu4": bleu4,
-                                     "seconds": round(time.time() - self.started, 1), "lr": lr})
-            state["epoch"] = epoch + 1
-            if scorer:
-                improved = state.get("best_dev_bleu4") is None or bleu4 > state["best_dev_bleu4"]
-            else:
-                improved = state["best_val_loss"] is None or val < state["best_val_loss"]
+            row = {"epoch": epoch + 1, "loss": round(float(logs["loss"]), 6), "val_loss": round(val, 6),
+                   "dev_bleu4": bleu4, "seconds": round(time.time() - self.started, 1), "lr": lr}
+            # the measure not selected by is recorded for the kept epoch too
+            improved = (folder.record(state, row, bleu4, best={"best_val_loss": val}) if scorer else
+                        folder.record(state, row, val, best={"best_dev_bleu4": bleu4}))
             if improved:
-                state.update(best_val_loss=val, best_epoch=epoch + 1, wait=0, best_dev_bleu4=bleu4)
                 config.update(best_epoch=state["best_epoch"], best_val_loss=val, best_dev_bleu4=bleu4)
-            else:
-                state["wait"] += 1
-            if state["wait"] >= patience:
-                state["stopped_early"] = True
+            if state["stopped_early"]:
                 self.model.stop_training = True
             # model.json describes model.keras, the kept epoch: epochs_trained is that epoch's
             # count; the run's own count is state.json's "epoch"
             config["epochs_trained"] = state["best_epoch"]
             state["rng"] = rng_state(self.model)
-            previous = write_checkpoint(run_dir, self.model, state, config, improved, previous)
+            folder.save(self.model, state, config, improved)
             bleu_text = f"  dev BLEU-4 {bleu4:.4f}" if scorer else ""
             print(f"epoch {epoch + 1}: loss {logs['loss']:.4f}  dev {val:.4f}{bleu_text}  "
                   f"best epoch {state['best_epoch']}", flush=True)
 
     return Keeper()
+
+
+def run_folder(run_dir, by_bleu, patience):
+    """The RunFolder of a caption run: keeps the lowest dev loss, or the highest dev BLEU-4."""
+    selection = (Selection("best_dev_bleu4", higher=True, patience=patience) if by_bleu
+                 else Selection("best_val_loss", higher=False, patience=patience))
+    return RunFolder(run_dir, selection, HISTORY_FIELDS, plots={"loss.png": loss_png},
+                     remedy="use another --name, or --overwrite to start again")
 
 
 def resume_settings(args, config):
@@ -464,47 +310,38 @@ def make_datasets(config, batch_size, seed, train, dev, matrix, first_epoch=0):
 
 
 def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
-    """Train (or resume) one run in run_dir. Returns the final state dict."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train (or resume) one run in run_dir (layout: captioning.training.run_folder). Returns
+    the final state dict (state.json)."""
+    folder = run_folder(run_dir, scorer is not None, args.patience)
     if getattr(args, "overwrite", False):
-        clear_run(run_dir)
+        folder.clear()
     seed_everything(args.seed)
     settings = resume_settings(args, config)
-    source = latest_checkpoint(run_dir)
-    if source is not None:
-        state = read_json(source / STATE_FILE)
-        old = state.get("settings") or read_json(run_dir / "settings.json")
-        for key in RESUME_KEYS + GRID_RESUME_KEYS:
-            if old.get(key) != settings.get(key):
-                raise PipelineError(f"run folder holds a run with another {key} ({old.get(key)!r}); "
-                                    f"use another --name, or --overwrite to start again ({run_dir})")
-        config.update(read_json(source / registry.CONFIG_FILE), **{
+    state = folder.resume(settings)
+    if state is not None:
+        config.update(read_json(folder.checkpoint / registry.CONFIG_FILE), **{
             k: config[k] for k in ("features_file", "data_dir")})
-        point_current(run_dir, source)                 # repairs what a kill left half done
-        tidy(run_dir, source)
-        if state["stopped_early"] or state["epoch"] >= args.epochs:
+        if folder.finished(state, args.epochs):
             print(f"{run_dir}: already trained {state['epoch']} epochs "
                   f"(best epoch {state['best_epoch']}); nothing to do (--overwrite starts again)")
             return state
-        model = registry.load_keras(source / LAST_FILE)   # weights + optimizer state
+        model = registry.load_keras(folder.checkpoint / LAST_FILE)   # weights + optimizer state
         restore_rng_state(model, state.get("rng"))
         print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
     else:
-        tidy(run_dir, None)
-        state = {"epoch": 0, "best_val_loss": None, "best_epoch": None, "wait": 0,
-                 "stopped_early": False, "history": [], "settings": settings}
+        state = folder.new_state(best_val_loss=None)
         model = registry.build_from_config(config)
         registry.compile_model(model, args.learning_rate, args.label_smoothing,
                              inputs.words_per_row(train, args.mode))
         config["layers"] = registry.layer_names(model)
     state["settings"] = settings
-    save_settings(run_dir / "settings.json", args, **{k: config[k] for k in (
+    folder.write_settings(args, **{k: config[k] for k in (
         "feature_dim", "vocab_size", "max_length", "features_sha256", "tokenizer_sha256")},
         train_captions=len(train), dev_captions=len(dev))
     train_ds, dev_ds = make_datasets(config, args.batch_size, args.seed, train, dev, matrix,
                                      first_epoch=state["epoch"])
     model.fit(train_ds, validation_data=dev_ds, epochs=args.epochs, initial_epoch=state["epoch"],
-              callbacks=[make_keeper(run_dir, state, config, args.patience, scorer, source,
+              callbacks=[make_keeper(folder, state, config, scorer,
                                      dev_loss_scale(model, dev, args.mode))],
               verbose=args.verbose,
               shuffle=False)  # the dataset shuffles itself, seeded per epoch
