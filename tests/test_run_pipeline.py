@@ -9,7 +9,10 @@ stand-in scripts, as processes, the way the pipeline runs the real ones.
 import json
 import pickle
 import re
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,10 +59,19 @@ def fake_stage(tmp_path, body):
     return script, lambda: [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
 
 
-def test_sample_run_goes_from_captions_to_a_bleu_table(sample_run, capfd):
+@pytest.fixture(scope="module")
+def first_run(sample_run):
+    """The sample pipeline run once, as a user runs it: (out, args, CompletedProcess)."""
     out, args = sample_run
-    assert run_pipeline.main(args) == 0
-    text = capfd.readouterr().out
+    done = subprocess.run([sys.executable, str(Path(run_pipeline.__file__)), *args],
+                          capture_output=True, text=True, timeout=1200)
+    return out, args, done
+
+
+def test_sample_run_goes_from_captions_to_a_bleu_table(first_run):
+    out, args, done = first_run
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout
     ran = [(n, name) for n, name, rest in stage_lines(text) if "skipped" not in rest]
     assert ran == [("3", "text"), ("4", "train"), ("5", "caption"), ("6", "bleu")]
     assert (out / "data/sample/meta.json").is_file()
@@ -72,10 +84,9 @@ def test_sample_run_goes_from_captions_to_a_bleu_table(sample_run, capfd):
     assert len(re.findall(r"^\d+_\w+\t", text, flags=re.M)) == run_pipeline.CAPTION_EXAMPLES
 
 
-def test_second_run_skips_every_finished_stage_and_force_reruns_from_a_stage(sample_run, capfd):
-    out, args = sample_run
-    if not (out / "results/sample/results.json").exists():
-        pytest.skip("needs the first run")
+def test_second_run_skips_every_finished_stage_and_force_reruns_from_a_stage(first_run, capfd):
+    out, args, done = first_run
+    assert done.returncode == 0, done.stderr[-2000:]
     model_mtime = (out / "models/sample/model.keras").stat().st_mtime_ns
     assert run_pipeline.main(args) == 0
     lines = stage_lines(capfd.readouterr().out)
