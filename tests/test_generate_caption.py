@@ -2,32 +2,13 @@
 against the Keras model and the course's re-run-the-prefix loop, and the command line's
 bad-input paths. The search itself (greedy, beam) is tested in test_decoding.py."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import generate_caption as gc
 from captioning.inference import decoding
-from captioning.models import registry
-
-
-# ---- the carried-state step against the Keras model and the course's loop ----------------------
-def random_captioner(variant, mode, feature_dim=16, vocab=40, max_length=10, units=8, seed=0):
-    """A train.build_model network with random weights, zero biases and kernels of std
-    3/sqrt(fan_in) (6/sqrt(fan_in) for the output layer): varied, peaked distributions, so
-    float rounding between the one-step and the whole-caption computation cannot flip an argmax."""
-    import keras
-    keras.utils.set_random_seed(seed)
-    model = registry.build_model(variant, feature_dim, vocab, max_length, embed_dim=8, units=units,
-                              dropout=0.5, mode=mode)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        gain = 6.0 if layer.name == "output" else 3.0
-        layer.set_weights([np.zeros_like(w) if w.ndim == 1 else
-                           rng.normal(0, gain / np.sqrt(w.shape[0]), w.shape).astype(np.float32)
-                           for w in layer.get_weights()])
-    return model
+from helpers import SAMPLE, make_tiny_run, random_captioner
 
 
 @pytest.mark.parametrize("variant", ["merge", "inject"])
@@ -60,39 +41,6 @@ def test_fast_greedy_equals_the_course_loop(variant, mode):
     assert fast == decoding.beam_search(step_fn, init_fn(feats), start, end, 9, beam=1, banned_ids=banned)
     assert fast[1][-1] == end and len(fast[1]) <= 3
     assert len({tuple(c) for c in fast}) >= 2                     # not one caption for all
-
-
-# ---- the command line, on a tiny random model over the tracked sample captions ----------------
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
-
-
-def make_tiny_run(root, feature_dim=16):
-    """prepare_text.py on data/sample, a random merge model saved as train.py would, random
-    features for every captioned image. Returns (data_dir, model_dir, features_path, ids)."""
-    import prepare_text
-    from captioning.data.features import save_features
-    from captioning.data import text
-    from captioning.utils import sha256_file, write_json
-    data_dir, model_dir = root / "data", root / "model"
-    assert prepare_text.main(["--text-dir", str(SAMPLE / "Flickr8k_text"),
-                              "--output-dir", str(data_dir)]) == 0
-    meta = text.load_meta(data_dir)
-    model = random_captioner("merge", "sequence", feature_dim, meta["vocab_size"], meta["max_length"])
-    model_dir.mkdir()
-    model.save(model_dir / registry.MODEL_FILE)
-    write_json(model_dir / "model.json", {
-        "variant": "merge", "mode": "sequence", "feature_dim": feature_dim,
-        "vocab_size": meta["vocab_size"], "max_length": meta["max_length"], "embed_dim": 8,
-        "units": 8, "dropout": 0.5, "start_token": meta["start_token"],
-        "end_token": meta["end_token"], "pad_id": 0,
-        "tokenizer_sha256": sha256_file(data_dir / "tokenizer.json"), "data_dir": str(data_dir)})
-    splits = text.load_splits(data_dir)
-    ids = sorted(i for part in splits.values() for i in part)
-    rng = np.random.default_rng(0)
-    features = root / "features.pkl"
-    save_features(features, {i: rng.normal(size=feature_dim).astype(np.float32)
-                                              for i in ids})
-    return data_dir, model_dir, features, ids
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 
 from captioning.training.run_folder import LAST_FILE, RunFolder, Selection
 from captioning.utils import PipelineError
+from helpers import run_folder_listing
 
 # the scripted dev measure (lower is better): epoch 2 is the best; epochs 3 and 4 do not beat it,
 # so patience 2 stops the run after epoch 4, before epoch 5 would have improved
@@ -59,12 +60,6 @@ def weights(path):
 
 def same_weights(a, b):
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def run_folder_listing(folder):
-    """What a reader of the folder sees: names, link targets, sizes (a folder's state)."""
-    return sorted((str(p.relative_to(folder)), os.readlink(p) if p.is_symlink() else p.stat().st_size
-                   if p.is_file() else "dir") for p in folder.rglob("*"))
 
 
 def states_after_every_write(monkeypatch, folder, store):

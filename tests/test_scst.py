@@ -14,8 +14,7 @@ from captioning.inference import decoding
 from captioning.models import registry
 from captioning.training import scst
 from captioning.utils import PipelineError, run_cli
-from test_generate_caption import make_tiny_run, random_captioner
-from test_run_folder import run_folder_listing
+from helpers import make_tiny_run, random_captioner, run_folder_listing
 
 # ---- sampling from a hand-written table ---------------------------------------------------------
 WORDS = ["<pad>", "startseq", "endseq", "<unk>", "a", "the", "dog", "cat", "runs"]

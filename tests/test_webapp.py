@@ -29,8 +29,7 @@ from captioning.inference import decoding
 from captioning.utils import PipelineError, write_json
 from captioning.apps.web_captioner import WebCaptioner, beam_alternatives, rgb
 from captioning.apps.webapp import Limits, create_app, running, sentence_bleu4
-from test_decoding import BANNED, END, START, caption as table_caption, table_step
-from test_generate_caption import make_tiny_run
+from helpers import BANNED, END, START, caption as table_caption, make_tiny_run, table_step
 
 TestClient = pytest.importorskip("fastapi.testclient").TestClient
 SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "data" / "sample" / "Flicker8k_Dataset"
