@@ -5,6 +5,22 @@ Usage:
     python extract_features.py --images DIR --output data/features.pkl --backbone lite0 --spatial data/spatial.h5
     python extract_features.py --images DIR --output data/features.pkl --backbone auto
     python extract_features.py --images DIR --output /tmp/f.pkl --weights none --limit 100
+    python extract_features.py --images DIR --backbone lite0 --shard 3/16 --parts-dir data/parts
+    python extract_features.py --merge-parts data/parts --output data/features.npy [--spatial G.h5]
+    python extract_features.py --images data/coco --image-paths data/coco/image_paths.json \
+        --backbone lite0 --output data/coco/features.npy --spatial data/coco/grids.h5 --dask local:2
+
+Parts, the merge and Dask (captioning/encoders/shards.py, docs/datasets.md):
+  --shard I/N extracts part I (0 <= I < N) of the images sorted by id into --parts-dir
+      (part-IIII-of-NNNN.npy/.h5/.json, atomic, resumable; parts of another N or model are
+      refused); --merge-parts DIR joins the finished parts into --output and --spatial.
+  --dask local:N | tcp://HOST:PORT runs --shards parts on Dask (N local worker processes, or a
+      running scheduler: no answer in 10 s is an error), then merges; same features as without.
+  --output X.npy: float32 (M, D), np.load(X, mmap_mode="r"), ids in X.ids.txt; X.pkl: the
+      pickle below, with X.npy beside it. The merged --spatial file is an HDF5 virtual dataset
+      over the parts' grids (keep the parts beside it).
+  --image-paths FILE: the images are FILE's paths (prepare_text.py --karpathy-json's
+      image_paths.json) under --images, e.g. COCO's train2014/ and val2014/.
 
 Backbones (--backbone, captioning/encoders/backbones.py):
   vgg16 (default, the tutorial's): fc2, 4096 wide; grid block5_conv3, 14x14x512. --weights: see
@@ -48,7 +64,7 @@ Writes:
 import argparse
 import sys
 
-from captioning.encoders import backbones
+from captioning.encoders import backbones, shards
 from captioning.encoders.extract import (BACKBONE, BATCH_SIZE, CHECKPOINT_EVERY, RESIZE_FILTER, RUNTIME,
                                          SEED, WEIGHTS, WORKERS, extract_folder)
 from captioning.encoders.runtime import RUNTIMES
@@ -58,8 +74,10 @@ from captioning.utils import HelpFormatter, PipelineError, run_cli
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--images", required=True, help="folder of image files")
-    parser.add_argument("--output", default="data/features.pkl", help="features pickle to write")
+    parser.add_argument("--images", default=None,
+                        help="folder of image files (with --image-paths: the root of the paths)")
+    parser.add_argument("--output", default="data/features.pkl",
+                        help="features to write: FILE.pkl (pickle) or FILE.npy (memory-mappable)")
     parser.add_argument("--backbone", default=BACKBONE, choices=[*backbones.BACKBONES, "auto"],
                         help="image encoder: vgg16 (fc2, 4096), lite0 (EfficientNet-Lite0, 1280), "
                              "or auto (VGG16 if its ImageNet weights can be had, else Lite0)")
@@ -85,9 +103,28 @@ def main(argv=None):
                              "(captioning/encoders/runtime.py)")
     parser.add_argument("--overwrite", action="store_true",
                         help="ignore an existing output/checkpoint instead of continuing it")
+    parser.add_argument("--image-paths", metavar="FILE", default=None,
+                        help="image_paths.json of prepare_text.py --karpathy-json: the images")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--shard", metavar="I/N", default=None,
+                      help="extract only part I of N (0 <= I < N) into --parts-dir")
+    mode.add_argument("--dask", metavar="ADDRESS", default=None,
+                      help=f"local:N or tcp://HOST:PORT: every part on Dask, then the merge "
+                           f"(a scheduler that does not answer in {shards.CONNECT_TIMEOUT} s is an error)")
+    mode.add_argument("--merge-parts", metavar="DIR", default=None,
+                      help="join the finished parts in DIR into --output (and --spatial)")
+    parser.add_argument("--shards", type=int, default=shards.SHARDS, help="parts of a --dask run")
+    parser.add_argument("--parts-dir", metavar="DIR", default=None,
+                        help="where the parts go (default: --output without suffix + .parts)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.checkpoint_every < 1 or (args.limit is not None and args.limit < 1):
-        raise PipelineError("--batch-size, --checkpoint-every and --limit must be >= 1")
+    if args.batch_size < 1 or args.checkpoint_every < 1 or (args.limit is not None and args.limit < 1) \
+            or args.shards < 1:
+        raise PipelineError("--batch-size, --checkpoint-every, --limit and --shards must be >= 1")
+    if shards.is_sharded(args):
+        print("\n".join(shards.summary_lines(shards.run_command(args), args.output, args.spatial)))
+        return 0
+    if not args.images:
+        raise PipelineError("--images is required")
 
     result = extract_folder(args)
     grid, seconds = result["grid"], result["seconds"]

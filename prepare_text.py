@@ -4,6 +4,13 @@ Usage:
     python prepare_text.py --text-dir data/flickr8k/Flickr8k_text --output-dir data/
     python prepare_text.py --text-dir DIR --output-dir /tmp/x --cleaning tutorial   # 7579 / 34
     python prepare_text.py --text-dir DIR --cleaning default --min-count 5 --oov unk
+    python prepare_text.py --karpathy-json dataset_coco.json --output-dir data/coco --images-root data/coco
+
+--karpathy-json FILE reads a Karpathy split file (dataset_flickr8k.json, dataset_flickr30k.json,
+dataset_coco.json) instead of --text-dir and writes the same files, plus image_paths.json
+({image_id: path under the images root}); restval joins train, val becomes dev. With
+--images-root every image it lists must be there. captioning/data/karpathy.py has the details;
+docs/datasets.md the whole path to Flickr30k and COCO.
 
 Reads (from --text-dir, the official Flickr8k text files):
     Flickr8k.token.txt          `<image>.jpg#<n>\\t<caption>` per line (UTF-8; a BOM, CRLF
@@ -56,17 +63,23 @@ Cleaning (`clean_caption`):
 import argparse
 import sys
 
+from captioning.data import karpathy
 from captioning.data.text import (CLEANING, MIN_COUNT, OOV, OUTPUT_DIR, TEXT_DIR,  # noqa: F401
                              create_input_data_for_one_image, create_tokenizer, prepare,
                              summary_line, write_outputs)
-from captioning.utils import HelpFormatter, run_cli
+from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--text-dir", default=TEXT_DIR, help="folder of the official text files")
-    parser.add_argument("--output-dir", default=OUTPUT_DIR, help="where the five files go")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text-dir", default=TEXT_DIR, help="folder of the official text files")
+    source.add_argument("--karpathy-json", metavar="FILE", default=None,
+                        help="read this Karpathy split file (dataset_coco.json, ...) instead")
+    parser.add_argument("--images-root", metavar="DIR", default=None,
+                        help="with --karpathy-json: check that every image it lists is under DIR")
+    parser.add_argument("--output-dir", default=OUTPUT_DIR, help="where the files go")
     parser.add_argument("--cleaning", default=CLEANING, choices=sorted(MIN_COUNT),
                         help="tutorial = Brownlee's rules (7579/34); default = ours, see the docstring")
     parser.add_argument("--min-count", type=int, default=None,
@@ -75,9 +88,17 @@ def main(argv=None):
     parser.add_argument("--oov", choices=["unk", "drop"], default=None,
                         help=f"rare/unknown words -> <unk> or dropped; None = per cleaning {OOV}")
     args = parser.parse_args(argv)
-    outputs, report = prepare(args.text_dir, args.cleaning, args.min_count, args.oov)
-    meta = write_outputs(args.output_dir, outputs)
-    print(summary_line(report))
+    if args.karpathy_json:
+        outputs, report = karpathy.prepare(args.karpathy_json, args.images_root, args.cleaning,
+                                           args.min_count, args.oov)
+        meta = karpathy.write_outputs(args.output_dir, outputs)
+        print(karpathy.summary_line(report))
+    else:
+        if args.images_root:
+            raise PipelineError("--images-root goes with --karpathy-json")
+        outputs, report = prepare(args.text_dir, args.cleaning, args.min_count, args.oov)
+        meta = write_outputs(args.output_dir, outputs)
+        print(summary_line(report))
     sizes = meta["split_sizes"]
     print(f"cleaning {meta['cleaning']}, min_count {meta['min_count']}, oov_token "
           f"{meta['oov_token']}; images train {sizes['train']} dev {sizes['dev']} "

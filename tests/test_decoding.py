@@ -1,7 +1,7 @@
 """Tests for captioning/inference/decoding.py's search over the step interface: greedy and beam
 search on a hand-written next-word table (no model), beam 1 against greedy, banned ids, batches.
 The step functions of the trained networks are tested in test_models.py, test_generate_caption.py
-and test_grid_models.py."""
+and test_grid_captioners.py."""
 import math
 
 import numpy as np

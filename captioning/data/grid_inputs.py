@@ -5,26 +5,61 @@ captioning.models.grid_models: {"image_input": (M, G, C) float32, "caption_input
 "image_index": (B,) int32}, targets (B, T) int32. A batch holds whole images (about
 batch_size captions in all), so the grid is projected and encoded once per image; images
 are bucketed by their longest caption and every batch is cut to its longest caption.
-The grid matrix stays in its file's dtype (float16 for ~1 GB of Lite0 grids) and only each
-batch's images are cast to float32. grid_matrix reads the spatial file of
-extract_features.py --spatial (through captioning.data.features); nothing is written.
+The grids are not loaded: grid_matrix gives a GridRows over the spatial file of
+extract_features.py --spatial (a plain HDF5 file, or the virtual dataset a merge of parts
+writes), and each batch reads its own images (float16 as stored, cast to float32 per batch), so
+memory does not grow with the dataset (COCO's Lite0 grids are ~15 GB). Nothing is written.
 """
 import numpy as np
 
 from captioning.data.inputs import check_missing
-from captioning.data.features import is_spatial_file, load_features, read_grids
+from captioning.data.features import is_spatial_file, load_features
+from captioning.data.spatial import READ_ROWS, SpatialFeatures
 from captioning.utils import PipelineError
 
 BUCKET_POOL = 20      # batches per length-sorted pool: bigger = less padding, less random
 
 
-def grid_matrix(path, ids, max_missing, variant):
-    """Grids of `ids` from a spatial file -> (float16 (N, G, C), row_of_id, missing ids, info),
-    info = {"grid": [H, W], "backbone": the file's encoder}.
+class GridRows:
+    """The grids of a spatial file, read a batch at a time: rows[list of file rows] -> float16
+    (n, G, C) in the order asked (G = H*W cells, row-major). Has shape (N, G, C), dtype and
+    nbytes (on disk; never all in memory) like the array it stands for. The file stays open for
+    the run; h5py's reads are thread-safe, so tf.data's generator thread and the dev scorer
+    share it. Each read takes increasing unique rows (what h5py selects fastest), READ_ROWS at
+    a time."""
 
-    float16 as stored: Lite0's 7x7x1280 grids of Flickr8k's 7000 train+dev images are 0.9 GB so,
-    1.8 GB as float32; batches cast their own images. A pooled features pickle is a one-line
-    error naming the file and its shape; missing ids follow data.check_missing's rules.
+    def __init__(self, path):
+        self.spatial = SpatialFeatures(path)
+        height, width = self.spatial.grid
+        self.shape = (len(self.spatial.ids), height * width, self.spatial.width)
+        self.dtype = np.dtype(np.float16)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if isinstance(rows, slice):
+            rows = np.arange(self.shape[0])[rows]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        out = np.empty((len(unique), *self.shape[1:]), self.dtype)
+        features = self.spatial.handle["features"]
+        for lo in range(0, len(unique), READ_ROWS):
+            chunk = unique[lo:lo + READ_ROWS]
+            out[lo:lo + len(chunk)] = features[chunk].reshape(len(chunk), *self.shape[1:])
+        return out[inverse.reshape(-1)]
+
+    def close(self):
+        self.spatial.close()
+
+
+def grid_matrix(path, ids, max_missing, variant):
+    """Grids of `ids` in a spatial file -> (GridRows, row_of_id = each id's row in the file,
+    missing ids, info), info = {"grid": [H, W], "backbone": the file's encoder}.
+
+    Nothing but the ids is read here; batches read their images. A pooled features pickle is a
+    one-line error naming the file and its shape; missing ids follow data.check_missing's rules.
     """
     if not is_spatial_file(path):
         table = load_features(path)        # a pooled pickle: say so, with its shape
@@ -32,9 +67,12 @@ def grid_matrix(path, ids, max_missing, variant):
         raise PipelineError(f"pooled features {(len(table), width)} given to the {variant} model, "
                             f"which needs spatial grids (N, G, C) from extract_features.py "
                             f"--spatial ({path})")
-    found, matrix, info = read_grids(path, ids, dtype=np.float16)
+    grids = GridRows(path)
+    index = grids.spatial.index
+    found = [i for i in ids if i in index]
     missing = check_missing(ids, found, max_missing, str(path))
-    return matrix, {image_id: row for row, image_id in enumerate(found)}, missing, info
+    info = {"grid": list(grids.spatial.grid), "backbone": grids.spatial.backbone}
+    return grids, {image_id: index[image_id] for image_id in found}, missing, info
 
 
 def group_by_image(examples):

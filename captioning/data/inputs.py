@@ -2,7 +2,11 @@
 
 Owns how prepare_text's outputs and a features dict become what a caption model trains on:
   load_text       meta.json, tokenizer.json, descriptions.txt, splits.json, cross-checked.
-  feature_matrix  one float32 (N, D) matrix for a list of image ids (+ row of each id).
+  feature_matrix  one float32 (N, D) matrix for a list of image ids (+ row of each id), from a
+                  features dict (features.pkl, loaded whole: the course's Flickr8k format).
+  mapped_matrix   the same for features.npy (extract_features.py --output X.npy or a merge of
+                  parts): the read-only memory map itself, nothing read until a batch takes
+                  its rows, so memory does not grow with the dataset.
   encode_split    [(feature row, int32 ids with startseq/endseq)] per caption.
   batches         "sequence" mode: whole captions, input ids[:-1] -> target ids[1:], drawn from
                   length-sorted pools and trimmed to their longest caption (bucketing), so
@@ -10,7 +14,10 @@ Owns how prepare_text's outputs and a features dict become what a caption model 
                   loading - one photo per batch, all its (prefix -> next word) pairs, prefixes
                   pre-padded to max_length (keras.utils.pad_sequences).
   make_dataset    a tf.data pipeline over those batches, reshuffled per epoch from (seed, epoch).
-Reads prepare_text.py's folder (through captioning.data.text). Writes nothing.
+Reads prepare_text.py's folder (through captioning.data.text) and features.npy with its
+<stem>.ids.txt (one id per line, row order; captioning/encoders/shards.py writes both). Batches
+index the matrix with lists of rows, which a numpy array and a memory map both take.
+Writes nothing.
 """
 from pathlib import Path
 
@@ -77,6 +84,38 @@ def feature_matrix(features, ids, max_missing, where):
     return np.stack(rows), {i: r for r, i in enumerate(present)}, missing
 
 
+def memmap_features(path):
+    """features.npy -> (read-only memory map float32 (N, D), ids (N,) from <stem>.ids.txt);
+    one-line PipelineErrors for a missing or malformed file or an id list of another length."""
+    path = Path(path)
+    ids_path = path.with_suffix(".ids.txt")
+    if not path.is_file():
+        raise PipelineError(f"features file not found ({path})")
+    try:
+        matrix = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"not a .npy features file ({path}: {exc})") from None
+    if matrix.ndim != 2 or matrix.dtype != np.float32:
+        raise PipelineError(f"features.npy must be float32 (N, D), got {matrix.dtype} "
+                            f"{matrix.shape} ({path})")
+    if not ids_path.is_file():
+        raise PipelineError(f"missing the id list of {path.name} ({ids_path})")
+    ids = ids_path.read_text(encoding="utf-8").splitlines()
+    if len(ids) != matrix.shape[0]:
+        raise PipelineError(f"{ids_path} lists {len(ids)} ids for {matrix.shape[0]} rows ({path})")
+    return matrix, ids
+
+
+def mapped_matrix(path, ids, max_missing, where):
+    """feature_matrix for features.npy: (the memory map, row_of_id = each id's row in the file,
+    missing ids). Batches copy out only their own rows."""
+    matrix, file_ids = memmap_features(path)
+    row_in_file = {image_id: row for row, image_id in enumerate(file_ids)}
+    present = [i for i in ids if i in row_in_file]
+    missing = check_missing(ids, present, max_missing, where)
+    return matrix, {i: row_in_file[i] for i in present}, missing
+
+
 def encode_split(image_ids, row_of_id, descriptions, tokenizer, max_length):
     """[(feature row, int32 ids incl. sentinels)] for every caption of every image with features.
 
@@ -127,7 +166,7 @@ def sequence_batch(examples, index, features):
     captions = [examples[i][1] for i in index]
     tokens = pad_sequences([ids[:-1] for ids in captions], padding="post", dtype="int32")
     targets = pad_sequences([ids[1:] for ids in captions], padding="post", dtype="int32")
-    image = features[[examples[i][0] for i in index]]
+    image = np.asarray(features[[examples[i][0] for i in index]], dtype=np.float32)
     return {"image_input": image, "caption_input": tokens}, targets
 
 
@@ -142,7 +181,8 @@ def pair_batch(examples, index, features, max_length):
             targets.append(ids[t])
             rows.append(row)
     tokens = pad_sequences(prefixes, maxlen=max_length, dtype="int32")   # pre-padding, as the tutorial
-    return ({"image_input": features[np.asarray(rows, dtype=np.int64)], "caption_input": tokens},
+    image = np.asarray(features[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+    return ({"image_input": image, "caption_input": tokens},
             np.asarray(targets, dtype=np.int32))
 
 

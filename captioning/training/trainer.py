@@ -9,9 +9,11 @@ Owns
   dev_bleu_scorer  greedy dev-split BLEU-4 of a model (train.py --select-by bleu).
   cross_validate   K folds over the training images per variant -> cv.csv (dev loss and
                    BLEU-4 of each held-out fold, mean and std, seconds).
-Pooled variants (merge, inject) train on a features pickle through captioning.data.inputs; grid
-variants (attention, transformer) on a spatial HDF5 file through captioning.data.grid_inputs
-(whole images per batch: each image's grid is encoded once for its five captions; the attention
+Pooled variants (merge, inject) train on a features pickle (loaded whole) or a features.npy
+(memory-mapped: each batch copies out its rows) through captioning.data.inputs; grid variants
+(attention, transformer) on a spatial HDF5 file, read a batch at a time through
+captioning.data.grid_inputs, so a run's memory does not grow with the dataset (COCO) (whole
+images per batch: each image's grid is encoded once for its five captions; the attention
 model's training loss adds the doubly stochastic attention penalty, its dev loss is the
 cross-entropy alone). The models and their layer names: captioning.models (the variant
 registry, registry.py). Files of a run folder: train.py's docstring.
@@ -118,8 +120,11 @@ def model_options(args, variant):
 
 
 def pooled_matrix(path, wanted, max_missing, variant):
-    """(float32 (N, D), row_of_id, missing ids) of a features pickle; a spatial file given to a
-    pooled variant is a one-line error with its shape."""
+    """(float32 (N, D), row_of_id, missing ids) of a features pickle, or of a features.npy as a
+    read-only memory map (its rows are read by the batches that use them); a spatial file given
+    to a pooled variant is a one-line error with its shape."""
+    if Path(path).suffix == ".npy":
+        return inputs.mapped_matrix(path, wanted, max_missing, str(path))
     if is_spatial_file(path):
         with SpatialFeatures(path) as grids:
             shape = (len(grids.ids), *grids.grid, grids.width)
@@ -134,7 +139,9 @@ def prepare_inputs(args, variant=None):
 
     args: train.py's namespace (features, spatial, data_dir, max_missing, fail_on_missing,
     variant, mode and the model sizes); variant: another one than args.variant (--cv). The
-    matrix is float32 (N, D) for merge/inject, float16 (N, G, C) grids for attention/transformer.
+    matrix is float32 (N, D) for merge/inject (a memory map for features.npy), and for
+    attention/transformer a GridRows that reads float16 (n, G, C) grids a batch at a time; both
+    are indexed by lists of the rows in row_of_id.
     """
     variant = variant or args.variant
     meta, tokenizer, descriptions, splits = inputs.load_text(args.data_dir)

@@ -1,4 +1,4 @@
-"""Tests of vgg16_build.py: architecture, parameter counts, weight files, offline errors.
+"""Tests of VGG16 (captioning/encoders/vgg16.py) and vgg16_build.py: architecture, parameter counts, weight files, offline errors.
 
 VGG16 has 138M parameters (~550 MB, seconds to build), so each network is built once per module.
 No test needs the internet; the ImageNet download is blocked to test the offline error.
