@@ -84,7 +84,8 @@ def main(argv=None):
     parser.add_argument("--weights", default=WEIGHTS,
                         help="imagenet | none (random) | PATH (VGG16 .h5/.json, Lite0 .pth)")
     parser.add_argument("--spatial", metavar="G.h5", default=None,
-                        help="also write the last conv grid of every image to this HDF5 file")
+                        help="also write the last conv grid of every image to this HDF5 file "
+                             "(with --shard: into the part files; the merge names G.h5)")
     parser.add_argument("--seed", type=int, default=SEED, help="random-weights seed (--weights none)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=None,

@@ -7,6 +7,14 @@ Usage:
     python train.py --variant transformer --features data/spatial.h5 --data-dir data/
     python train.py ... --cv 5 --variants merge,inject,attention,transformer \
         --features data/features.pkl --spatial data/spatial.h5 --cv-epochs 3 --cv-subset 2000
+    python train.py ... --local-workers 2          # two workers on this machine, one run
+    TF_CONFIG='{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker",
+        "index": 0}}' python train.py ...           # on each machine, its own index
+
+Several workers (docs/distributed.md): when TF_CONFIG names several workers, every worker runs
+the same command (paths may differ, the files' checksums may not); --batch-size is then the
+global batch over all workers (same steps, same result as one process), and only the chief
+(worker 0) writes the run folder. Not with --cv or --mode pairs.
 
 Rerunning the same command after an interruption (Ctrl-C, crash, kill, power cut) resumes from
 the last finished epoch: weights, optimizer state, best-so-far, early-stopping counter, history
@@ -59,7 +67,7 @@ from pathlib import Path
 from captioning.models.registry import OPTIONS as GRID_OPTIONS
 from captioning.models.registry import (DROPOUT, EMBED_DIM, LABEL_SMOOTHING, LEARNING_RATE, MODE, MODES,
                                         UNITS, VARIANTS)
-from captioning.training import trainer
+from captioning.training import distributed, trainer
 from captioning.training.trainer import (BATCH_SIZE, CV_EPOCHS, CV_SUBSET, CV_VARIANTS, EPOCHS, MAX_MISSING,
                                          PATIENCE, SEED, SELECT_BY)
 from captioning.utils import HelpFormatter, PipelineError, keras_verbose, run_cli
@@ -123,6 +131,7 @@ def parse_args(argv):
     p.add_argument("--verbose", choices=("auto", "0", "1", "2"), default="auto",
                    help="Keras progress: 0 none, 1 a bar, 2 one line per epoch; "
                         "auto = a bar on a terminal, else one line per epoch")
+    distributed.add_options(p)
     args = p.parse_args(argv)
     args.verbose = keras_verbose() if args.verbose == "auto" else int(args.verbose)
     trainer.check_options(args)
@@ -130,7 +139,13 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.local_workers:      # this process only launches: N workers of this same command
+        return distributed.launch_local(args.local_workers,
+                                        distributed.without_option(argv, "--local-workers"), __file__)
+    workers = distributed.join(args.connect_timeout, one_process="--cv trains its folds in one process"
+                               if args.cv else None)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.cv else [args.variant]
     for path in {trainer.features_path(args, v) for v in variants}:
         if not path.is_file():
@@ -145,7 +160,10 @@ def main(argv=None):
         trainer.cross_validate(args, run_dir, (matrix, train, dev, config, row_of_id))
         return 0
     scorer = trainer.dev_bleu_scorer(args.data_dir, matrix, row_of_id) if args.select_by == "bleu" else None
-    state = trainer.train_run(args, run_dir, matrix, train, dev, config, scorer)
+    state = (distributed.train_run(workers, args, run_dir, matrix, train, dev, config, scorer) if workers
+             else trainer.train_run(args, run_dir, matrix, train, dev, config, scorer))
+    if state is None:           # a worker other than the chief: the chief reports the run
+        return 0
     best = (f"dev BLEU-4 {state['best_dev_bleu4']:.4f}" if state.get("best_dev_bleu4") is not None
             else f"dev loss {state['best_val_loss']:.4f}")
     print(f"best {best} at epoch {state['best_epoch']}; model in {run_dir}")

@@ -4,9 +4,12 @@ Usage:
     python prepare_text.py --text-dir ../shared/flickr8k/Flickr8k_text --output-dir data
     python train_retrieval.py --features ../shared/flickr8k/features_efficientnet_lite0.pkl \\
         --backbone lite0 --data-dir data --output-dir models --name vse
+    python train_retrieval.py ... --local-workers 2   # two workers on this machine, one run
 Rerunning the same command after an interruption resumes after the last finished epoch
 (weights, optimizer state, best-so-far, early-stopping counter); a folder holding a run with
-other settings is refused.
+other settings is refused. Under a TF_CONFIG naming several workers every worker runs the same
+command, --batch-size is the global batch (the pairs of all workers are each other's
+negatives, as in one process) and only the chief writes the run folder (docs/distributed.md).
 
 Reads:
     --features   pickle {image_id: vector (D,) or (1, D)} (extract_features.py's layout; float16
@@ -44,6 +47,7 @@ import sys
 from pathlib import Path
 
 from captioning.retrieval import training, vse
+from captioning.training import distributed
 from captioning.utils import HelpFormatter, PipelineError, keras_verbose, run_cli
 
 FEATURES = "data/features.pkl"
@@ -78,6 +82,7 @@ def parse_args(argv):
                    help="largest fraction of train+dev images allowed to lack features")
     p.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2),
                    help="Keras progress: 0 none, 1 bar, 2 a line per epoch (default: 1 on a terminal, else 2)")
+    distributed.add_options(p)
     args = p.parse_args(argv)
     if args.verbose is None:
         args.verbose = keras_verbose()
@@ -93,14 +98,22 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.local_workers:      # this process only launches: N workers of this same command
+        return distributed.launch_local(args.local_workers,
+                                        distributed.without_option(argv, "--local-workers"), __file__)
+    workers = distributed.join(args.connect_timeout)
     if not args.features.is_file():
         raise PipelineError(f"missing features file {args.features}")
     run_dir = args.output_dir / args.name
     matrix, train, dev, config = training.prepare_inputs(args)
     print(f"{len(train)} training / {len(dev)} dev captions, feature_dim {config['feature_dim']} "
           f"(backbone {config['backbone']}), vocab {config['vocab_size']}", flush=True)
-    state = training.train_run(args, run_dir, matrix, train, dev, config)
+    state = (training.train_run_workers(workers, args, run_dir, matrix, train, dev, config) if workers
+             else training.train_run(args, run_dir, matrix, train, dev, config))
+    if state is None:           # a worker other than the chief: the chief reports the run
+        return 0
     best = state["best_dev"]
     print(f"best dev rsum {state['best_dev_rsum']:.1f} at epoch {state['best_epoch']} "
           f"(image->text R@1 {best['image_to_text']['r1']:.1f}, text->image R@1 "

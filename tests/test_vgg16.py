@@ -167,7 +167,7 @@ def test_imagenet_uses_the_cached_file_offline(no_network, official_layout_h5, t
     # Stand-in for the real file: our legacy file in the cache, with its own md5 as the
     # "published" hash, so keras.utils.get_file finds, checks and returns it without the network.
     md5 = hashlib.md5(official_layout_h5.read_bytes()).hexdigest()
-    monkeypatch.setattr(vgg16_build, "IMAGENET_MD5", md5)
+    monkeypatch.setattr(vgg16, "IMAGENET_MD5", md5)
     cached = tmp_path / "models" / vgg16.IMAGENET_FILE
     cached.parent.mkdir()
     cached.symlink_to(official_layout_h5)

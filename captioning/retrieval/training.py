@@ -8,7 +8,9 @@ Owns
   rank_examples    dev ranks of a model (captioning.retrieval.ranking.evaluate).
   train_run        train (or resume) one run in its run folder (captioning.training.run_folder):
                    model.fit with a callback that switches the warm-up off, ranks the dev split
-                   after every epoch and keeps the best epoch by rsum in one atomic checkpoint.
+                   after every epoch and keeps the best epoch by rsum in one atomic checkpoint
+                   (keep_epoch).
+  train_run_workers  the same run on several workers (TF_CONFIG; captioning.training.distributed).
 Files of the run folder: train_retrieval.py's docstring. Keras and TensorFlow are imported
 inside functions (heavy).
 """
@@ -95,29 +97,43 @@ def prepare_inputs(args):
     return matrix, train, dev, config
 
 
-def make_dataset(examples, features, batch_size, seed, first_epoch=0):
-    """tf.data over length-bucketed batches: ({image_input, caption_input}, image rows).
+def pair_batch(examples, index, features):
+    """({image_input (B, D), caption_input (B, T)}, image rows (B,)) of example indices `index`.
 
     The image rows are the loss's y_true: they tell which pairs share an image (not negatives).
-    A new shuffle (seed, epoch) every epoch; same seed, same batches.
     """
+    rows = np.array([examples[i][0] for i in index], np.int32)
+    tokens = vse.pad_batch([examples[i][1] for i in index])
+    return {"image_input": features[rows], "caption_input": tokens}, rows
+
+
+def batch_signature(features):
+    """The tf.TensorSpec structure of pair_batch's batches."""
+    import tensorflow as tf
+    return ({"image_input": tf.TensorSpec((None, features.shape[1]), tf.float32),
+             "caption_input": tf.TensorSpec((None, None), tf.int32)},
+            tf.TensorSpec((None,), tf.int32))
+
+
+def epoch_plan(examples, batch_size, seed, epoch):
+    """The length-bucketed batches [example index arrays] of one epoch: a new shuffle per
+    (seed, epoch); same seed, same batches."""
+    return plan_batches([len(ids) for _, ids in examples], batch_size, np.random.default_rng([seed, epoch]))
+
+
+def make_dataset(examples, features, batch_size, seed, first_epoch=0):
+    """tf.data over epoch_plan's batches of pair_batch, the next epoch's plan at each pass."""
     import tensorflow as tf
     epoch = [first_epoch]
-    lengths = [len(ids) for _, ids in examples]
 
     def generate():
-        rng = np.random.default_rng([seed, epoch[0]])
+        plan = epoch_plan(examples, batch_size, seed, epoch[0])
         epoch[0] += 1
-        for index in plan_batches(lengths, batch_size, rng):
-            rows = np.array([examples[i][0] for i in index], np.int32)
-            tokens = vse.pad_batch([examples[i][1] for i in index])
-            yield {"image_input": features[rows], "caption_input": tokens}, rows
+        for index in plan:
+            yield pair_batch(examples, index, features)
 
-    n_batches = len(plan_batches(lengths, batch_size, np.random.default_rng(0)))
-    signature = ({"image_input": tf.TensorSpec((None, features.shape[1]), tf.float32),
-                  "caption_input": tf.TensorSpec((None, None), tf.int32)},
-                 tf.TensorSpec((None,), tf.int32))
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    n_batches = len(epoch_plan(examples, batch_size, seed, 0))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=batch_signature(features))
     return dataset.apply(tf.data.experimental.assert_cardinality(n_batches)).prefetch(2)
 
 
@@ -135,9 +151,35 @@ def rank_examples(encoders, features, examples):
 
 
 # ---- one run -----------------------------------------------------------------------------------
+def keep_epoch(folder, state, config, model, encoders, features, dev, warmup_epochs, epoch, loss, started):
+    """After epoch `epoch` (0-based) with training loss `loss`: dev ranks, the history row, the
+    selection by rsum (folder.record), one atomic checkpoint (folder.save), the progress line.
+    Returns True when the run stops early."""
+    import keras
+    dev_result = rank_examples(encoders, features, dev)
+    a, s = dev_result["image_to_text"], dev_result["text_to_image"]
+    lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    row = {"epoch": epoch + 1, "loss": round(float(loss), 6),
+           "max_violation": float(keras.ops.convert_to_numpy(model.loss.max_violation)),
+           **{f"dev_{d}_r{k}": round(r[f"r{k}"], 4) for d, r in (("i2t", a), ("t2i", s))
+              for k in ranking.RECALL_AT},
+           "dev_rsum": round(dev_result["rsum"], 4),
+           "seconds": round(time.time() - started, 1), "lr": float(f"{lr:.6g}")}
+    # warm-up epochs do not count towards patience: the loss changes after them
+    improved = folder.record(state, row, dev_result["rsum"], best={"best_dev": dev_result},
+                             can_stop=epoch + 1 > warmup_epochs)
+    config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
+                  best_dev_rsum=state["best_dev_rsum"], best_dev=state["best_dev"])
+    folder.save(model, state, config, improved)
+    print(f"epoch {epoch + 1}: loss {loss:.4f}  dev R@1/5/10 image->text "
+          f"{a['r1']:.1f}/{a['r5']:.1f}/{a['r10']:.1f}  text->image "
+          f"{s['r1']:.1f}/{s['r5']:.1f}/{s['r10']:.1f}  rsum {dev_result['rsum']:.1f}  "
+          f"({time.time() - started:.0f} s)  best epoch {state['best_epoch']}", flush=True)
+    return bool(state["stopped_early"])
+
+
 def make_keeper(folder, state, config, features, dev, warmup_epochs):
-    """Keras callback: the warm-up switch before each epoch; after it, dev ranks, the selection
-    by rsum (folder.record) and one atomic checkpoint (folder.save)."""
+    """Keras callback: the warm-up switch before each epoch; after it, keep_epoch."""
     import keras
 
     class Keeper(keras.callbacks.Callback):
@@ -150,40 +192,49 @@ def make_keeper(folder, state, config, features, dev, warmup_epochs):
             self.model.loss.max_violation.assign(0.0 if epoch < warmup_epochs else 1.0)
 
         def on_epoch_end(self, epoch, logs=None):
-            dev_result = rank_examples(self.encoders, features, dev)
-            a, s = dev_result["image_to_text"], dev_result["text_to_image"]
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            row = {"epoch": epoch + 1, "loss": round(float(logs["loss"]), 6),
-                   "max_violation": float(keras.ops.convert_to_numpy(self.model.loss.max_violation)),
-                   **{f"dev_{d}_r{k}": round(r[f"r{k}"], 4) for d, r in (("i2t", a), ("t2i", s))
-                      for k in ranking.RECALL_AT},
-                   "dev_rsum": round(dev_result["rsum"], 4),
-                   "seconds": round(time.time() - self.started, 1), "lr": float(f"{lr:.6g}")}
-            # warm-up epochs do not count towards patience: the loss changes after them
-            improved = folder.record(state, row, dev_result["rsum"], best={"best_dev": dev_result},
-                                     can_stop=epoch + 1 > warmup_epochs)
-            if state["stopped_early"]:
+            if keep_epoch(folder, state, config, self.model, self.encoders, features, dev,
+                          warmup_epochs, epoch, logs["loss"], self.started):
                 self.model.stop_training = True
-            config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
-                          best_dev_rsum=state["best_dev_rsum"], best_dev=state["best_dev"])
-            folder.save(self.model, state, config, improved)
-            print(f"epoch {epoch + 1}: loss {logs['loss']:.4f}  dev R@1/5/10 image->text "
-                  f"{a['r1']:.1f}/{a['r5']:.1f}/{a['r10']:.1f}  text->image "
-                  f"{s['r1']:.1f}/{s['r5']:.1f}/{s['r10']:.1f}  rsum {dev_result['rsum']:.1f}  "
-                  f"({time.time() - self.started:.0f} s)  best epoch {state['best_epoch']}", flush=True)
 
     return Keeper()
+
+
+def learning_rate(args, epoch):
+    """VSE++'s schedule at `epoch` (0-based): one 10x step down from --lr-decay-epoch (1-based);
+    set from the epoch number, not the current value, so a resumed run gets the same rate."""
+    late = args.lr_decay_epoch and epoch + 1 >= args.lr_decay_epoch
+    return args.learning_rate * (0.1 if late else 1.0)
+
+
+def new_model(args, config, matrix, train):
+    """The compiled, untrained embedding: standardisation from the training images' features,
+    Adam with --clipnorm, the VSE++ loss."""
+    import keras
+    train_rows = sorted({row for row, _ in train})
+    model = vse.build_model(config["feature_dim"], config["vocab_size"], args.embed_dim,
+                            args.word_dim, matrix[train_rows].mean(axis=0), matrix[train_rows].var(axis=0))
+    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate, clipnorm=args.clipnorm),
+                  loss=vse.embedding_loss_class()(args.margin), jit_compile=False)
+    return model
+
+
+def run_folder(run_dir, patience):
+    """The RunFolder of an embedding run: keeps the highest dev rsum."""
+    return RunFolder(run_dir, Selection("best_dev_rsum", higher=True, patience=patience), HISTORY_FIELDS)
+
+
+def resume_settings(args, config):
+    """The settings that must match for a rerun to continue a run folder's training."""
+    return {key: config[key] if key in config else getattr(args, key) for key in RESUME_KEYS}
 
 
 def train_run(args, run_dir, matrix, train, dev, config):
     """Train (or resume) the embedding in run_dir; returns the final state dict (state.json)."""
     import keras
-    folder = RunFolder(run_dir, Selection("best_dev_rsum", higher=True, patience=args.patience),
-                       HISTORY_FIELDS)
+    folder = run_folder(run_dir, args.patience)
     seed_everything(args.seed)
-    state = folder.resume({key: config[key] if key in config else getattr(args, key)
-                           for key in RESUME_KEYS})
-    loss_class = vse.embedding_loss_class()
+    state = folder.resume(resume_settings(args, config))
+    vse.embedding_loss_class()      # registered before a checkpoint that uses it is loaded
     if state is not None:
         if folder.finished(state, args.epochs):
             print(f"{run_dir}: already trained {state['epoch']} epochs (best dev rsum "
@@ -195,24 +246,87 @@ def train_run(args, run_dir, matrix, train, dev, config):
         print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
     else:
         state = folder.new_state(best_dev=None)
-        train_rows = sorted({row for row, _ in train})
-        model = vse.build_model(config["feature_dim"], config["vocab_size"], args.embed_dim,
-                                args.word_dim, matrix[train_rows].mean(axis=0),
-                                matrix[train_rows].var(axis=0))
-        model.compile(optimizer=keras.optimizers.Adam(args.learning_rate, clipnorm=args.clipnorm),
-                      loss=loss_class(args.margin), jit_compile=False)
+        model = new_model(args, config, matrix, train)
     folder.write_settings(args, **{k: config[k] for k in (
         "feature_dim", "vocab_size", "max_length", "backbone", "features_sha256", "tokenizer_sha256")},
         train_captions=len(train), dev_captions=len(dev))
-
-    def learning_rate(epoch, lr):
-        # VSE++'s schedule: one 10x step down (epoch is 0-based here); set from the epoch
-        # number, not the current value, so a resumed run gets the same rate
-        late = args.lr_decay_epoch and epoch + 1 >= args.lr_decay_epoch
-        return args.learning_rate * (0.1 if late else 1.0)
-
     model.fit(make_dataset(train, matrix, args.batch_size, args.seed, first_epoch=state["epoch"]),
               epochs=args.epochs, initial_epoch=state["epoch"], verbose=args.verbose, shuffle=False,
-              callbacks=[keras.callbacks.LearningRateScheduler(learning_rate),
+              callbacks=[keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate(args, epoch)),
                          make_keeper(folder, state, config, matrix, dev, args.warmup_epochs)])
     return state
+
+
+def train_run_workers(workers, args, run_dir, matrix, train, dev, config):
+    """train_run on several workers (captioning.training.distributed.Workers): --batch-size is
+    the global batch and every other pair of it is a negative, as in one process (the outputs
+    of all replicas are gathered for the loss); the same run folder, history, selection and
+    resume. Every worker calls it; the chief alone ranks the dev split and reads and writes
+    run_dir. Returns the final state on the chief, None on the others.
+    """
+    with workers.peers_watched():
+        return _train_run_workers(workers, args, run_dir, matrix, train, dev, config)
+
+
+def _train_run_workers(workers, args, run_dir, matrix, train, dev, config):
+    import keras
+    from captioning.training import distributed
+    seed_everything(args.seed)
+    settings = resume_settings(args, config)
+    workers.check_settings({**settings, "epochs": args.epochs, "patience": args.patience,
+                            "train_captions": len(train), "dev_captions": len(dev),
+                            "cluster": list(workers.cluster.addresses)})
+    run = {}     # the chief's: run folder and state
+
+    def open_folder():
+        folder = run_folder(run_dir, args.patience)
+        state = folder.resume(settings)
+        if state is None:
+            state = folder.new_state(best_dev=None)
+        else:
+            config.update(epochs_trained=state["epoch"], best_epoch=state["best_epoch"],
+                          best_dev_rsum=state["best_dev_rsum"], best_dev=state["best_dev"])
+        run.update(folder=folder, state=state)
+        return {"epoch": state["epoch"], "finished": folder.finished(state, args.epochs)}
+
+    start = workers.on_chief(open_folder)
+    if start["finished"]:
+        if workers.is_chief:
+            state = run["state"]
+            print(f"{run_dir}: already trained {state['epoch']} epochs (best dev rsum "
+                  f"{state['best_dev_rsum']:.1f}, epoch {state['best_epoch']}); nothing to do")
+        return run.get("state")
+    model = distributed.build_in_scope(workers, lambda: new_model(args, config, matrix, train))
+
+    def load_checkpoint():
+        folder = run["folder"]
+        if start["epoch"]:
+            distributed.copy_state(keras.models.load_model(folder.checkpoint / LAST_FILE), model)
+            print(f"resuming {run_dir} after epoch {start['epoch']} on {workers.cluster.size} workers",
+                  flush=True)
+        folder.write_settings(args, **{k: config[k] for k in (
+            "feature_dim", "vocab_size", "max_length", "backbone", "features_sha256", "tokenizer_sha256")},
+            train_captions=len(train), dev_captions=len(dev), workers=workers.cluster.size)
+        return True
+
+    workers.on_chief(load_checkpoint)
+    workers.broadcast_variables(model.variables + model.optimizer.variables)
+    encoders = (vse.image_encoder(model), vse.text_encoder(model)) if workers.is_chief else None
+    # the loss's own per-pair values over the global batch: calling the Keras loss would divide
+    # its mean by the replicas (Keras' convention for a mean over one replica's batch)
+    steps = distributed.ContrastiveSteps(workers, model,
+                                         lambda joint, rows: keras.ops.mean(model.loss.call(rows, joint)))
+    signature = batch_signature(matrix)
+    for epoch in range(start["epoch"], args.epochs):
+        started = time.time()
+        model.loss.max_violation.assign(0.0 if epoch < args.warmup_epochs else 1.0)
+        model.optimizer.learning_rate.assign(learning_rate(args, epoch))
+        plan = epoch_plan(train, args.batch_size, args.seed, epoch)
+        loss = steps.train_epoch(distributed.distribute(
+            workers, plan, lambda index: pair_batch(train, index, matrix), signature))
+        workers.check_in_step(model, f"after epoch {epoch + 1}")
+        if workers.on_chief(lambda: keep_epoch(run["folder"], run["state"], config, model, encoders,
+                                               matrix, dev, args.warmup_epochs, epoch, loss, started)):
+            break
+    workers.report(start["epoch"], epoch + 1)
+    return run.get("state")
