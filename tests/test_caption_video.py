@@ -459,6 +459,7 @@ def mean_colour_extractor(weights=None, **kwargs):
     return keras.Sequential([keras.Input((224, 224, 3)), keras.layers.GlobalAveragePooling2D()])
 
 
+@pytest.mark.slow
 def test_real_captioner_matches_photo_captions(three_clip, flickr8k_dir, tmp_path, capsys,
                                                monkeypatch):
     import generate_caption as gc

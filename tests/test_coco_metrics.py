@@ -151,6 +151,7 @@ def test_ptb_tokenizer_gives_the_same_cases():
     assert got["x"] == list(PTB_CASES.values())
 
 
+@pytest.mark.slow
 @needs_java
 def test_python_and_ptb_tokenisation_agree_on_flickr8k_captions(flickr8k_dir):
     lines = (flickr8k_dir / "Flickr8k_text" / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines()
@@ -161,6 +162,7 @@ def test_python_and_ptb_tokenisation_agree_on_flickr8k_captions(flickr8k_dir):
     assert len(captions) == 8092 and mismatches <= 2, mismatches
 
 
+@pytest.mark.slow
 @needs_java
 def test_java_and_pure_python_paths_agree_on_a_fixed_corpus():
     refs, hyps = sample_corpus()
@@ -174,6 +176,7 @@ def test_java_and_pure_python_paths_agree_on_a_fixed_corpus():
         assert abs(python[metric] - ptb[metric]) <= 1e-3, metric
 
 
+@pytest.mark.slow
 @needs_java
 def test_meteor_of_an_exact_match_is_one():
     # METEOR 1.5 scores a hypothesis equal to a reference (after PTB tokenisation) exactly 1: all

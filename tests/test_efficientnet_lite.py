@@ -140,6 +140,7 @@ def test_wheel_checkpoint_contents(lite0_path):
     assert arrays["_fc.weight"].shape == (1000, 1280)
 
 
+@pytest.mark.slow
 def test_features_match_the_reference(lite0, flickr8k_dir):
     reference_path = flickr8k_dir / REFERENCE
     if not reference_path.is_file():

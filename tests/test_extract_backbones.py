@@ -240,6 +240,7 @@ def test_bad_lite0_weights_are_one_line_errors(folder, tmp_path, capsys):
 
 
 # -- real networks -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_real_lite0_cli_matches_the_reference(tmp_path, flickr8k_dir, capsys):
     try:
         efficientnet_lite.checkpoint_path("lite0")
@@ -266,6 +267,7 @@ def test_real_lite0_cli_matches_the_reference(tmp_path, flickr8k_dir, capsys):
     assert settings["pooled_layer"] == "avg_pool" and settings["spatial_layer"] == "head_relu"
 
 
+@pytest.mark.slow
 def test_random_vgg16_spatial_grid(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()

@@ -292,6 +292,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "f.pkl").exists()
 
 
+@pytest.mark.slow
 def test_real_cli_with_random_vgg16_end_to_end(tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()

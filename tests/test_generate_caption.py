@@ -26,6 +26,7 @@ def test_step_matches_keras_teacher_forced(variant):
         assert (np.argmax(log_probs, axis=1) == np.argmax(expected[:, t], axis=1)).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, mode", [("merge", "sequence"), ("inject", "sequence"), ("merge", "pairs")])
 def test_fast_greedy_equals_the_course_loop(variant, mode):
     model = random_captioner(variant, mode, seed=3)
@@ -79,6 +80,7 @@ def test_cli_vocabulary_mismatch_is_one_line(tiny_run, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "does not match the tokenizer" in err
 
 
+@pytest.mark.slow
 def test_cli_images_bad_ones_named_others_captioned(tmp_path, capsys):
     # a model trained on 4096-d features, so the (random-weight) VGG16 fc2 extractor fits
     from captioning.utils import run_cli
@@ -105,6 +107,7 @@ def test_cli_images_bad_ones_named_others_captioned(tmp_path, capsys):
     assert "missing.jpg" in errors[0] and "empty" in errors[1] and "corrupt.jpg" in errors[2]
 
 
+@pytest.mark.slow
 def test_cli_lite0_model_on_raw_images_says_use_features(tiny_run, capsys):
     from captioning.utils import run_cli
     data_dir, model_dir, features, ids = tiny_run          # a 16-d model, like a 1280-d Lite0 one

@@ -68,6 +68,7 @@ def trained(request):
 
 
 # ---- decoding ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_greedy_through_the_step_equals_the_prefix_loop(trained):
     variant, model = trained
     grid, captions = toy_data()
@@ -83,6 +84,7 @@ def test_greedy_through_the_step_equals_the_prefix_loop(trained):
     assert fast == [list(c[1:]) for c in captions]
 
 
+@pytest.mark.slow
 def test_beam_through_the_step_equals_beam_over_the_prefix_loop(trained):
     variant, model = trained
     grid, _ = toy_data()
@@ -94,6 +96,7 @@ def test_beam_through_the_step_equals_beam_over_the_prefix_loop(trained):
     assert fast == slow
 
 
+@pytest.mark.slow
 def test_decoding_registry_and_caption_features(trained):
     variant, model = trained
     grid, captions = toy_data()
@@ -107,6 +110,7 @@ def test_decoding_registry_and_caption_features(trained):
         decoding.caption_features(model, config, tokenizer, grid.mean(axis=1))
 
 
+@pytest.mark.slow
 def test_step_attention_weights_are_the_training_model_weights(trained):
     variant, model = trained
     grid, captions = toy_data()
@@ -122,6 +126,7 @@ def test_step_attention_weights_are_the_training_model_weights(trained):
         np.testing.assert_allclose(maps, alphas, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_saved_model_loads_with_the_same_outputs(trained, tmp_path):
     _, model = trained
     grid, captions = toy_data()
@@ -141,6 +146,7 @@ def test_saved_model_loads_with_the_same_outputs(trained, tmp_path):
     assert done.returncode == 0 and done.stdout.split()[-1] == str(model.count_params()), done.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_image_index_shares_one_grid_between_captions():
     _, model = "transformer", train_toy("transformer", steps=1)
     grid, captions = toy_data()
@@ -164,6 +170,7 @@ def test_penalty_on_a_hand_made_alpha_matrix():
     np.testing.assert_allclose(got, [0.625, 1.44], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_penalty_is_added_in_training_only():
     import keras
     grid, captions = toy_data(4)
@@ -303,6 +310,7 @@ def learnt(tmp_path_factory):
     return root, features, grids, data_dir, splits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", registry.GRID_VARIANTS)
 def test_train_and_caption_a_grid_model_from_the_command_line(learnt, variant, capsys):
     import evaluate_bleu
@@ -325,6 +333,7 @@ def test_train_and_caption_a_grid_model_from_the_command_line(learnt, variant, c
     assert json.loads((out / "results.json").read_text())["bleu"]["standard"]["bleu1"] > 0.5
 
 
+@pytest.mark.slow
 def test_pooled_file_to_a_grid_model_and_grids_to_merge_are_one_line_errors(learnt, capsys):
     import generate_caption
     import train
@@ -344,6 +353,7 @@ def test_pooled_file_to_a_grid_model_and_grids_to_merge_are_one_line_errors(lear
     assert err.count("\n") == 0 and "(1, 8)" in err and "(N, 4, 8)" in err and str(features) in err
 
 
+@pytest.mark.slow
 def test_attention_map_and_gallery_panels(learnt, tmp_path, capsys):
     import evaluate_bleu
     from captioning.evaluation.gallery import gallery_html
@@ -385,6 +395,7 @@ def test_word_panels_light_the_attended_cell():
         attention_maps.word_panels(None, ["a"], np.zeros((2, 2, 2)))
 
 
+@pytest.mark.slow
 def test_the_web_page_gets_the_attention_of_each_greedy_word(learnt):
     """serve.py's captioner returns, for a grid model, the greedy caption's per-word weights in
     the page's format, equal to Captioner.attention_maps."""

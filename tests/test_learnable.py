@@ -29,6 +29,7 @@ def learnt(tmp_path_factory):
     return root, features, data_dir, splits, root / "models" / "bleu"
 
 
+@pytest.mark.slow
 def test_select_by_bleu_keeps_the_epoch_with_the_best_dev_bleu(learnt):
     root, features, data_dir, _, folder = learnt
     scores = [float(r["dev_bleu4"]) for r in csv.DictReader(open(folder / "history.csv"))]
@@ -46,6 +47,7 @@ def test_select_by_bleu_keeps_the_epoch_with_the_best_dev_bleu(learnt):
     assert result["beam"] == 1
 
 
+@pytest.mark.slow
 def test_cli_default_is_the_course_greedy_loop_caption_for_caption(learnt, capsys):
     """The default decoding (--beam 1, --alpha left at its beam default) is greedy:
     the same captions as tutorial_greedy's one predict per word, on every image."""
@@ -68,6 +70,7 @@ def test_cli_default_is_the_course_greedy_loop_caption_for_caption(learnt, capsy
     assert len(set(printed.values())) == 3                      # one caption per kind
 
 
+@pytest.mark.slow
 def test_evaluate_bleu_limit_zero_is_a_one_line_error(learnt, capsys):
     from captioning.utils import run_cli
     root, features, data_dir, _, folder = learnt

@@ -122,6 +122,7 @@ def test_missing_size_fields_take_the_family_defaults():
 
 
 # ---- every family: built from the registry, decoded through it --------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(registry.VARIANTS))
 def test_the_step_function_equals_the_teacher_forced_model(variant):
     """Feeding the tokens one step at a time gives the model's own next-word distributions."""
@@ -133,6 +134,7 @@ def test_the_step_function_equals_the_teacher_forced_model(variant):
     np.testing.assert_allclose(np.exp(log_probs), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", registry.GRID_VARIANTS)
 def test_attention_steps_are_the_decoding_steps_plus_weights(variant):
     model = tiny_model(variant)
@@ -166,6 +168,7 @@ def test_the_registered_names_saved_models_refer_to_are_pinned():
         assert keras.saving.get_registered_object(name) is cls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(registry.VARIANTS))
 def test_saved_and_reloaded_models_give_the_same_outputs_and_steps(variant, tmp_path):
     model = registry.compile_model(tiny_model(variant, seed=1), label_smoothing=0.1, words_per_row=3.0)

@@ -206,6 +206,7 @@ def test_load_meta_rejects_a_changed_tokenizer(tmp_path):
 
 
 # ---- the real Flickr8k text files -------------------------------------------------------------
+@pytest.mark.slow
 def test_tutorial_cleaning_reproduces_published_numbers(flickr8k_dir, tmp_path, capsys):
     out = tmp_path / "tutorial"
     assert prepare_text.main(["--text-dir", str(flickr8k_dir / "Flickr8k_text"), "--output-dir", str(out),

@@ -1,6 +1,8 @@
 """The shipped captioner (pretrained/merge-lite0): `generate_caption.py photo.jpg` works out of the box."""
 import json
 
+import pytest
+
 import generate_caption as gc
 from captioning.inference.captioner import Captioner
 from conftest import REPO
@@ -17,6 +19,7 @@ def test_the_shipped_folder_is_self_contained():
     assert captioner.backbone == "lite0"
 
 
+@pytest.mark.slow
 def test_default_model_captions_a_photo_of_any_size(flickr8k_dir, tmp_path, capsys):
     from PIL import Image
     photo = tmp_path / "dogs.png"               # another format and size than the training JPEGs

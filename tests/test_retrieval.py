@@ -210,6 +210,7 @@ def tiny_model(small_set):
     return small_set / "models" / "tiny"
 
 
+@pytest.mark.slow
 def test_training_beats_random_and_writes_its_files(tiny_model):
     config = json.loads((tiny_model / "model.json").read_text())
     assert config["feature_dim"] == 1280 and config["backbone"] == "lite0" and config["kind"] == "vse++"
@@ -225,6 +226,7 @@ def test_training_beats_random_and_writes_its_files(tiny_model):
     assert best["rsum"] == pytest.approx(max(float(row.split(",")[9]) for row in history[1:]), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(tiny_model, small_set, capsys):
     import keras
     args = ["--features", str(small_set / "lite0_small.pkl"), "--data-dir", str(small_set / "data"),
@@ -261,6 +263,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_model, small_set, capsys):
     assert (state["epoch"], state["best_epoch"], state["wait"]) == (2, 2, 0)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, capsys):
     out = small_set / "results"
     assert evaluate_retrieval.main(["--model", str(tiny_model), "--split", "test", "--output", str(out)]) == 0
@@ -280,6 +283,7 @@ def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, c
     assert results["embedding"]["text_to_image"]["mean_rank"] == pytest.approx(np.mean(t2i), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, capsys):
     # an untrained merge captioner in train.py's run-folder layout (its ranks are not the point:
     # the wiring is - subset, columns, its own tokenizer, the fast scorer)
@@ -408,6 +412,7 @@ def test_search_with_an_extractor_skips_broken_files_and_checks_width(tiny_model
     assert not html.exists() and not (tmp_path / "cache2").exists()
 
 
+@pytest.mark.slow
 def test_search_with_the_real_lite0_extractor_matches_the_shared_features(tiny_model, small_set, photo_folder,
                                                                           tmp_path, capsys):
     # the model's backbone (lite0, from model.json) embeds the photos themselves: the same

@@ -141,6 +141,7 @@ def test_best_epoch_patience_history_layout_and_nothing_to_do(tmp_path):
     assert fresh["epoch"] == 2 and same_weights(weights(run / "current" / LAST_FILE), epoch_two)
 
 
+@pytest.mark.slow
 def test_a_kill_after_any_write_resumes_to_the_same_state(tmp_path, monkeypatch):
     """A kill right after each durable write in turn (the folder copied at that moment: what
     SIGKILL would leave, no cleanup); the same run resumed from each copy must end exactly where

@@ -68,6 +68,7 @@ def first_run(sample_run):
     return out, args, done
 
 
+@pytest.mark.slow
 def test_sample_run_goes_from_captions_to_a_bleu_table(first_run):
     out, args, done = first_run
     assert done.returncode == 0, done.stderr[-2000:]
@@ -84,6 +85,7 @@ def test_sample_run_goes_from_captions_to_a_bleu_table(first_run):
     assert len(re.findall(r"^\d+_\w+\t", text, flags=re.M)) == run_pipeline.CAPTION_EXAMPLES
 
 
+@pytest.mark.slow
 def test_second_run_skips_every_finished_stage_and_force_reruns_from_a_stage(first_run, capfd):
     out, args, done = first_run
     assert done.returncode == 0, done.stderr[-2000:]

@@ -369,6 +369,7 @@ def test_winograd_rewrite_is_in_the_conversion_and_its_cache_key(tmp_path, monke
     assert counts == {True: True, False: False}
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_vgg16_fc2_on_openvino_equals_tf(tmp_path):
     from captioning.encoders.vgg16 import build_feature_extractor
@@ -388,6 +389,7 @@ def test_vgg16_fc2_on_openvino_equals_tf(tmp_path):
     assert predict.description.endswith("Winograd F(4x4,3x3) on 11 convolutions")
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_lite0_pooled_and_grid_on_openvino_equal_tf(tmp_path):
     from captioning.encoders import efficientnet_lite
@@ -406,6 +408,7 @@ def test_lite0_pooled_and_grid_on_openvino_equal_tf(tmp_path):
     assert "Winograd" not in predict.description
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_the_applications_encoder_runs_on_the_same_runtime(tmp_path, monkeypatch):
     """generate_caption, caption_video and serve.py encode photos through
@@ -481,6 +484,7 @@ except KeyboardInterrupt:
 """
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_a_signal_after_openvino_is_handled_not_a_crash(tmp_path):
     """OpenVINO's CPU plugin leaves an alternate signal stack behind; unloading the plugin
@@ -517,6 +521,7 @@ else:                              # our way, through a whole conversion
 """
 
 
+@pytest.mark.slow
 @needs_openvino
 @pytest.mark.parametrize("mode, sends", [("unguarded", True), ("preimported", False),
                                          ("guarded", False)])

@@ -142,6 +142,7 @@ def run_stage(tiny, out_dir, *extra):
                                      "1e-3", *extra])
 
 
+@pytest.mark.slow
 def test_stage_writes_the_run_folder_resumes_and_repeats(tiny, tmp_path, capsys):
     assert run_stage(tiny, tmp_path / "a", "--epochs", "1") == 0
     run_dir = tmp_path / "a" / "model-scst"
@@ -214,6 +215,7 @@ def run_learnt(learnt, out_dir, *extra):
                                      "0.01", *extra])
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(learnt, tmp_path, capsys):
     """One SCST epoch, then the same command with --epochs 2: bit for bit the weights (last and
     kept model), model.json, history and files of an uninterrupted 2-epoch run."""

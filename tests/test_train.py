@@ -111,6 +111,7 @@ def test_inject_uses_image_as_initial_state():
     np.testing.assert_allclose(np.asarray(lstm_out)[0, 0], h1, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["merge", "inject"])
 def test_sequence_and_pairs_modes_compute_the_same_loss(variant):
     examples, features = tiny_examples()
@@ -164,6 +165,7 @@ def test_sequence_batch_is_trimmed_and_shifted():
     assert xp["caption_input"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 7]] and yp.tolist() == [7, 2]
 
 
+@pytest.mark.slow
 def test_run_folder_same_seed_same_weights_resume_and_load_captioner(fixture_dir, capsys):
     import keras
 
@@ -290,6 +292,7 @@ def test_tokenizer_not_matching_meta_is_an_error(fixture_dir, capsys):
         train.main(argv)
 
 
+@pytest.mark.slow
 def test_cross_validation_writes_table(fixture_dir, capsys):
     assert run(fixture_dir, "--cv", "2", "--variants", "merge,inject", "--cv-epochs", "1", name="cv") == 0
     rows = list(csv.DictReader(open(fixture_dir / "models" / "cv" / "cv.csv")))
@@ -303,6 +306,7 @@ def test_cross_validation_writes_table(fixture_dir, capsys):
     assert "±" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_every_predicted_word_weighs_the_same_across_length_buckets():
     """Length bucketing makes batches of short and of long captions. The loss must weigh every
     predicted word alike over the epoch (not each batch's mean alike, which gives a word of a
@@ -333,6 +337,7 @@ def test_every_predicted_word_weighs_the_same_across_length_buckets():
     assert dev_loss * trainer.dev_loss_scale(model, dev, "sequence") == pytest.approx(by_hand, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_progress_is_one_line_per_epoch_when_not_on_a_terminal(fixture_dir, capsys):
     """Issue 9: no redrawn Keras bar (ANSI codes, carriage returns) in logs or CI output."""
     argv = ["--features", str(fixture_dir / "features.pkl"), "--data-dir", str(fixture_dir / "data"),

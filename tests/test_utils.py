@@ -3,9 +3,12 @@ import argparse
 import subprocess
 import sys
 
+import pytest
+
 from captioning.utils import HelpFormatter, keras_verbose, on_terminal, progress
 
 
+@pytest.mark.slow
 def test_importing_tensorflow_through_run_cli_prints_nothing_on_stderr():
     script = ("import sys\n"
               "from captioning.utils import run_cli\n"

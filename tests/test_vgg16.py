@@ -54,6 +54,7 @@ def fc2_output(model, x):
     return np.asarray(vgg16.truncate_at(model, "fc2")(x, training=False))
 
 
+@pytest.mark.slow
 def test_same_layers_and_shapes_as_keras_applications(ours, reference):
     model, _ = ours
     assert structure(model) == structure(reference)
@@ -78,6 +79,7 @@ def test_imagenet_url_and_hash_are_the_ones_keras_uses():
     assert f'file_hash="{vgg16.IMAGENET_MD5}"' in source
 
 
+@pytest.mark.slow
 def test_official_layout_file_loads_by_name_and_fc2_matches(ours, reference, official_layout_h5):
     model, _ = ours
     x = np.random.default_rng(0).uniform(-120, 150, (2, 224, 224, 3)).astype("float32")
@@ -89,6 +91,7 @@ def test_official_layout_file_loads_by_name_and_fc2_matches(ours, reference, off
                           reference.get_layer("fc1").get_weights()[0])
 
 
+@pytest.mark.slow
 def test_export_pair_round_trips_and_keras_reads_it(ours, reference, tmp_path):
     model, _ = ours
     json_path, h5_path = vgg16.export_model(model, tmp_path)
@@ -163,6 +166,7 @@ def test_imagenet_offline_without_cache_is_a_one_line_error(no_network, tmp_path
     assert not (tmp_path / "models" / vgg16.IMAGENET_FILE).exists()
 
 
+@pytest.mark.slow
 def test_imagenet_uses_the_cached_file_offline(no_network, official_layout_h5, tmp_path, monkeypatch):
     # Stand-in for the real file: our legacy file in the cache, with its own md5 as the
     # "published" hash, so keras.utils.get_file finds, checks and returns it without the network.
@@ -174,6 +178,7 @@ def test_imagenet_uses_the_cached_file_offline(no_network, official_layout_h5, t
     assert vgg16.resolve_weights("imagenet", cache_dir=tmp_path) == cached
 
 
+@pytest.mark.slow
 def test_cli_random_weights_warns_and_is_seeded(ours, monkeypatch, capsys):
     _, snapshot = ours
     built = []

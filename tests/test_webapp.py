@@ -148,6 +148,7 @@ def cli_caption(capsys, *args):
     return out[0].split("\t")[1]
 
 
+@pytest.mark.slow
 def test_real_photo_gets_the_caption_generate_caption_prints(vgg_run, capsys):
     data_dir, model_dir, _, _, captioner = vgg_run
     common = [PHOTO, "--model", model_dir, "--data-dir", data_dir, "--weights", "none"]
@@ -175,6 +176,7 @@ def test_real_photo_gets_the_caption_generate_caption_prints(vgg_run, capsys):
     assert math.isclose(scores[0], total / len(ids) ** decoding.ALPHA, rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_several_photos_in_one_request_keep_their_order(vgg_run):
     captioner = vgg_run[-1]
     photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:3]
@@ -206,6 +208,7 @@ def test_cached_features_caption_dataset_photos_and_refuse_others(tmp_path, caps
                             "on, so only dataset images with cached features can be captioned")
 
 
+@pytest.mark.slow
 def test_a_lite0_model_captions_new_photos_like_generate_caption(tmp_path, capsys, encoders_built_once):
     # a 1280-d model: its backbone (told by the width) is EfficientNet-Lite0, whose ImageNet
     # weights come with a pip package; the page and the CLI both encode the photo through it
@@ -428,6 +431,7 @@ def test_results_rows_filtered_by_sentence_bleu(results_client):
     assert results_client.get("/api/results/test_b3?min_bleu=abc").status_code == 422
 
 
+@pytest.mark.slow
 def test_results_view_reads_what_evaluate_bleu_writes(vgg_run, tmp_path):
     data_dir, model_dir, features, ids, captioner = vgg_run
     out = tmp_path / "results" / "run1"
@@ -534,6 +538,7 @@ def test_concurrent_requests_all_answered_one_at_a_time_in_the_model():
     assert slow.calls == 8 and slow.most_inside == 1
 
 
+@pytest.mark.slow
 def test_serve_cli_starts_answers_and_stops(tmp_path):
     # the real command line in its own process with its defaults: the shipped captioner
     # (pretrained/merge-lite0) answers, the results folder is browsed, Ctrl-C (SIGINT) ends it with 0
@@ -609,6 +614,7 @@ def browser(tmp_path):
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
 
 
+@pytest.mark.slow
 def test_real_browser_uploads_a_photo_and_sees_its_caption(vgg_run, tmp_path):
     driver = browser(tmp_path)
     from selenium.webdriver.common.by import By
@@ -646,6 +652,7 @@ def test_real_browser_uploads_a_photo_and_sees_its_caption(vgg_run, tmp_path):
         driver.quit()
 
 
+@pytest.mark.slow
 def test_real_browser_draws_attention_browses_results_and_searches(tmp_path):
     # the three views with stand-ins for the models: the fake captioner's attention puts all of
     # word 1's weight on the top-left cell of a 2x2 grid and word 2's on the bottom-right
