@@ -144,8 +144,9 @@ def main(argv=None):
     if args.local_workers:      # this process only launches: N workers of this same command
         return distributed.launch_local(args.local_workers,
                                         distributed.without_option(argv, "--local-workers"), __file__)
-    workers = distributed.join(args.connect_timeout, one_process="--cv trains its folds in one process"
-                               if args.cv else None)
+    workers = distributed.join(args.connect_timeout, one_process=(
+        "--cv trains its folds in one process" if args.cv else
+        "--mode pairs trains one photo per batch in one process" if args.mode == "pairs" else None))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.cv else [args.variant]
     for path in {trainer.features_path(args, v) for v in variants}:
         if not path.is_file():

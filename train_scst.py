@@ -45,7 +45,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioning.training import scst, scst_run
+from captioning.training import distributed, scst, scst_run
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 DATA_DIR = "data"
@@ -85,6 +85,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    # sampling and CIDEr-D rewards run in Python per caption: SCST trains in one process
+    distributed.join(one_process="train_scst.py trains in one process")
     for path, what in ((args.features, "features file"), (args.data_dir, "data folder")):
         if not path.exists():
             raise PipelineError(f"missing {what} {path}")
