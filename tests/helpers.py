@@ -7,6 +7,7 @@
                      decoders: exact captions follow from the table by hand.
   legacy pickles     a torch-free writer of legacy PyTorch checkpoints (the opcodes torch.save emits).
   run folders        what a reader of a run folder sees (names, link targets, sizes).
+  FIXTURE            tests/fixtures/karpathy_coco_tiny.json, a Karpathy-split JSON in COCO's layout.
 """
 import collections
 import io
@@ -22,6 +23,10 @@ from captioning.data.features import save_features
 from captioning.encoders.torch_checkpoint import LEGACY_MAGIC, LEGACY_PROTOCOL
 from captioning.models import registry
 from captioning.utils import sha256_file, write_json
+
+# A Karpathy-format JSON in COCO's layout (filepath train2014/val2014, one restval image)
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "karpathy_coco_tiny.json"
+
 
 # ---- tiny captioners --------------------------------------------------------------------------
 def random_captioner(variant, mode, feature_dim=16, vocab=40, max_length=10, units=8, seed=0):

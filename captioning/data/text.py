@@ -344,6 +344,22 @@ def prepare(text_dir, cleaning=CLEANING, min_count=None, oov=None):
         splits[name] = sorted(i for i in ids if i in raw)
     report["captioned_ids_in_no_split"] = sum(1 for i in raw if i not in seen)
 
+    if not splits["train"]:
+        raise PipelineError(f"no training image has captions ({text_dir / SPLIT_FILES['train']})")
+    outputs = build_outputs(raw, splits, report, cleaning, min_count, oov)
+    outputs["meta"].update(n_images_with_captions=len(raw),
+                           input_report=dict(sorted(report.items())),
+                           inputs={f: sha256_file(text_dir / f)
+                                   for f in [CAPTIONS_FILE, *SPLIT_FILES.values()]})
+    return outputs, report
+
+
+def build_outputs(raw, splits, report, cleaning, min_count, oov):
+    """{image_id: [raw caption, ...]} and splits -> prepare's outputs dict (descriptions,
+    tokenizer, splits, references, meta without the fields naming the inputs: n_images_with_captions,
+    input_report, inputs are the caller's). Shared by prepare and captioning.data.karpathy.
+    Counts captions_empty_after_cleaning into report.
+    """
     descriptions = {i: [clean_caption(c, cleaning) for c in raw[i]] for i in sorted(raw)}
     report["captions_empty_after_cleaning"] = sum(
         1 for caps in descriptions.values() for c in caps if not c)
@@ -351,9 +367,6 @@ def prepare(text_dir, cleaning=CLEANING, min_count=None, oov=None):
                                  min_count=min_count,
                                  oov_token=OOV_TOKEN if oov == "unk" else None)
     tokenizer["cleaning"] = cleaning
-    if not splits["train"]:
-        raise PipelineError(f"no training image has captions ({text_dir / SPLIT_FILES['train']})")
-
     index = tokenizer["word_index"]
     longest, oov_rate = {}, {}
     for name, ids in splits.items():
@@ -369,14 +382,9 @@ def prepare(text_dir, cleaning=CLEANING, min_count=None, oov=None):
                            if oov == "unk" else "unknown words are dropped (tutorial/Keras)"),
             "cleaning": cleaning, "min_count": min_count,
             "split_sizes": {name: len(ids) for name, ids in splits.items()},
-            "longest_caption_by_split": longest, "oov_rate_by_split": oov_rate,
-            "n_images_with_captions": len(raw),
-            "input_report": dict(sorted(report.items())),
-            "inputs": {f: sha256_file(text_dir / f)
-                       for f in [CAPTIONS_FILE, *SPLIT_FILES.values()]}}
-    outputs = {"descriptions": descriptions, "tokenizer": tokenizer, "splits": splits,
-               "references": {i: raw[i] for i in sorted(raw)}, "meta": meta}
-    return outputs, report
+            "longest_caption_by_split": longest, "oov_rate_by_split": oov_rate}
+    return {"descriptions": descriptions, "tokenizer": tokenizer, "splits": splits,
+            "references": {i: raw[i] for i in sorted(raw)}, "meta": meta}
 
 
 def write_outputs(output_dir, outputs):
