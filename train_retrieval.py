@@ -1,4 +1,4 @@
-"""Train the VSE++ image-sentence embedding on the training split (issue 13).
+"""Train the VSE++ image-sentence embedding on the training split.
 
 Usage:
     python prepare_text.py --text-dir ../shared/flickr8k/Flickr8k_text --output-dir data

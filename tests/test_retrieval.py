@@ -1,4 +1,4 @@
-"""Tests for image-sentence retrieval (issue 13): metrics, loss, index, training, evaluation, search.
+"""Tests for image-sentence retrieval: metrics, loss, index, training, evaluation, search.
 
 Fast: the metrics, loss and index tests are pure numpy on hand-made numbers. The end-to-end
 tests share one tiny embedding (d 32) trained for a few epochs on 300 training and 100 dev
@@ -416,7 +416,7 @@ def test_search_with_an_extractor_skips_broken_files_and_checks_width(tiny_model
 def test_search_with_the_real_lite0_extractor_matches_the_shared_features(tiny_model, small_set, photo_folder,
                                                                           tmp_path, capsys):
     # the model's backbone (lite0, from model.json) embeds the photos themselves: the same
-    # matches as the shared reference features of those photos (cosine >= 0.999, issue 10)
+    # matches as the shared reference features of those photos (cosine >= 0.999)
     from captioning.encoders import efficientnet_lite
     try:
         efficientnet_lite.checkpoint_path("lite0")

@@ -339,7 +339,7 @@ def test_every_predicted_word_weighs_the_same_across_length_buckets():
 
 @pytest.mark.slow
 def test_progress_is_one_line_per_epoch_when_not_on_a_terminal(fixture_dir, capsys):
-    """Issue 9: no redrawn Keras bar (ANSI codes, carriage returns) in logs or CI output."""
+    """No redrawn Keras bar (ANSI codes, carriage returns) in logs or CI output."""
     argv = ["--features", str(fixture_dir / "features.pkl"), "--data-dir", str(fixture_dir / "data"),
             "--output-dir", str(fixture_dir / "models"), "--epochs", "2",
             *[a for a in TINY if a not in ("--verbose", "0")]]
