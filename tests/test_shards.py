@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.data.features import load_features
+from captioning.data.features import load_features, memmap_features, read_rows
 from captioning.data.spatial import SpatialFeatures
 from captioning.encoders import extract as ef
 from captioning.encoders import shards
@@ -339,12 +339,15 @@ def test_grid_rows_read_per_batch_in_the_asked_order(tiny, folder, tmp_path):
                                                       0.5, "here")
     assert isinstance(matrix, np.memmap) and row_of_id == {"img03": 3, "img00": 0}
     assert missing == ["nope"]
+    found, rows, grid = read_rows(tmp_path / "f.npy", ["img03", "nope", "img00"])   # evaluation's reader
+    assert found == ["img03", "img00"] and grid is None
+    assert np.array_equal(rows, np.asarray(matrix)[[3, 0]])
     (tmp_path / "f.ids.txt").write_text("img00\n")
     with pytest.raises(PipelineError, match="lists 1 ids for 10 rows"):
-        inputs.memmap_features(tmp_path / "f.npy")
+        memmap_features(tmp_path / "f.npy")
     (tmp_path / "f.ids.txt").unlink()
     with pytest.raises(PipelineError, match="missing the id list of f.npy"):
-        inputs.memmap_features(tmp_path / "f.npy")
+        memmap_features(tmp_path / "f.npy")
 
 
 @pytest.mark.slow
@@ -379,3 +382,29 @@ def test_training_reads_the_merged_files_per_batch(tiny, tmp_path, capsys):
                        "att", "--annotation-dim", "8", "--attention-dim", "4", *small]) == 0
     config = read_json(tmp_path / "models" / "att" / "model.json")
     assert config["grid"] == [7, 7] and config["feature_dim"] == 4
+
+
+def test_every_trainer_reads_features_npy_as_a_memory_map(tmp_path):
+    """inputs.pooled_rows: features.npy (+ ids.txt) gives a read-only memory map whose rows are
+    the pickle's; the retrieval trainer's inputs come through it (SCST and train.py likewise)."""
+    import argparse
+    from captioning.data import inputs
+    from captioning.data.features import load_features
+    from captioning.retrieval import training as retrieval_training
+    from helpers import make_tiny_run
+    data_dir, _, pickle_path, ids = make_tiny_run(tmp_path)
+    features = load_features(pickle_path)
+    order = sorted(features, reverse=True)            # file order other than the split's
+    npy = tmp_path / "features.npy"
+    np.save(npy, np.stack([features[i] for i in order]).astype(np.float32))
+    npy.with_suffix(".ids.txt").write_text("\n".join(order) + "\n")
+    mapped, row_of_id, missing = inputs.pooled_rows(npy, ids, 0.0)
+    assert isinstance(mapped, np.memmap) and not missing
+    for image_id in ids[:5]:
+        assert np.array_equal(mapped[row_of_id[image_id]], features[image_id])
+    args = argparse.Namespace(features=npy, data_dir=data_dir, max_missing=0.0, backbone="lite0",
+                              embed_dim=8, word_dim=8, margin=0.2)
+    matrix, train, dev, _ = retrieval_training.prepare_inputs(args)
+    assert isinstance(matrix, np.memmap) and train and dev
+    row, _ = train[0]
+    assert any(np.array_equal(matrix[row], features[i]) for i in ids)

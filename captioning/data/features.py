@@ -130,11 +130,39 @@ def read_grids(path, ids, dtype=np.float32):
     return found, out.reshape(len(found), height * width, grids.width), info
 
 
-def read_rows(path, ids):
-    """Features of `ids` from either kind of file -> (found ids, float32 array, grid or None).
+def memmap_features(path):
+    """features.npy -> (read-only memory map float32 (N, D), ids (N,) from <stem>.ids.txt);
+    one-line PipelineErrors for a missing or malformed file or an id list of another length."""
+    path = Path(path)
+    ids_path = path.with_suffix(".ids.txt")
+    if not path.is_file():
+        raise PipelineError(f"features file not found ({path})")
+    try:
+        matrix = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"not a .npy features file ({path}: {exc})") from None
+    if matrix.ndim != 2 or matrix.dtype != np.float32:
+        raise PipelineError(f"features.npy must be float32 (N, D), got {matrix.dtype} "
+                            f"{matrix.shape} ({path})")
+    if not ids_path.is_file():
+        raise PipelineError(f"missing the id list of {path.name} ({ids_path})")
+    ids = ids_path.read_text(encoding="utf-8").splitlines()
+    if len(ids) != matrix.shape[0]:
+        raise PipelineError(f"{ids_path} lists {len(ids)} ids for {matrix.shape[0]} rows ({path})")
+    return matrix, ids
 
-    A pooled pickle gives (n, D) and grid None; a spatial file gives (n, G, C) and [H, W].
+
+def read_rows(path, ids):
+    """Features of `ids` from any kind of features file -> (found ids, float32 array, grid or None).
+
+    A pooled pickle or features.npy gives (n, D) and grid None (from features.npy only the rows
+    of `ids` are read); a spatial file gives (n, G, C) and [H, W].
     """
+    if Path(path).suffix == ".npy":
+        mapped, file_ids = memmap_features(path)
+        row = {image_id: r for r, image_id in enumerate(file_ids)}
+        found = [i for i in ids if i in row]
+        return found, np.asarray(mapped[[row[i] for i in found]], np.float32).reshape(len(found), -1), None
     if is_spatial_file(path):
         found, grids, info = read_grids(path, ids)
         return found, grids, info["grid"]

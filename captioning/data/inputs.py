@@ -4,6 +4,7 @@ Owns how prepare_text's outputs and a features dict become what a caption model 
   load_text       meta.json, tokenizer.json, descriptions.txt, splits.json, cross-checked.
   feature_matrix  one float32 (N, D) matrix for a list of image ids (+ row of each id), from a
                   features dict (features.pkl, loaded whole: the course's Flickr8k format).
+  pooled_rows     either of the two by the file's suffix (every trainer's entry point).
   mapped_matrix   the same for features.npy (extract_features.py --output X.npy or a merge of
                   parts): the read-only memory map itself, nothing read until a batch takes
                   its rows, so memory does not grow with the dataset.
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning.data import text
+from captioning.data.features import load_features, memmap_features
 from captioning.utils import PipelineError
 
 BUCKET_POOL = 20   # batches per length-sorted pool: bigger = less padding, less random
@@ -84,28 +86,6 @@ def feature_matrix(features, ids, max_missing, where):
     return np.stack(rows), {i: r for r, i in enumerate(present)}, missing
 
 
-def memmap_features(path):
-    """features.npy -> (read-only memory map float32 (N, D), ids (N,) from <stem>.ids.txt);
-    one-line PipelineErrors for a missing or malformed file or an id list of another length."""
-    path = Path(path)
-    ids_path = path.with_suffix(".ids.txt")
-    if not path.is_file():
-        raise PipelineError(f"features file not found ({path})")
-    try:
-        matrix = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise PipelineError(f"not a .npy features file ({path}: {exc})") from None
-    if matrix.ndim != 2 or matrix.dtype != np.float32:
-        raise PipelineError(f"features.npy must be float32 (N, D), got {matrix.dtype} "
-                            f"{matrix.shape} ({path})")
-    if not ids_path.is_file():
-        raise PipelineError(f"missing the id list of {path.name} ({ids_path})")
-    ids = ids_path.read_text(encoding="utf-8").splitlines()
-    if len(ids) != matrix.shape[0]:
-        raise PipelineError(f"{ids_path} lists {len(ids)} ids for {matrix.shape[0]} rows ({path})")
-    return matrix, ids
-
-
 def mapped_matrix(path, ids, max_missing, where):
     """feature_matrix for features.npy: (the memory map, row_of_id = each id's row in the file,
     missing ids). Batches copy out only their own rows."""
@@ -114,6 +94,15 @@ def mapped_matrix(path, ids, max_missing, where):
     present = [i for i in ids if i in row_in_file]
     missing = check_missing(ids, present, max_missing, where)
     return matrix, {i: row_in_file[i] for i in present}, missing
+
+
+def pooled_rows(path, ids, max_missing):
+    """(float32 (N, D), row_of_id, missing ids) of a pooled features file: features.npy as its
+    read-only memory map (mapped_matrix: rows read by the batches that take them, so memory does
+    not grow with the dataset), a features pickle loaded whole (feature_matrix)."""
+    if Path(path).suffix == ".npy":
+        return mapped_matrix(path, ids, max_missing, str(path))
+    return feature_matrix(load_features(path), ids, max_missing, str(path))
 
 
 def encode_split(image_ids, row_of_id, descriptions, tokenizer, max_length):

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.data.features import load_features
-from captioning.data.inputs import encode_split, feature_matrix, load_text, plan_batches
+from captioning.data.inputs import encode_split, load_text, plan_batches, pooled_rows
 from captioning.retrieval import ranking, vse
 from captioning.training.run_folder import LAST_FILE, RunFolder, Selection
 from captioning.training.trainer import seed_everything
@@ -72,10 +71,8 @@ def prepare_inputs(args):
     """(features matrix, train examples, dev examples, config) from train_retrieval.py's
     namespace (features, data_dir, max_missing, backbone, embed_dim, word_dim, margin)."""
     meta, tokenizer, descriptions, splits = load_text(args.data_dir)
-    features = load_features(args.features)
     wanted = list(splits["train"]) + list(splits["dev"])
-    matrix, row_of_id, missing = feature_matrix(features, wanted, args.max_missing, str(args.features))
-    del features
+    matrix, row_of_id, missing = pooled_rows(args.features, wanted, args.max_missing)
     if missing:
         print(f"warning: {len(missing)} of {len(wanted)} train/dev images have no features; "
               f"skipped (first: {missing[0]})", file=sys.stderr)

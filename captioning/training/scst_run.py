@@ -14,7 +14,6 @@ import sys
 import numpy as np
 
 from captioning.data import inputs, text
-from captioning.data.features import load_features
 from captioning.models import registry
 from captioning.training import scst
 from captioning.training.run_folder import LAST_FILE, RunFolder, Selection
@@ -40,11 +39,9 @@ def load_inputs(args):
     splits = text.load_splits(args.data_dir)
     descriptions = text.load_descriptions(args.data_dir / "descriptions.txt")
     references = text.load_references(args.data_dir)
-    features = load_features(args.features)
     wanted = list(splits["train"]) + list(splits["dev"])
     # max_missing 0: an image of the split without features is an error, not a silent skip
-    matrix, row_of_id, _ = inputs.feature_matrix(features, wanted, 0.0, str(args.features))
-    del features
+    matrix, row_of_id, _ = inputs.pooled_rows(args.features, wanted, 0.0)
     if matrix.shape[1] != config["feature_dim"]:
         raise PipelineError(f"features have width {matrix.shape[1]} but model {init_dir} was trained "
                             f"on {config['feature_dim']}-d features ({args.features})")

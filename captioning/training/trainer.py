@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning.data import grid_inputs, inputs, text
-from captioning.data.features import is_spatial_file, load_features, recorded_backbone
+from captioning.data.features import is_spatial_file, recorded_backbone
 from captioning.data.spatial import SpatialFeatures
 from captioning.evaluation import metrics
 from captioning.inference import decoding
@@ -123,15 +123,12 @@ def pooled_matrix(path, wanted, max_missing, variant):
     """(float32 (N, D), row_of_id, missing ids) of a features pickle, or of a features.npy as a
     read-only memory map (its rows are read by the batches that use them); a spatial file given
     to a pooled variant is a one-line error with its shape."""
-    if Path(path).suffix == ".npy":
-        return inputs.mapped_matrix(path, wanted, max_missing, str(path))
     if is_spatial_file(path):
         with SpatialFeatures(path) as grids:
             shape = (len(grids.ids), *grids.grid, grids.width)
         raise PipelineError(f"spatial grids {shape} given to the {variant} model, which needs "
                             f"pooled features (N, D): use the features pickle ({path})")
-    features = load_features(path)
-    return inputs.feature_matrix(features, wanted, max_missing, str(path))
+    return inputs.pooled_rows(path, wanted, max_missing)
 
 
 def prepare_inputs(args, variant=None):
