@@ -200,6 +200,14 @@ def weights_fingerprint(weights, seed, backbone=BACKBONE):
     return backbones.weights_fingerprint(backbone, weights, seed)
 
 
+def features_fingerprint(backbone, weights, seed, resize_filter):
+    """Everything extracted features depend on (weights, resizing, preprocessing, layer): a run
+    resumes, or a part file joins a merge, only under the same string."""
+    encoder = backbones.get(backbone)
+    return (f"{weights_fingerprint(weights, seed, backbone)}; resize={resize_filter}; "
+            f"preprocess={encoder.preprocess_name}; layer={encoder.pooled_layer}")
+
+
 def load_partial(path, fingerprint):
     """The features a stopped run checkpointed, or {} when there is no checkpoint."""
     if not path.is_file():
@@ -242,6 +250,58 @@ def sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, handler)
 
 
+def checkpointed_extract(pending, done, partial, fingerprint, grids, checkpoint_every, open_model,
+                         workers=None, **extract_kwargs):
+    """extract() over `pending` into the dict `done` (and the SpatialWriter `grids`, or None),
+    checkpointing `done` to `partial` (restricted pickle, with `fingerprint`) and committing the
+    grids every `checkpoint_every` images and on any interruption (Ctrl-C, SIGTERM, an error),
+    so a rerun resumes from the last finished batch. Shared by extract_folder and the part files
+    of captioning/encoders/shards.py.
+
+    open_model() -> (model, predict) is called only when there is work; workers None = one
+    decoding thread per decode_threads(predict). extract_kwargs: extract()'s batch_size,
+    resize_filter, progress, backbone. Returns (failures [(path, reason)], seconds of
+    extraction, predict or None, workers used or None).
+    """
+    failures, since, seconds, predict = [], [0], 0.0, None
+
+    def checkpoint():
+        save_partial(partial, fingerprint, done)
+        if grids is not None:
+            grids.commit()   # the grids of exactly the images the pickle checkpoint holds
+        since[0] = 0
+
+    def on_batch(new, new_failures, new_grids):
+        if grids is not None and new_grids:
+            grids.append(new_grids)
+        done.update(new)
+        failures.extend(new_failures)
+        since[0] += len(new) + len(new_failures)
+        if since[0] >= checkpoint_every:
+            checkpoint()
+
+    previous_handler = sigterm_as_interrupt()
+    try:
+        if pending:
+            model, predict = open_model()
+            if workers is None:
+                workers = decode_threads(predict)
+            start = time.perf_counter()  # the rate is extraction only, not the model build
+            extract(model, pending, workers=workers, on_batch=on_batch, predict=predict,
+                    **extract_kwargs)
+            seconds = time.perf_counter() - start
+    except BaseException:
+        if since[0]:
+            checkpoint()  # keep every finished batch
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if grids is not None:
+            grids.close()
+    return failures, seconds, predict, workers
+
+
 def extract_folder(args, log=lambda line: print(line, file=sys.stderr)):
     """Extract every image of a folder into args.output (and args.spatial), resuming a stopped run.
 
@@ -264,9 +324,7 @@ def extract_folder(args, log=lambda line: print(line, file=sys.stderr)):
         log(f"note: {note}")
     encoder = backbones.get(backbone)
     weights_id = weights_fingerprint(args.weights, args.seed, backbone)
-    fingerprint = (f"{weights_id}; "
-                   f"resize={args.resize_filter}; preprocess={encoder.preprocess_name}; "
-                   f"layer={encoder.pooled_layer}")
+    fingerprint = features_fingerprint(backbone, args.weights, args.seed, args.resize_filter)
 
     done = {}
     if not args.overwrite:
@@ -283,46 +341,16 @@ def extract_folder(args, log=lambda line: print(line, file=sys.stderr)):
     log(f"{len(paths)} images in {args.images}: {resumed} already done, {len(pending)} to go "
         f"({backbone})")
 
-    failures, since_checkpoint, seconds, runtime = [], [0], 0.0, "none (nothing to compute)"
+    def open_model():
+        model = build_model(args.weights, args.seed, backbone,
+                            "both" if spatial is not None else "pooled")
+        return model, make_predict_fn(model, args.runtime, f"{weights_id}; {backbone}")
 
-    def checkpoint():
-        save_partial(partial, fingerprint, done)
-        if spatial is not None:
-            spatial.commit()   # the grids of exactly the images the pickle checkpoint holds
-        since_checkpoint[0] = 0
-
-    def on_batch(new, new_failures, new_grids):
-        if spatial is not None and new_grids:
-            spatial.append(new_grids)
-        done.update(new)
-        failures.extend(new_failures)
-        since_checkpoint[0] += len(new) + len(new_failures)
-        if since_checkpoint[0] >= args.checkpoint_every:
-            checkpoint()
-
-    previous_handler = sigterm_as_interrupt()
-    try:
-        if pending:
-            model = build_model(args.weights, args.seed, backbone,
-                                "both" if spatial is not None else "pooled")
-            predict = make_predict_fn(model, args.runtime, f"{weights_id}; {backbone}")
-            runtime = predict.description
-            if args.workers is None:
-                args.workers = decode_threads(predict)
-            start = time.perf_counter()  # the rate below is extraction only, not the model build
-            extract(model, pending, batch_size=args.batch_size, workers=args.workers,
-                    resize_filter=args.resize_filter, on_batch=on_batch, progress=True,
-                    backbone=backbone, predict=predict)
-            seconds = time.perf_counter() - start
-    except BaseException:
-        if since_checkpoint[0]:
-            checkpoint()  # keep every finished batch
-        raise
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-        if spatial is not None:
-            spatial.close()
+    failures, seconds, predict, args.workers = checkpointed_extract(
+        pending, done, partial, fingerprint, spatial, args.checkpoint_every, open_model,
+        workers=args.workers, batch_size=args.batch_size, resize_filter=args.resize_filter,
+        progress=True, backbone=backbone)
+    runtime = predict.description if predict is not None else "none (nothing to compute)"
 
     if not done:
         raise PipelineError(f"no image in {args.images} could be read ({len(failures)} skipped)")

@@ -61,11 +61,9 @@ import hashlib
 import json
 import os
 import re
-import signal
 import socket
 import sys
 import threading
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,10 +101,7 @@ class Settings:
 
     def fingerprint(self):
         """What the features depend on; the same string extract_folder records."""
-        encoder = backbones.get(self.backbone)
-        return (f"{ef.weights_fingerprint(self.weights, self.seed, self.backbone)}; "
-                f"resize={self.resize_filter}; preprocess={encoder.preprocess_name}; "
-                f"layer={encoder.pooled_layer}")
+        return ef.features_fingerprint(self.backbone, self.weights, self.seed, self.resize_filter)
 
 
 # ---- which images a shard takes -----------------------------------------------------------------
@@ -244,44 +239,19 @@ def extract_part(index, shards, share, parts_dir, settings, overwrite=False, pro
     log(f"{name}: {len(share)} images, {len(share) - len(pending)} already done, "
         f"{len(pending)} to go ({settings.backbone})")
 
-    failures, since, seconds, runtime = [], [0], 0.0, "none (nothing to compute)"
-    built = False
+    built = []
 
-    def checkpoint():
-        ef.save_partial(checkpoint_path, fingerprint, done)
-        if grids is not None:
-            grids.commit()      # the grids of exactly the images the checkpoint holds
-        since[0] = 0
+    def open_model():
+        model, predict, was_built = cached_model(settings)
+        built.append(was_built)
+        return model, predict
 
-    def on_batch(new, new_failures, new_grids):
-        if grids is not None and new_grids:
-            grids.append(new_grids)
-        done.update(new)
-        failures.extend(new_failures)
-        since[0] += len(new) + len(new_failures)
-        if since[0] >= settings.checkpoint_every:
-            checkpoint()
-
-    previous_handler = ef.sigterm_as_interrupt()
-    try:
-        if pending:
-            model, predict, built = cached_model(settings)
-            runtime = predict.description
-            workers = settings.workers or ef.decode_threads(predict)
-            start = time.perf_counter()
-            ef.extract(model, pending, batch_size=settings.batch_size, workers=workers,
-                       resize_filter=settings.resize_filter, on_batch=on_batch,
-                       progress=progress, backbone=settings.backbone, predict=predict)
-            seconds = time.perf_counter() - start
-    except BaseException:
-        if since[0]:
-            checkpoint()        # keep every finished batch for the rerun
-        raise
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-        if grids is not None:
-            grids.close()
+    failures, seconds, predict, _ = ef.checkpointed_extract(
+        pending, done, checkpoint_path, fingerprint, grids, settings.checkpoint_every, open_model,
+        workers=settings.workers or None, batch_size=settings.batch_size,
+        resize_filter=settings.resize_filter, progress=progress, backbone=settings.backbone)
+    runtime = predict.description if predict is not None else "none (nothing to compute)"
+    built = bool(built and built[0])
 
     ids = [p.stem for p in share if p.stem in done]
     if not ids:
