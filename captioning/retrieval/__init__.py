@@ -1,1 +1,1 @@
-"""Image-sentence retrieval: the VSE++ embedding, ranking, the vector index, image search."""
+"""Image-sentence retrieval: the VSE++ embedding and its trainer, ranking, the vector index, search."""
