@@ -61,11 +61,10 @@ HISTORY_FIELDS = ["epoch", "loss", "val_loss", "dev_bleu4", "seconds", "lr"]
 # settings that must match for a rerun to resume the run in a folder
 RESUME_KEYS = ("variant", "mode", "embed_dim", "units", "dropout", "batch_size", "learning_rate",
                "label_smoothing", "seed", "features_sha256", "tokenizer_sha256", "select_by")
-# the grid variants' sizes, compared through model.json alone (absent for merge/inject)
-GRID_RESUME_KEYS = ("grid", "annotation_dim", "attention_dim", "penalty", "d_model", "heads",
-                    "encoder_layers", "decoder_layers", "ff_dim")
-TRANSFORMER_KEYS = ("d_model", "heads", "encoder_layers", "decoder_layers", "ff_dim")
-ATTENTION_KEYS = ("annotation_dim", "attention_dim", "penalty")
+# the grid variants' sizes (from the registry), compared through model.json alone (absent for
+# merge/inject)
+GRID_RESUME_KEYS = ("grid", *dict.fromkeys(key for name in registry.GRID_VARIANTS
+                                           for key in registry.OPTIONS[name] if key not in RESUME_KEYS))
 
 
 def seed_everything(seed):
@@ -108,15 +107,10 @@ def features_path(args, variant):
 
 
 def model_options(args, variant):
-    """model.json's size fields of `variant`, from train.py's options. The transformer has its
-    own sizes and dropout (--transformer-dropout); attention adds three to merge/inject's."""
-    if variant == "transformer":
-        return {**{key: getattr(args, key) for key in TRANSFORMER_KEYS},
-                "dropout": args.transformer_dropout}
-    options = {"embed_dim": args.embed_dim, "units": args.units, "dropout": args.dropout}
-    if variant == "attention":
-        options.update({key: getattr(args, key) for key in ATTENTION_KEYS})
-    return options
+    """model.json's size fields of `variant` (the registry's options), from train.py's options;
+    the transformer's dropout is --transformer-dropout."""
+    return {key: args.transformer_dropout if (variant, key) == ("transformer", "dropout")
+            else getattr(args, key) for key in registry.OPTIONS[variant]}
 
 
 def pooled_matrix(path, wanted, max_missing, variant):
