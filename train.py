@@ -7,9 +7,15 @@ Usage:
     python train.py --variant transformer --features data/spatial.h5 --data-dir data/
     python train.py ... --cv 5 --variants merge,inject,attention,transformer \
         --features data/features.pkl --spatial data/spatial.h5 --cv-epochs 3 --cv-subset 2000
+    python train.py ... --recipe tutorial          # the course's plain recipe (see below)
     python train.py ... --local-workers 2          # two workers on this machine, one run
     TF_CONFIG='{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker",
         "index": 0}}' python train.py ...           # on each machine, its own index
+
+Recipe: with no options the run uses the best recipe measured (--recipe best: label smoothing
+0.1, the epoch of the best dev greedy BLEU-4 kept); --recipe tutorial is the course's plain
+cross-entropy with the epoch of the lowest dev loss. --label-smoothing / --select-by override
+either.
 
 Several workers (docs/distributed.md): when TF_CONFIG names several workers, every worker runs
 the same command (paths may differ, the files' checksums may not); --batch-size is then the
@@ -65,11 +71,10 @@ import sys
 from pathlib import Path
 
 from captioning.models.registry import OPTIONS as GRID_OPTIONS
-from captioning.models.registry import (DROPOUT, EMBED_DIM, LABEL_SMOOTHING, LEARNING_RATE, MODE, MODES,
-                                        UNITS, VARIANTS)
+from captioning.models.registry import DROPOUT, EMBED_DIM, LEARNING_RATE, MODE, MODES, UNITS, VARIANTS
 from captioning.training import distributed, trainer
 from captioning.training.trainer import (BATCH_SIZE, CV_EPOCHS, CV_SUBSET, CV_VARIANTS, EPOCHS, MAX_MISSING,
-                                         PATIENCE, SEED, SELECT_BY)
+                                         PATIENCE, RECIPE, RECIPES, SEED, SELECT_BY_CHOICES)
 from captioning.utils import HelpFormatter, PipelineError, keras_verbose, run_cli
 
 FEATURES = "data/features.pkl"  # extract_features.py default output; ../shared/... for real features
@@ -113,11 +118,17 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=EPOCHS, help="total epochs (a rerun continues up to it)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="captions per batch (sequence mode)")
     p.add_argument("--learning-rate", type=float, default=LEARNING_RATE, help="Adam")
-    p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help="0 = plain cross-entropy")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=RECIPE,
+                   help="defaults of --label-smoothing and --select-by: best = "
+                        + ", ".join(f"{k} {v}" for k, v in RECIPES["best"].items())
+                        + " (the best measured); tutorial = the course's plain cross-entropy, "
+                          "epoch by dev loss")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help="0 = plain cross-entropy (default: the recipe's)")
     p.add_argument("--patience", type=int, default=PATIENCE, help="early stopping, in epochs")
-    p.add_argument("--select-by", choices=("loss", "bleu"), default=SELECT_BY,
+    p.add_argument("--select-by", choices=SELECT_BY_CHOICES, default=None,
                    help="keep the epoch with the lowest dev loss, or the highest dev BLEU-4 "
-                        "(greedy, standard; a few seconds per epoch)")
+                        "(greedy, standard; a few seconds per epoch) (default: the recipe's)")
     p.add_argument("--seed", type=int, default=SEED, help="same seed, same weights")
     p.add_argument("--max-missing", type=float, default=MAX_MISSING,
                    help="largest fraction of train+dev images allowed to lack features")

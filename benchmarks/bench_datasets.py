@@ -230,7 +230,7 @@ def train_args(variant, features, data_dir):
         **registry.OPTIONS["attention"] if variant == "attention" else registry.OPTIONS["merge"],
         **{key: value for key, value in transformer.items() if key != "dropout"},
         transformer_dropout=transformer["dropout"], learning_rate=registry.LEARNING_RATE,
-        label_smoothing=registry.LABEL_SMOOTHING, batch_size=trainer.BATCH_SIZE, seed=trainer.SEED)
+        label_smoothing=trainer.RECIPES[trainer.RECIPE]["label_smoothing"], batch_size=trainer.BATCH_SIZE, seed=trainer.SEED)
 
 
 def train_steps(variant, features, data_dir, batches):

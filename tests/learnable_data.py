@@ -25,7 +25,7 @@ SPLIT_SIZES = {"train": 8, "dev": 2, "test": 2}   # images per kind
 FEATURE_DIM = 8
 # a small model and a high learning rate: it learns the three kinds in ~8 epochs of 15 batches
 TRAIN_ARGS = ["--embed-dim", "16", "--units", "32", "--batch-size", "8", "--learning-rate", "0.01",
-              "--dropout", "0.1", "--seed", "5", "--verbose", "0"]
+              "--dropout", "0.1", "--seed", "5", "--verbose", "0", "--recipe", "tutorial"]
 
 
 def make_learnable(root, seed=0):

@@ -31,7 +31,7 @@ from captioning.utils import PipelineError, run_cli
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "a dog cat runs sits on the grass red ball man rides bike in water jumps over".split()
 TINY = ["--embed-dim", "8", "--units", "8", "--batch-size", "8", "--verbose", "0", "--seed", "3",
-        "--connect-timeout", "60"]
+        "--connect-timeout", "60", "--recipe", "tutorial"]
 GRID = ["--annotation-dim", "8", "--attention-dim", "8", "--penalty", "1.0"]
 LIMIT = 300          # seconds for one multi-process command on 2 shared cores (they take ~40-60)
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

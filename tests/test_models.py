@@ -212,3 +212,15 @@ def test_multi_head_attention_private_compute_attention_is_as_the_code_expects()
         if scores:
             assert weights.shape == (3, 2, 2, 5)                  # (B, heads, T, S)
             np.testing.assert_allclose(weights, expected_weights, atol=1e-6)
+
+
+def test_train_py_defaults_are_the_best_recipe_and_the_tutorial_is_one_option_away():
+    import train
+    best = train.parse_args(["--features", "f.pkl"])
+    assert (best.recipe, best.label_smoothing, best.select_by) == ("best", 0.1, "bleu")
+    tutorial = train.parse_args(["--features", "f.pkl", "--recipe", "tutorial"])
+    assert (tutorial.label_smoothing, tutorial.select_by) == (0.0, "loss")
+    # an option given on the command line wins over its recipe
+    mixed = train.parse_args(["--features", "f.pkl", "--recipe", "tutorial", "--select-by", "bleu"])
+    assert (mixed.label_smoothing, mixed.select_by) == (0.0, "bleu")
+    assert train.parse_args(["--features", "f.pkl", "--label-smoothing", "0"]).label_smoothing == 0.0

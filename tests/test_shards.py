@@ -371,7 +371,8 @@ def test_training_reads_the_merged_files_per_batch(tiny, tmp_path, capsys):
         "lite0", "--weights", "none", "--runtime", "tf", "--output", str(tmp_path / "f.pkl"),
         "--spatial", str(tmp_path / "g.h5")]) == 0
     small = ["--data-dir", str(data), "--output-dir", str(tmp_path / "models"), "--epochs", "2",
-             "--embed-dim", "8", "--units", "8", "--batch-size", "4", "--verbose", "0"]
+             "--embed-dim", "8", "--units", "8", "--batch-size", "4", "--verbose", "0",
+             "--recipe", "tutorial"]
     for name, features in (("npy", "f.npy"), ("pkl", "f.pkl")):
         assert train.main(["--features", str(tmp_path / features), "--name", name, *small]) == 0
     history = [(tmp_path / "models" / name / "history.csv").read_text().splitlines()
