@@ -1,10 +1,10 @@
 """Search a folder of photos by a sentence, or find the training captions closest to a photo.
 
 Usage:
-    python search_images.py "a dog jumping into water" --images DIR [--model models/vse] [--top 10]
+    python search_images.py "a dog jumping into water" --images DIR [--model DIR] [--top 10]
     python search_images.py "two children on a beach" --images ../shared/flickr8k/Flicker8k_Dataset \\
         --features ../shared/flickr8k/features_efficientnet_lite0.pkl
-    python search_images.py --image photo.jpg [--model models/vse] [--images TRAINING_IMAGES_DIR]
+    python search_images.py --image photo.jpg [--model DIR] [--images TRAINING_IMAGES_DIR]
 
 Text query: every image directly in --images is embedded once (then read from the cache), the
 query sentence is embedded, and the --top closest images are printed, best first, as
@@ -13,7 +13,8 @@ photo is embedded, and the closest training captions and training images are pri
 shown, with thumbnails when --images holds the training images).
 
 Reads:
-    --model DIR      train_retrieval.py's run folder: model.keras + model.json.
+    --model DIR      train_retrieval.py's run folder: model.keras + model.json. Default: the
+                     shipped pretrained/vse-lite0 (Lite0 features; tokenizer.json beside it).
     --data-dir DIR   tokenizer.json (+ descriptions.txt, splits.json for --image); default the
                      data_dir recorded in model.json. Its tokenizer must be the model's.
     --images DIR     the photos (image files directly in DIR), embedded through the extractor of
@@ -31,10 +32,9 @@ from pathlib import Path
 
 from captioning.retrieval import vector_index
 from captioning.retrieval.folder_search import (CACHE_DIR, INDEX, WEIGHTS, FolderSearch, contact_sheet,
-                                                images_by_id)
+                                                default_model, images_by_id)
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
-MODEL_DIR = "models/vse"
 TOP = 10
 HTML = "results/search.html"
 
@@ -46,7 +46,8 @@ def parse_args(argv):
     p.add_argument("--images", default=None, help="folder of photos to search (with --image: the "
                    "training images, for thumbnails)")
     p.add_argument("--image", default=None, help="reverse search: a photo -> closest training captions/images")
-    p.add_argument("--model", default=MODEL_DIR, help="train_retrieval.py run folder")
+    p.add_argument("--model", default=None, help="train_retrieval.py run folder (default: the shipped "
+                   "pretrained/vse-lite0)")
     p.add_argument("--data-dir", default=None, help="prepare_text.py folder (default: the data_dir recorded in model.json)")
     p.add_argument("--top", type=int, default=TOP, help="matches to show")
     p.add_argument("--features", default=None, help="precomputed features pickle for the photos")
@@ -111,7 +112,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.query is not None and not args.query.strip():
         raise PipelineError("empty query: give a sentence to search for")
-    search = FolderSearch(args.model, args.data_dir, args.features, args.weights, args.cache_dir,
+    search = FolderSearch(args.model or default_model(), args.data_dir, args.features, args.weights, args.cache_dir,
                           args.index)
     if args.query is not None:
         search_text(search, args)

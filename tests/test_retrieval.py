@@ -15,7 +15,7 @@ import pytest
 import evaluate_retrieval
 import search_images
 import train_retrieval
-from captioning.retrieval import caption_scoring, folder_search, protocol
+from captioning.retrieval import caption_scoring, folder_search, protocol, rerank
 from captioning.models import registry
 from captioning.retrieval import ranking
 from captioning.retrieval import vse
@@ -175,6 +175,80 @@ def test_captioner_scores_fast_path_equals_the_keras_model():
     assert fast[1, 1] == pytest.approx((np.log(probs[0, 6]) + np.log(probs[1, 2])) / 2, abs=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["merge", "inject"])
+def test_pair_scores_are_the_full_matrix_at_those_pairs(variant):
+    config = {"variant": variant, "mode": "sequence", "feature_dim": 6, "vocab_size": 9,
+              "max_length": 8, "embed_dim": 4, "units": 5, "dropout": 0.0}
+    import keras
+    keras.utils.set_random_seed(0)
+    model = registry.build_model(variant, 6, 9, 8, embed_dim=4, units=5, dropout=0.0)
+    features = np.random.default_rng(2).normal(size=(4, 6)).astype(np.float32)
+    tokens = [[1, 4, 5, 2], [1, 6, 2], [1, 7, 8, 4, 3, 2]]
+    full = caption_scoring.caption_scores_keras(model, features, tokens)
+    images, captions = np.array([3, 0, 1, 1, 2, 0, 3]), np.array([2, 0, 1, 2, 0, 2, 0])
+    got = caption_scoring.pair_scores(model, config, features, tokens, images, captions,
+                                      pair_budget=60, caption_chunk=2)
+    np.testing.assert_allclose(got, full[images, captions], atol=1e-5)
+    assert caption_scoring.pair_scores(model, config, features, tokens, [], []).shape == (0,)
+
+
+# ---- re-ranking text -> image by a captioner -----------------------------------------------------
+# log-likelihoods for TOY's pairs (only the top-2 candidates of each caption are read)
+TOY_LL = np.array([[-2.0, -1.0, -1.0, -1.5, -1.0, -1.0],
+                   [-1.0, -1.0, -2.0, -1.5, -3.0, -1.0],
+                   [-1.0, -1.0, -1.5, -1.0, -1.0, -2.0]])
+
+
+def reranked(cosine, likelihood, k, weight, caption_image=TOY_IMAGE):
+    """Re-ranked text -> image ranks, the likelihood of every pair given as a full matrix."""
+    rows = rerank.candidates(cosine, caption_image, k)
+    return rerank.text_to_image_ranks(cosine, caption_image, rows,
+                                      np.take_along_axis(likelihood, rows, axis=0), weight).tolist()
+
+
+def test_reranking_the_toy_matrix_by_hand():
+    # K = 2: two candidates per caption, so each z-score is +1 / -1 and the order flips at W = .5
+    #   c0 (image 0, plain 1): candidates image 0 (.9), image 1 (.5); LL -2, -1
+    #      W .4: image 0 = .4 - .6 = -.2, image 1 = -.4 + .6 = .2      -> rank 2 (moved down)
+    #   c1, c2 (plain 3): own image not among the two candidates       -> 3, 3 unchanged
+    #   c3 (image 1, plain 1): candidates image 1 (.3), image 0 (.2); LL equal, z 0 -> rank 1
+    #   c4 (image 2, plain 2): candidates image 1 (.7), image 2 (.35); LL -3, -1
+    #      W .4: image 1 = .4 - .6 = -.2, image 2 = .2                   -> rank 1 (moved up)
+    #   c5 (image 2, plain 2): candidates image 0 (.4), image 2 (.25); LL -1, -2 -> stays 2
+    assert reranked(TOY, TOY_LL, 2, 0.4) == [2, 3, 3, 1, 1, 2]
+    assert reranked(TOY, TOY_LL, 2, 0.6) == TOY_T2I          # the embedding still outweighs
+    assert rerank.candidates(TOY, TOY_IMAGE, 2)[:, 4].tolist() == [1, 2]
+    # K = 3 on c2 (image 1, plain 3): candidates image 0 .8, image 2 .4, image 1 .1; the captioner
+    # alone (W = 0) orders them by LL: -1, -1.5, -2 -> image 1 stays 3; given the best LL -> 1
+    assert reranked(TOY, TOY_LL, 3, 0.0)[2] == 3
+    better = TOY_LL.copy()
+    better[1, 2] = 0.0
+    assert reranked(TOY, better, 3, 0.0)[2] == 1
+
+
+CAPTION_IMAGE = np.repeat(np.arange(30), 5)
+
+
+def test_reranking_with_w_1_or_k_1_is_the_plain_ranking():
+    rng = np.random.default_rng(4)
+    # cosines rounded to one decimal: many ties, including ties with the correct image
+    cosine = np.round(rng.normal(size=(30, 150)) + (np.arange(30)[:, None] == CAPTION_IMAGE[None]), 1)
+    likelihood = rng.normal(size=(30, 150))
+    plain = ranking.text_to_image_ranks(cosine, CAPTION_IMAGE).tolist()
+    for k in (1, 5, 10, 30, 100):
+        assert reranked(cosine, likelihood, k, 1.0, CAPTION_IMAGE) == plain, k
+    for weight in (0.0, 0.3, 0.9):
+        assert reranked(cosine, likelihood, 1, weight, CAPTION_IMAGE) == plain, weight
+    # W < 1 with K > 1 does move ranks, but only inside the top K
+    moved = np.array(reranked(cosine, likelihood, 5, 0.2, CAPTION_IMAGE))
+    assert moved.tolist() != plain
+    plain = np.array(plain)
+    assert np.all(moved[plain > 5] == plain[plain > 5]) and np.all(moved[plain <= 5] <= 5)
+    with pytest.raises(ValueError, match="candidates"):
+        rerank.text_to_image_ranks(cosine, CAPTION_IMAGE, rerank.candidates(cosine[::-1], CAPTION_IMAGE, 5),
+                                   np.zeros((5, 150)), 0.5)
+
+
 # ---- end to end on real data -------------------------------------------------------------------
 def load_lite0(flickr8k_dir):
     path = flickr8k_dir / LITE0
@@ -283,10 +357,10 @@ def test_evaluate_writes_results_that_match_the_metrics(tiny_model, small_set, c
     assert results["embedding"]["text_to_image"]["mean_rank"] == pytest.approx(np.mean(t2i), abs=1e-3)
 
 
-@pytest.mark.slow
-def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, capsys):
-    # an untrained merge captioner in train.py's run-folder layout (its ranks are not the point:
-    # the wiring is - subset, columns, its own tokenizer, the fast scorer)
+@pytest.fixture(scope="module")
+def untrained_captioner(small_set):
+    """(keras model, run folder): an untrained merge captioner in train.py's run-folder layout
+    (its ranks are not the point: the wiring is)."""
     import keras
     keras.utils.set_random_seed(5)
     meta = text.load_meta(small_set / "data")
@@ -299,6 +373,13 @@ def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, capsys):
                                        "embed_dim": 8, "units": 8, "dropout": 0.5,
                                        "tokenizer_sha256": meta["tokenizer_sha256"],
                                        "data_dir": str(small_set / "data")})
+    return captioner, folder
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, untrained_captioner, capsys):
+    # the wiring: subset, columns, the captioner's own tokenizer, the fast scorer
+    captioner, folder = untrained_captioner
     out = small_set / "results_cap"
     assert evaluate_retrieval.main(["--model", str(tiny_model), "--split", "test", "--output", str(out),
                                     "--captioner", str(folder), "--captioner-images", "20"]) == 0
@@ -319,6 +400,97 @@ def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, capsys):
         assert subset["captioner"][direction]["r5"] == pytest.approx(expected[direction]["r5"])
     # the embedding on the same subset is the full matrix's top-left block
     assert subset["embedding"]["text_to_image"]["queries"] == 100
+
+
+@pytest.mark.slow
+def test_evaluate_reranks_text_to_image_with_a_captioner(tiny_model, small_set, untrained_captioner, capsys):
+    captioner, folder = untrained_captioner
+    out = small_set / "results_rerank"
+    assert evaluate_retrieval.main(["--model", str(tiny_model), "--split", "test", "--output", str(out),
+                                    "--rerank-captioner", str(folder), "--rerank-top", "5",
+                                    "--rerank-weight", "1", "0.3", "0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    plain, rr = results["embedding"], results["rerank"]
+    assert rr["top_k"] == 5 and [row["weight"] for row in rr["by_weight"]] == [1.0, 0.3, 0.0]
+    assert rr["pairs"] == 5 * rr["captions_rescored"] and rr["captions_rescored"] == round(
+        plain["text_to_image"]["r5"] * plain["text_to_image"]["queries"] / 100)
+    printed = capsys.readouterr().out
+    assert "re-ranked top 5, W 0.3" in printed and "embedding, 100 images" in printed
+    # W = 1 is the embedding's ranking; R@5 and R@10 cannot move with K = 5
+    assert rr["by_weight"][0]["text_to_image"] == plain["text_to_image"]
+    assert all(row["image_to_text"] == plain["image_to_text"] for row in rr["by_weight"])
+    # independently: the captioner's full score matrix (caption_scores, not the pairs), then the
+    # candidates' entries of it
+    model, config, tokenizer = vse.load_embedding(tiny_model)
+    table = load_features(small_set / "lite0_small.pkl")
+    ids = text.load_splits(small_set / "data")["test"]
+    desc = text.load_descriptions(small_set / "data" / "descriptions.txt")
+    caps = [(k, c) for k, i in enumerate(ids) for c in desc[i]]
+    features = np.stack([table[i] for i in ids])
+    cosine = protocol.embedding_scores(model, config, tokenizer, features, caps)
+    tok = text.load_tokenizer(small_set / "data")
+    full = caption_scoring.caption_scores(captioner, json.loads((folder / "model.json").read_text()), features,
+                                          [text.encode_caption(tok, c) for _, c in caps])
+    caption_image = [k for k, _ in caps]
+    rows = rerank.candidates(cosine, caption_image, 5)
+    for row in rr["by_weight"][1:]:
+        ranks = rerank.text_to_image_ranks(cosine, caption_image, rows, np.take_along_axis(full, rows, axis=0),
+                                           row["weight"])
+        expected = ranking.summarize(ranks)
+        assert row["text_to_image"]["mean_rank"] == pytest.approx(expected["mean_rank"], abs=1e-6)
+        assert row["text_to_image"]["r1"] == pytest.approx(expected["r1"], abs=1e-6)
+        assert row["text_to_image"]["r5"] == plain["text_to_image"]["r5"]
+
+
+def tiny_backbone(width):
+    """A small stand-in for the model's backbone: 224x224 photos -> `width`-d vectors."""
+    import keras
+    from keras import layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((224, 224, 3))
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, strides=8)(inputs))
+    return keras.Model(inputs, layers.Dense(width)(x))
+
+
+@pytest.mark.slow
+def test_evaluate_from_photos_equals_a_features_file_of_the_same_extractor(tiny_model, small_set, flickr8k_dir,
+                                                                           tmp_path, capsys, monkeypatch):
+    from captioning.data.features import save_features
+    monkeypatch.setattr(folder_search, "build_extractor", lambda backbone, weights, seed=0: (tiny_backbone(1280), "fake"))
+    data = tmp_path / "data"
+    shutil.copytree(small_set / "data", data)
+    splits = text.load_splits(data)
+    ids = splits["test"][:6]
+    write_json(data / "splits.json", {**splits, "test": ids})
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image_id in ids:
+        shutil.copy(flickr8k_dir / "Flicker8k_Dataset" / f"{image_id}.jpg", photos)
+    base = ["--model", str(tiny_model), "--split", "test", "--data-dir", str(data)]
+    assert evaluate_retrieval.main([*base, "--images", str(photos), "--output", str(tmp_path / "a")]) == 0
+    from_photos = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert from_photos["images_dir"] == str(photos) and from_photos["features"] is None
+    # the same extractor's vectors written to a features file: the same ranks
+    config = json.loads((tiny_model / "model.json").read_text())
+    vectors, failures = folder_search.extractor_source(config, "imagenet")([photos / f"{i}.jpg" for i in ids])
+    assert not failures
+    save_features(tmp_path / "same.pkl", vectors)
+    assert evaluate_retrieval.main([*base, "--features", str(tmp_path / "same.pkl"), "--output", str(tmp_path / "b")]) == 0
+    from_file = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert (from_photos["images"], from_photos["captions"]) == (6, 30)
+    assert from_photos["embedding"] == from_file["embedding"]
+    capsys.readouterr()
+    # a missing photo of the split, then a corrupt one: one line naming the file, nothing written
+    args = [*base, "--images", str(photos), "--output", str(tmp_path / "c")]
+    (photos / f"{ids[2]}.jpg").rename(tmp_path / "aside.jpg")
+    assert run_cli(evaluate_retrieval.main, args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: missing photo {photos / (ids[2] + '.jpg')} of image {ids[2]} (split test)"
+    (photos / f"{ids[2]}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert run_cli(evaluate_retrieval.main, args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot use photo {photos / (ids[2] + '.jpg')} of split test: cannot read image")
+    assert "\n" not in err and not (tmp_path / "c").exists()
 
 
 @pytest.fixture()
@@ -387,15 +559,6 @@ def test_search_bad_queries_are_one_line(tiny_model, small_set, photo_folder, tm
 
 def test_search_with_an_extractor_skips_broken_files_and_checks_width(tiny_model, small_set, photo_folder,
                                                                       tmp_path, capsys, monkeypatch):
-    import keras
-    from keras import layers
-
-    def tiny_backbone(width):
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((224, 224, 3))
-        x = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, strides=8)(inputs))
-        return keras.Model(inputs, layers.Dense(width)(x))
-
     monkeypatch.setattr(folder_search, "build_extractor", lambda backbone, weights, seed=0: (tiny_backbone(1280), "fake"))
     assert search(tiny_model, small_set, tmp_path, "a dog", "--images", str(photo_folder), "--top", "2") == 0
     out, err = capsys.readouterr()
@@ -432,6 +595,33 @@ def test_search_with_the_real_lite0_extractor_matches_the_shared_features(tiny_m
     assert [line.split("\t")[2] for line in out.splitlines()] == [line.split("\t")[2] for line in reference.splitlines()]
     np.testing.assert_allclose([float(line.split("\t")[1]) for line in out.splitlines()],
                                [float(line.split("\t")[1]) for line in reference.splitlines()], atol=0.02)
+
+
+def test_search_without_a_model_uses_the_shipped_one(tiny_model, small_set, photo_folder, tmp_path, capsys,
+                                                    monkeypatch):
+    query = ["a dog runs through the grass", "--images", str(photo_folder), "--top", "3",
+             "--features", str(small_set / "lite0_small.pkl"), "--cache-dir", str(tmp_path / "cache"),
+             "--html", str(tmp_path / "sheet.html")]
+    if not folder_search.PRETRAINED_MODEL.exists():
+        assert run_cli(search_images.main, query) == 1
+        assert capsys.readouterr().err.strip() == ("error: no retrieval model at pretrained/vse-lite0; train one "
+                                                   "with train_retrieval.py or pass --model")
+    shipped = tmp_path / "pretrained" / "vse-lite0"
+    monkeypatch.setattr(folder_search, "PRETRAINED_MODEL", shipped)
+    assert run_cli(search_images.main, query) == 1
+    assert capsys.readouterr().err.strip() == (f"error: no retrieval model at {shipped}; train one with "
+                                               f"train_retrieval.py or pass --model")
+    # a shipped folder: the model files and the tokenizer beside them, no data_dir of the trainer's
+    shipped.mkdir(parents=True)
+    for name in ("model.keras", "model.json"):
+        shutil.copy(tiny_model / name, shipped / name)
+    shutil.copy(small_set / "data" / "tokenizer.json", shipped / "tokenizer.json")
+    config = json.loads((shipped / "model.json").read_text())
+    write_json(shipped / "model.json", {**config, "data_dir": str(tmp_path / "not-here")})
+    assert run_cli(search_images.main, query) == 0
+    shipped_out = capsys.readouterr().out
+    assert search(tiny_model, small_set, tmp_path, *query[:7]) == 0
+    assert capsys.readouterr().out == shipped_out and len(shipped_out.splitlines()) == 3
 
 
 def test_a_model_of_unknown_backbone_needs_precomputed_features(tiny_model, photo_folder, small_set, tmp_path,

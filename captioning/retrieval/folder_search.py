@@ -48,11 +48,24 @@ WEIGHTS = "imagenet"            # extractor weights (extract_features.py): image
 CACHE_DIR = "data/search_cache"
 INDEX = "auto"                  # numpy | faiss | auto (faiss for very large folders, if installed)
 CACHE_VERSION = 1               # bump when the cache layout changes: older files are rebuilt
+# The retrieval model shipped in the repository (Lite0 features, tokenizer.json beside it):
+# search_images.py's model when --model is not given.
+PRETRAINED_MODEL = Path(__file__).resolve().parents[2] / "pretrained" / "vse-lite0"
 
 
 def note(line):
     """Progress notes go to stderr: stdout holds only the results."""
     print(line, file=sys.stderr)
+
+
+def default_model():
+    """The shipped retrieval model's folder, or PipelineError saying how to get a model."""
+    folder = Path(PRETRAINED_MODEL)
+    if not (folder / vse.CONFIG_FILE).is_file():
+        repo = Path(__file__).resolve().parents[2]
+        shown = folder.relative_to(repo) if folder.is_relative_to(repo) else folder
+        raise PipelineError(f"no retrieval model at {shown}; train one with train_retrieval.py or pass --model")
+    return folder
 
 
 # ---- image features ----------------------------------------------------------------------------

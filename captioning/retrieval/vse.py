@@ -180,8 +180,9 @@ def embed_captions(encoder, token_lists, batch=EMBED_BATCH):
 def load_embedding(model_dir, tokenizer_path=None):
     """(keras joint model, model.json config, tokenizer) of a train_retrieval.py run folder.
 
-    tokenizer_path: tokenizer.json or the folder holding it (default: the data_dir recorded in
-    model.json). Its sha256 must be the one the model was trained with, else PipelineError.
+    tokenizer_path: tokenizer.json or the folder holding it (default: a tokenizer.json beside
+    the model, as a shipped model has, else the data_dir recorded in model.json). Its sha256
+    must be the one the model was trained with, else PipelineError.
     """
     import keras
     model_dir = Path(model_dir)
@@ -191,6 +192,8 @@ def load_embedding(model_dir, tokenizer_path=None):
                             f"{config.get('kind')!r}, expected {MODEL_KIND!r})")
     if not (model_dir / MODEL_FILE).is_file():
         raise PipelineError(f"missing file {model_dir / MODEL_FILE}")
+    if tokenizer_path is None and (model_dir / "tokenizer.json").is_file():
+        tokenizer_path = model_dir / "tokenizer.json"
     tok = model_tokenizer_path(config, tokenizer_path, model_dir, "pass --data-dir")
     embedding_loss_class()  # registered, so a checkpoint saved with its loss deserialises
     model = keras.models.load_model(model_dir / MODEL_FILE, compile=False)
