@@ -3,6 +3,10 @@
 Usage:
     python evaluate_bleu.py --features data/features.pkl --data-dir data --model models/RUN \\
         --split test --beam 3 --output results/ [--images ../shared/flickr8k/Flicker8k_Dataset]
+    python evaluate_bleu.py --model models/A models/B --features data/features.pkl \\
+        --features data/grids.h5 ...          # an ensemble: each model reads the file that fits it
+    python evaluate_bleu.py --model models/RUN/checkpoint-000*/last.keras \\
+        --average-into models/RUN-avg ...     # one model: the mean of their weights, then scored
 
 BLEU is reported two ways, both in results.json: "tutorial" (the tutorial's own computation,
 to compare with its published numbers) and "standard" (the headline: sentinels stripped, the
@@ -16,9 +20,17 @@ Reads:
     --features FILE   {image_id: vector} pickle (load_features) whose width equals the
                       model's feature_dim; for an attention/transformer model the spatial grid
                       file of extract_features.py --spatial (grids of the model's size).
+                      Several files (repeat, or list after one --features): each model reads
+                      the first that fits it.
     --data-dir DIR    prepare_text.py outputs: meta.json, tokenizer.json, splits.json,
                       descriptions.txt, references.json.
     --model PATH      train.py run folder, or its model.keras (model.keras + model.json).
+                      Several (repeat, or list after one --model): an ensemble, one caption
+                      from the mean of their next-word log-probabilities; they must share the
+                      vocabulary (captioning/inference/ensemble.py, docs/models.md).
+    --average-into DIR  instead of an ensemble: average the weights of the --model files (.keras
+                      files such as a run's checkpoint-NNNN/last.keras, or run folders; one
+                      architecture), write that model as run folder DIR, then score it.
     --images DIR      optional: the Flickr8k image folder, for the gallery.
 Writes (into --output, each atomically, all after the scoring succeeded):
     results.json, captions.tsv, gallery.html (only with --images: the first --gallery images);
@@ -33,6 +45,7 @@ from captioning.utils import check_installed
 check_installed("evaluate_bleu.py", "metrics", "pycocoevalcap")   # METEOR, ROUGE-L, CIDEr-D
 from captioning.evaluation.scoring import GALLERY_IMAGES, SPLIT, evaluate_split, summary_lines, write_evaluation
 from captioning.inference.decoding import ALPHA, BEAM
+from captioning.inference.ensemble import save_average
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 
 MODEL_DIR = "models/merge"
@@ -45,9 +58,15 @@ JAVA = {"auto": "auto", "yes": True, "no": False}     # --java -> coco_metrics.s
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--features", default=FEATURES, help="features.pkl of the split's images")
+    parser.add_argument("--features", nargs="+", action="extend", default=None,
+                        help=f"features file of the split's images; several for an ensemble "
+                             f"(default: {FEATURES})")
     parser.add_argument("--data-dir", default=DATA_DIR, help="prepare_text.py output folder")
-    parser.add_argument("--model", default=MODEL_DIR, help="train.py run folder, or its model.keras")
+    parser.add_argument("--model", nargs="+", action="extend", default=None,
+                        help=f"train.py run folder, or its model.keras; several = an ensemble "
+                             f"(default: {MODEL_DIR})")
+    parser.add_argument("--average-into", default=None, metavar="DIR",
+                        help="write the mean of the --model weights as run folder DIR and score it")
     parser.add_argument("--split", default=SPLIT, choices=["train", "dev", "test"], help="split to caption")
     parser.add_argument("--beam", type=int, default=BEAM, help="beam width (1 = greedy)")
     parser.add_argument("--alpha", type=float, default=ALPHA,
@@ -61,6 +80,10 @@ def parse_args(argv):
     parser.add_argument("--limit", type=int, default=None,
                         help="score only the first N images of the split (quick checks)")
     args = parser.parse_args(argv)
+    args.model = args.model or [MODEL_DIR]
+    args.features = args.features or [FEATURES]
+    if args.average_into and len(args.model) < 2:
+        parser.error("--average-into needs two or more --model")
     if args.beam < 1:
         parser.error("--beam must be >= 1")
     if args.limit is not None and args.limit < 1:
@@ -70,8 +93,13 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    evaluation = evaluate_split(args.model, args.data_dir, args.features, split=args.split,
-                                beam=args.beam, alpha=args.alpha, java=JAVA[args.java],
+    models = args.model
+    if args.average_into:
+        models = [str(save_average(args.model, args.average_into))]
+        print(f"averaged {len(args.model)} models -> {args.average_into}")
+    features = args.features if len(args.features) > 1 else args.features[0]
+    evaluation = evaluate_split(models if len(models) > 1 else models[0], args.data_dir, features,
+                                split=args.split, beam=args.beam, alpha=args.alpha, java=JAVA[args.java],
                                 limit=args.limit, images_dir=args.images, gallery=args.gallery)
     write_evaluation(args.output, evaluation)
     print("\n".join(summary_lines(evaluation.results, Path(args.output) / "results.json")))

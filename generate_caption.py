@@ -5,6 +5,7 @@ Usage:
     python generate_caption.py photos/ --model models/RUN --beam 3 --weights none
     python generate_caption.py --features data/features.pkl --ids 1000268201_693b08cb0e --model models/RUN
     python generate_caption.py photo.jpg --model models/attention --attention-map out.png
+    python generate_caption.py photo.jpg --model models/A models/B     # an ensemble of two
 
 Prints one line per image, `<name>\\t<caption>`, the caption without startseq/endseq. A missing
 or corrupt image prints `error: ... (<path>)` on stderr, the other images are still captioned,
@@ -12,6 +13,9 @@ and the exit code is 1 at the end.
 
 Reads:
     --model PATH      train.py's run folder, or its model.keras: model.keras + model.json.
+                      Several (repeat, or list after one --model): an ensemble, one caption from
+                      the mean of their next-word log-probabilities (docs/models.md); they must
+                      share the vocabulary, and for photos the backbone.
     --data-dir DIR    prepare_text.py's tokenizer.json + meta.json (the vocabulary the model
                       was trained with; a mismatch is a one-line error).
     images            JPEG/PNG files or folders (every image in a folder, sorted), run through
@@ -20,7 +24,8 @@ Reads:
                       features of unknown origin cannot caption raw images: use --features/--ids.
     --features FILE   with --ids: caption cached features, a features.pkl ({image_id: vector})
                       or, for an attention/transformer model, the spatial grid file of
-                      extract_features.py --spatial.
+                      extract_features.py --spatial. Several files for an ensemble of pooled
+                      and grid models: each model reads the first that fits it.
 Writes: nothing but stdout, except with --attention-map OUT.png (attention/transformer models):
     a PNG per image, one panel per word: the picture lit where the model looked while choosing
     that word (captioning/inference/attention_maps.py). One image: OUT.png; several: OUT-<name>.png each.
@@ -34,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.inference import attention_maps, decoding
-from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS, Captioner
+from captioning.inference import attention_maps, decoding, ensemble
+from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS
 from captioning.inference.decoding import ALPHA, BEAM
-from captioning.data.features import check_features, read_rows
+from captioning.data.features import read_rows
 from captioning.data.images import expand_paths, open_rgb
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
@@ -57,9 +62,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="*", help="image files or folders")
-    parser.add_argument("--model", default=MODEL_DIR,
-                        help="train.py run folder, or its model.keras (default: the shipped "
-                             "pretrained/merge-lite0)")
+    parser.add_argument("--model", nargs="+", action="extend", default=None,
+                        help="train.py run folder, or its model.keras; several = an ensemble "
+                             "(default: the shipped pretrained/merge-lite0)")
     parser.add_argument("--data-dir", default=DATA_DIR,
                         help="prepare_text.py output folder (default: the tokenizer in the model "
                              "folder, else the data_dir recorded in model.json)")
@@ -68,17 +73,21 @@ def parse_args(argv):
                         help="beam length normalisation exponent, for --beam >= 2 only "
                              "(beam 1 is the plain argmax loop)")
     parser.add_argument("--weights", default=WEIGHTS, help="VGG16 weights: imagenet | none | PATH")
-    parser.add_argument("--features", default=None, help="cached features.pkl (use with --ids)")
+    parser.add_argument("--features", nargs="+", action="extend", default=None,
+                        help="cached features.pkl (use with --ids); several for an ensemble")
     parser.add_argument("--ids", nargs="*", default=[], help="image ids to caption from --features")
     parser.add_argument("--attention-map", type=Path, default=None, metavar="OUT.png",
                         help="write each image's per-word attention panels (grid models)")
     args = parser.parse_args(argv)
+    args.model = args.model or [MODEL_DIR]
     if args.beam < 1:
         parser.error("--beam must be >= 1")
     if not args.images and not args.ids:
         parser.error("give image files/folders, or --features FILE --ids ID ...")
     if args.ids and not args.features:
         parser.error("--ids needs --features")
+    if args.attention_map and len(args.model) > 1:
+        parser.error("--attention-map shows one model's attention: give one --model")
     return args
 
 
@@ -91,27 +100,39 @@ def main(argv=None):
     args = parse_args(argv)
     # the user's own inputs are checked first: a missing photo is reported as such even
     # when the model or the data folder is missing too
-    failures, found, cached = [], [], None
-    if args.ids:      # a pooled pickle or a spatial grid file, whichever the model reads
-        found, cached, _ = read_rows(args.features, args.ids)
-        failures += [(i, f"id not in {args.features}") for i in args.ids if i not in set(found)]
+    failures, found, cached = [], [], []
+    if args.ids:      # pooled pickles or spatial grid files, whichever each model reads
+        tables = []                       # per file: ({image id: row}, its rows)
+        for path in args.features:
+            in_file, matrix, _ = read_rows(path, args.ids)
+            tables.append(({i: row for row, i in enumerate(in_file)}, matrix))
+            failures += [(i, f"id not in {path}") for i in args.ids if i not in tables[-1][0]]
+        found = [i for i in args.ids if all(i in rows for rows, _ in tables)]
+        cached = [matrix[[rows[i] for i in found]] for rows, matrix in tables]
     paths, missing = expand_paths(args.images)
     failures += missing
     report(failures)
     if not found and not paths:
         return 1
-    captioner = Captioner(args.model, args.data_dir)
-    captioner.encode = captioner.default_encoder(args.weights)   # the model's own backbone
+    ensembled = len(args.model) > 1
+    captioner = ensemble.load_captioner(args.model, args.data_dir)
+    if not ensembled:
+        captioner.encode = captioner.default_encoder(args.weights)   # the model's own backbone
     if args.attention_map and not captioner.config.get("grid"):
         raise PipelineError(f"--attention-map needs an attention or transformer model, not "
                             f"{captioner.config.get('variant')} ({captioner.run_dir})")
     many = len(found) + len(paths) > 1
     if found:
-        check_features(cached.shape, captioner.config, args.features)
-        caption_and_map(captioner, found, [None] * len(found), cached, args, many)
+        configs = captioner.configs if ensembled else [captioner.config]
+        inputs = ensemble.member_inputs(configs, cached, args.features, args.model)
+        caption_and_map(captioner, found, [None] * len(found),
+                        inputs if ensembled else inputs[0], args, many)
     if paths:
         try:
-            captioner.check_encoder()
+            if ensembled:
+                captioner.encoders(args.weights)       # one per kind of input; same backbone
+            else:
+                captioner.check_encoder()
         except PipelineError as exc:
             raise PipelineError(f"{exc}; caption cached features of the same kind with "
                                 f"--features FILE --ids ID ... instead") from None

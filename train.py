@@ -119,7 +119,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="captions per batch (sequence mode)")
     p.add_argument("--learning-rate", type=float, default=LEARNING_RATE, help="Adam")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=RECIPE,
-                   help="defaults of --label-smoothing and --select-by: best = "
+                   help="what --label-smoothing and --select-by are when not given: best = "
                         + ", ".join(f"{k} {v}" for k, v in RECIPES["best"].items())
                         + " (the best measured); tutorial = the course's plain cross-entropy, "
                           "epoch by dev loss")
@@ -130,6 +130,9 @@ def parse_args(argv):
                    help="keep the epoch with the lowest dev loss, or the highest dev BLEU-4 "
                         "(greedy, standard; a few seconds per epoch) (default: the recipe's)")
     p.add_argument("--seed", type=int, default=SEED, help="same seed, same weights")
+    p.add_argument("--keep-epochs", type=int, default=1,
+                   help="checkpoint folders kept: the newest K epochs' (for checkpoint averaging, "
+                        "docs/models.md)")
     p.add_argument("--max-missing", type=float, default=MAX_MISSING,
                    help="largest fraction of train+dev images allowed to lack features")
     p.add_argument("--fail-on-missing", action="store_true", help="any image without features is an error")

@@ -25,11 +25,13 @@ FIELDS = ["epoch", "loss", "dev"]
 SETTINGS = {"seed": 1, "units": 3}
 
 
-def stand_in_run(run_dir, epochs=6, patience=2, settings=SETTINGS):
+def stand_in_run(run_dir, epochs=6, patience=2, settings=SETTINGS, keep=1):
     """A trainer in miniature on a RunFolder: resume or start, then per epoch one Adam step, a
-    history row, the selection by DEV and one checkpoint. Returns (folder, state)."""
+    history row, the selection by DEV and one checkpoint (the newest `keep` stay). Returns
+    (folder, state)."""
     import keras
-    folder = RunFolder(run_dir, Selection("best_dev", higher=False, patience=patience), FIELDS)
+    folder = RunFolder(run_dir, Selection("best_dev", higher=False, patience=patience), FIELDS,
+                       keep=keep)
     state = folder.resume(settings)
     if state is None:
         keras.utils.set_random_seed(settings["seed"])
@@ -202,3 +204,28 @@ def test_without_symbolic_links_the_published_files_are_copies(tmp_path, monkeyp
         assert not (run / name).is_symlink()
         assert (run / name).read_bytes() == (run / "checkpoint-0003" / name).read_bytes(), name
     assert same_weights(weights(run / "model.keras"), weights(run / "checkpoint-0003" / "model.keras"))
+
+
+def test_keep_the_last_epochs_for_averaging(tmp_path):
+    """keep=3: the three newest checkpoints stay, each with its epoch's last.keras; resuming
+    and continuing keep three; the default layout (one checkpoint) is unchanged elsewhere."""
+    from captioning.inference.ensemble import average_weights
+    run = tmp_path / "run"
+    folder, state = stand_in_run(run, epochs=5, patience=9, keep=3)
+    assert [epochs for epochs, _ in folder.checkpoints()] == [3, 4, 5]
+    assert os.readlink(run / "current") == "checkpoint-0005"
+    assert folder.epoch_models() == [(e, run / f"checkpoint-{e:04d}" / LAST_FILE) for e in (3, 4, 5)]
+    # each checkpoint holds its own epoch's model; their uniform mean is one model
+    runs = [weights(path) for _, path in folder.epoch_models()]
+    assert not same_weights(runs[0], runs[1]) and not same_weights(runs[1], runs[2])
+    model, _, _ = average_weights([path for _, path in folder.epoch_models()])
+    for mean, *each in zip(model.get_weights(), *runs):
+        np.testing.assert_array_equal(mean, (np.sum(np.stack(each).astype(np.float64), axis=0) / 3)
+                                      .astype(mean.dtype))
+    folder, state = stand_in_run(run, epochs=6, patience=9, keep=3)
+    assert state["epoch"] == 6 and [epochs for epochs, _ in folder.checkpoints()] == [4, 5, 6]
+    # a resume with the default keep trims to the newest one
+    folder, state = stand_in_run(run, epochs=6, patience=9)
+    assert [epochs for epochs, _ in folder.checkpoints()] == [6]
+    with pytest.raises(PipelineError, match="at least 1 checkpoint"):
+        RunFolder(run, Selection("best_dev", False, 2), FIELDS, keep=0)

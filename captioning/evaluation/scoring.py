@@ -11,13 +11,15 @@ Reads:
                   original captions: standard BLEU's and the COCO metrics' references).
     features      {image_id: vector} pickle whose width is the model's feature_dim, or for an
                   attention/transformer model the spatial grid file (grids of the model's size).
-    model         train.py run folder, or its model.keras.
+    model         train.py run folder, or its model.keras; several: an ensemble
+                  (captioning/inference/ensemble.py).
     images_dir    optional: the image folder, for the gallery's thumbnails.
 Writes (write_evaluation, each atomically, results.json last):
     results.json  {"bleu": {"tutorial": {bleu1..bleu4}, "standard": {...}}, "coco": {bleu_1..
                    bleu_4, meteor, rouge_l, cider_d, spice, tokenizer, not_computed},
                    "diagnostics", "split", "n_images", "beam", "alpha", "model", "features",
-                   "data_dir", "seconds" (whole run), "decode_seconds"}
+                   "data_dir", "seconds" (whole run), "decode_seconds", and for an ensemble
+                   "members" (its model paths; "model" joins them with " + ")}
     captions.tsv  header + one row per image: image_id, generated caption (no sentinels),
                   reference_1..reference_5 (the original captions), tab-separated.
     gallery.html  (with images_dir) the first `gallery` images as inline JPEG thumbnails with the
@@ -30,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.data import text
-from captioning.data.features import check_features, read_rows
+from captioning.data.features import read_rows
 from captioning.evaluation import coco_metrics, metrics
 from captioning.evaluation.gallery import attention_data_uri, gallery_html, thumbnail_data_uri, write_captions_tsv
-from captioning.inference.captioner import Captioner
+from captioning.inference import ensemble
 from captioning.inference.decoding import ALPHA, BEAM
 from captioning.utils import PipelineError, atomic_write, write_json
 
@@ -72,20 +74,28 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
                    limit=None, images_dir=None, gallery=GALLERY_IMAGES):
     """Caption the split's images (the first `limit`) and score them -> Evaluation.
 
+    model: a run folder (or its model.keras), or a list of them: several are one ensemble
+    (captioning/inference/ensemble.py), recorded in results.json as "model" (the paths joined
+    by " + ") and "members" (the list). features: a features file, or a list of them: each
+    member reads the first that fits it (pooled vectors or grids of its size).
     java: the COCO metrics' Java use ("auto", True, False; METEOR and PTB tokens need it).
     """
     started = time.time()
     folder = Path(data_dir)
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    files = [features] if isinstance(features, (str, Path)) else list(features)
     meta, splits = text.load_meta(folder), text.load_splits(folder)
     descriptions = text.load_descriptions(folder / "descriptions.txt")
     references = text.load_references(folder)
-    captioner = Captioner(model, folder)
+    captioner = ensemble.load_captioner(models, folder)
     ids = list(splits[split])[:limit]
-    matrix = split_matrix(features, ids, split, descriptions, references, folder)
-    check_features(matrix.shape, captioner.config, features)
+    matrices = [split_matrix(f, ids, split, descriptions, references, folder) for f in files]
+    ensembled = len(models) > 1
+    configs = captioner.configs if ensembled else [captioner.config]
+    inputs = ensemble.member_inputs(configs, matrices, files, [str(m) for m in models])
 
     decode_started = time.time()
-    id_lists = captioner.caption_ids(matrix, beam, alpha, progress=True)
+    id_lists = captioner.caption_ids(inputs if ensembled else inputs[0], beam, alpha, progress=True)
     decode_seconds = time.time() - decode_started
     generated = [captioner.words(x) for x in id_lists]
     finished = [bool(x) and x[-1] == captioner.end_id for x in id_lists]
@@ -102,15 +112,19 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
         "coco": coco,
         "diagnostics": metrics.diagnostics(generated, finished, training_captions),
         "split": split, "n_images": len(ids), "beam": beam, "alpha": alpha,
-        "model": str(model), "features": Path(features).name,
+        "model": " + ".join(str(m) for m in models),
+        "features": " + ".join(Path(f).name for f in files),
         "data_dir": str(data_dir), "decode_seconds": round(decode_seconds, 3),
     }
+    if ensembled:
+        results["members"] = [str(m) for m in models]
     page = None
     if images_dir:
         shown = min(gallery, len(ids))
-        page = split_gallery(captioner, ids[:shown], matrix[:shown], id_lists[:shown],
+        title = " + ".join(Path(m).name for m in models)
+        page = split_gallery(captioner, ids[:shown], inputs[0][:shown], id_lists[:shown],
                              generated[:shown], [references[i] for i in ids[:shown]], images_dir,
-                             f"{Path(model).name} on {split} (beam {beam})")
+                             f"{title} on {split} (beam {beam})")
     results["seconds"] = round(time.time() - started, 3)
     return Evaluation(ids, generated, [references[i] for i in ids], results, page)
 

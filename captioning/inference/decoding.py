@@ -4,7 +4,8 @@ Owns
   the step interface   step_fn(states, last_ids) -> (log_probs (N, V), new_states): the
                        next-word log-probabilities of N partial captions. `states` is a tuple of
                        numpy arrays whose first axis is the caption (beam search reorders them by
-                       fancy indexing); init_fn(features (N, ...)) -> the states before startseq.
+                       fancy indexing; tuples may nest, as an ensemble's do: inference/ensemble.py);
+                       init_fn(features (N, ...)) -> the states before startseq.
   make_step_fn         (init_fn, step_fn) of a model: its family's step builder, from
                        captioning.models.registry.VARIANTS (each builder lives beside its model).
   greedy_decode, beam_search, decode, caption_features (a feature matrix -> id lists, batched),
@@ -39,20 +40,20 @@ BATCH_IMAGES = 1000  # images decoded together (memory: beam * batch * vocab flo
 
 # ---- decoding over a step function ------------------------------------------------------------
 def take_states(states, index):
-    """Select/reorder rows of every state array (the first axis is the partial caption)."""
+    """Select/reorder rows of every state array (the first axis is the partial caption).
+    Tuples, lists and dicts may nest (an ensemble's states are its members' states), so every
+    array at any depth is reordered the same way."""
     if isinstance(states, dict):
-        return {key: np.asarray(value)[index] for key, value in states.items()}
+        return {key: take_states(value, index) for key, value in states.items()}
     if isinstance(states, (tuple, list)):
-        return type(states)(np.asarray(value)[index] for value in states)
+        return type(states)(take_states(value, index) for value in states)
     return np.asarray(states)[index]
 
 
 def _rows(states):
-    """Number of partial captions in `states` (the first axis of its first array)."""
-    if isinstance(states, dict):
-        states = next(iter(states.values()))
-    elif isinstance(states, (tuple, list)):
-        states = states[0]
+    """Number of partial captions in `states` (the first axis of its first array, at any depth)."""
+    while isinstance(states, (dict, tuple, list)):
+        states = next(iter(states.values())) if isinstance(states, dict) else states[0]
     return len(np.asarray(states))
 
 

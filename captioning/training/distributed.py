@@ -731,7 +731,7 @@ def _train_run(workers, args, run_dir, matrix, train, dev, config, scorer):
     run = {}    # the chief's: run folder, state, loaded checkpoint
 
     def open_folder():
-        folder = trainer.run_folder(run_dir, scorer is not None, args.patience)
+        folder = trainer.run_folder(run_dir, scorer is not None, args.patience, args.keep_epochs)
         if getattr(args, "overwrite", False):
             folder.clear()
         state = folder.resume(settings)

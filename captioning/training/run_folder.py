@@ -18,6 +18,10 @@ folder <output-dir>/<name>:
                         links through `current` (copies where the OS has no symbolic links),
                         so model.keras and model.json always come from the same epoch
     settings.json       every argument of the run plus derived values, written at each start
+Only the newest checkpoint is kept, unless the trainer asks for the newest K (RunFolder keep=K):
+then the K-1 before it stay too, each with its epoch's last.keras, the inputs of checkpoint
+averaging (epoch_models; captioning/inference/ensemble.py averages them). Resuming always starts
+from the newest; the older ones are only read.
 While a checkpoint or a link is built it has a temporary name (.checkpoint-NNNN.tmp,
 .current.tmp, .model.keras.tmp, ...); whatever of these a kill leaves is deleted on the rerun.
 
@@ -80,10 +84,15 @@ class RunFolder:
     resumed from, then each one written; None before the first."""
 
     def __init__(self, path, selection, history_fields, plots=None, what="a run",
-                 remedy="use another --name or remove it"):
+                 remedy="use another --name or remove it", keep=1):
         """selection: a Selection; history_fields: history.csv's columns; plots: {file name:
         function(history) -> bytes}, written and published beside history.csv; what, remedy:
-        the words of the error for a folder holding a run with other settings."""
+        the words of the error for a folder holding a run with other settings; keep: how many
+        of the newest checkpoints stay on disk (1: only the newest; each costs one last.keras,
+        plus model.keras where it is not a link)."""
+        if keep < 1:
+            raise PipelineError(f"a run folder keeps at least 1 checkpoint (got {keep})")
+        self.keep = int(keep)
         self.path = Path(path)
         self.selection, self.history_fields, self.plots = selection, list(history_fields), plots or {}
         self.published = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, *self.plots)
@@ -105,6 +114,11 @@ class RunFolder:
         """The newest complete checkpoint folder, or None."""
         found = self.checkpoints()
         return found[-1][1] if found else None
+
+    def epoch_models(self):
+        """[(epochs, its last.keras)] of the kept checkpoints, oldest first: the models after
+        each of the last `keep` epochs (the inputs of checkpoint averaging)."""
+        return [(epochs, path / LAST_FILE) for epochs, path in self.checkpoints()]
 
     # ---- starting: resume or fresh ---------------------------------------------------------
     def resume(self, settings):
@@ -178,8 +192,8 @@ class RunFolder:
 
         Every file is written under a temporary folder name and fsync'd, the folder is renamed
         to checkpoint-NNNN (atomic), `current` is pointed at it (an atomic link swap), then the
-        older checkpoint is deleted. model.keras is `model` when it improved (or in the first
-        checkpoint), else the previous checkpoint's model.keras.
+        checkpoints older than the newest `keep` are deleted. model.keras is `model` when it
+        improved (or in the first checkpoint), else the previous checkpoint's model.keras.
         """
         name = f"{CHECKPOINT_PREFIX}{state['epoch']:04d}"
         tmp, final = self.path / f".{name}.tmp", self.path / name
@@ -222,12 +236,15 @@ class RunFolder:
 
     def _tidy(self):
         """Delete temporary checkpoints and links a kill left, and every checkpoint but
-        self.checkpoint."""
+        self.checkpoint and the keep - 1 before it."""
         for path in [*self.path.glob(f".{CHECKPOINT_PREFIX}*.tmp"),
                      *(self.path / f".{name}.tmp" for name in (CURRENT, *self.published))]:
             _remove(path)
-        for _, path in self.checkpoints():
-            if path != self.checkpoint:
+        found = self.checkpoints()                    # oldest first
+        newest = [epochs for epochs, path in found if path == self.checkpoint]
+        kept = [path for epochs, path in found if newest and epochs <= newest[0]][-self.keep:]
+        for _, path in found:
+            if path not in kept:
                 _remove(path)
 
 

@@ -95,8 +95,8 @@ def check_options(args):
     """train.py's option values that no run can use: a one-line PipelineError naming the option.
     Applies the recipe first (apply_recipe)."""
     apply_recipe(args)
-    for name in ("embed_dim", "units", "epochs", "batch_size", "annotation_dim", "attention_dim",
-                 "d_model", "heads", "decoder_layers", "ff_dim"):
+    for name in ("embed_dim", "units", "epochs", "batch_size", "keep_epochs", "annotation_dim",
+                 "attention_dim", "d_model", "heads", "decoder_layers", "ff_dim"):
         if getattr(args, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
     if args.encoder_layers < 0 or args.penalty < 0:
@@ -298,12 +298,13 @@ def make_keeper(folder, state, config, scorer=None, dev_scale=1.0):
     return Keeper()
 
 
-def run_folder(run_dir, by_bleu, patience):
-    """The RunFolder of a caption run: keeps the lowest dev loss, or the highest dev BLEU-4."""
+def run_folder(run_dir, by_bleu, patience, keep=1):
+    """The RunFolder of a caption run: keeps the lowest dev loss, or the highest dev BLEU-4, and
+    the newest `keep` checkpoint folders."""
     selection = (Selection("best_dev_bleu4", higher=True, patience=patience) if by_bleu
                  else Selection("best_val_loss", higher=False, patience=patience))
     return RunFolder(run_dir, selection, HISTORY_FIELDS, plots={"loss.png": loss_png},
-                     remedy="use another --name, or --overwrite to start again")
+                     remedy="use another --name, or --overwrite to start again", keep=keep)
 
 
 def resume_settings(args, config):
@@ -328,7 +329,7 @@ def make_datasets(config, batch_size, seed, train, dev, matrix, first_epoch=0):
 def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
     """Train (or resume) one run in run_dir (layout: captioning.training.run_folder). Returns
     the final state dict (state.json)."""
-    folder = run_folder(run_dir, scorer is not None, args.patience)
+    folder = run_folder(run_dir, scorer is not None, args.patience, args.keep_epochs)
     if getattr(args, "overwrite", False):
         folder.clear()
     seed_everything(args.seed)
