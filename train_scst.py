@@ -4,6 +4,8 @@ Usage:
     python train_scst.py --init models/merge --features ../shared/flickr8k/features_efficientnet_lite0.pkl \\
         --data-dir data --output-dir models [--name merge-scst] [--epochs 10] [--samples 5]
         [--batch-images 50] [--learning-rate 5e-5] [--baseline mean|greedy] [--patience 3] [--seed 1]
+        [--select-decoding greedy|beam]
+    python train_scst.py --init models/attention --features data/grids_lite0.h5 --data-dir data
 
 Fine-tunes the model of a train.py run folder (--init) with SCST (Rennie et al. 2017): for each
 batch of training images, the fast decoder produces the greedy caption and --samples sampled
@@ -14,17 +16,26 @@ coming from one batched forward pass of the Keras model on the sampled tokens. T
 frequencies come from the training references and are computed once (captioning.evaluation.coco_metrics.
 CiderD). After every epoch the dev split is captioned greedily and scored with CIDEr-D (COCO
 convention, document frequencies from the dev references); model.keras keeps the best epoch,
-and epoch 0 is the --init model itself, so a run that never beats it keeps it. The test split is
-never touched: score it once with evaluate_bleu.py. Any variant with a step builder in
-captioning.inference.decoding works (merge, inject, ...). See captioning/training/scst.py and
-captioning/training/scst_run.py.
+and epoch 0 is the --init model itself, so a run that never beats it keeps it. With
+--select-decoding beam the dev split is also captioned with beam 3 (length normalisation
+alpha 0.7, decoding.ALPHA) and that CIDEr-D picks the epoch instead: for a model that will be
+used with beam search. The test split is never touched: score it once with evaluate_bleu.py.
+Every variant works: merge and inject on pooled features, attention and transformer on the
+spatial grids of extract_features.py --spatial (the kind comes from the --init model.json; the
+grids are read a batch of images at a time, so memory stays that of a batch, not the ~0.9 GB of
+Flickr8k's Lite0 train + dev grids). The attention model's doubly stochastic penalty is a
+cross-entropy training term and is not part of the SCST loss. See captioning/training/scst.py
+and captioning/training/scst_run.py.
 
 Rerunning the same command after an interruption continues after the last finished epoch.
 
 Reads:
-    --init DIR        train.py run folder: model.keras + model.json (its tokenizer sha256, feature width).
-    --features FILE   {image_id: vector} pickle; every train and dev image must be in it, with
-                      the width the model was trained on.
+    --init DIR        train.py run folder: model.keras + model.json (variant, tokenizer sha256,
+                      feature width, grid [H, W] for the grid models).
+    --features FILE   merge/inject: the {image_id: vector} pickle (or features.npy); attention/
+                      transformer: the spatial HDF5 file (float16 (N, H, W, C)). Every train and
+                      dev image must be in it, with the shape the model was trained on; the
+                      other kind of file, or another shape, is a one-line error naming both.
     --data-dir DIR    prepare_text.py's outputs: tokenizer.json (must be the model's),
                       descriptions.txt (rewards), references.json (dev CIDEr-D), splits.json.
 Writes, into <output-dir>/<name>, one checkpoint-NNNN folder per epoch (built under a
@@ -33,9 +44,11 @@ never a mix; train.py's layout, captioning.training.run_folder), `current` (a li
 links through `current`:
     model.keras       the best epoch by dev CIDEr-D (epoch 0 = the --init model).
     model.json        the --init model.json plus "scst": {init, epochs_trained, best_epoch,
-                      best_dev_cider_d, samples, batch_images, learning_rate, seed}.
+                      best_dev_cider_d, samples, batch_images, learning_rate, seed}
+                      (--select-decoding beam: select_decoding and best_dev_beam_cider_d instead).
     history.csv       epoch, sample_reward, greedy_reward (mean training CIDEr-D), loss,
-                      dev_cider_d, dev_distinct_captions, dev_vocabulary_used, seconds, cpu_seconds.
+                      dev_cider_d, dev_distinct_captions, dev_vocabulary_used, seconds, cpu_seconds
+                      (+ dev_beam_cider_d with --select-decoding beam).
 Inside the checkpoint only (for resuming):
     last.keras        the model and Adam state after the last finished epoch.
     state.json        {epoch, best_epoch, best_dev_cider_d, wait, stopped_early, history}.
@@ -45,6 +58,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from captioning.inference import decoding
 from captioning.training import distributed, scst, scst_run
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 
@@ -56,7 +70,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--init", type=Path, required=True, help="train.py run folder to fine-tune")
-    p.add_argument("--features", type=Path, required=True, help="features pickle the model was trained on")
+    p.add_argument("--features", type=Path, required=True,
+                   help="features the model was trained on: pickle (merge, inject) or spatial .h5 (attention, transformer)")
     p.add_argument("--data-dir", type=Path, default=Path(DATA_DIR), help="prepare_text.py output folder")
     p.add_argument("--output-dir", type=Path, default=Path(OUTPUT_DIR), help="parent of run folders")
     p.add_argument("--name", default="", help="run folder name ('' = the --init folder's name + '-scst')")
@@ -71,6 +86,9 @@ def parse_args(argv):
     p.add_argument("--patience", type=int, default=scst_run.PATIENCE,
                    help="early stopping on dev CIDEr-D, in epochs")
     p.add_argument("--seed", type=int, default=scst_run.SEED, help="same seed, same run")
+    p.add_argument("--select-decoding", choices=scst_run.SELECT_DECODINGS, default=scst_run.SELECT_DECODING,
+                   help=f"the decoding whose dev CIDEr-D picks the kept epoch: greedy, or beam "
+                        f"{scst_run.BEAM} (alpha {decoding.ALPHA}) for a model used with beam search")
     args = p.parse_args(argv)
     for name in ("epochs", "samples", "batch_images", "patience"):
         if getattr(args, name) < 1:
@@ -92,8 +110,9 @@ def main(argv=None):
             raise PipelineError(f"missing {what} {path}")
     run_dir, state = scst_run.train_run(args)
     if state is not None:
-        print(f"best dev CIDEr-D {state['best_dev_cider_d']:.4f} at SCST epoch {state['best_epoch']}; "
-              f"model in {run_dir}")
+        which = "" if args.select_decoding == "greedy" else f" (beam {scst_run.BEAM})"
+        print(f"best dev CIDEr-D{which} {state[scst_run.selection_key(args.select_decoding)]:.4f} at "
+              f"SCST epoch {state['best_epoch']}; model in {run_dir}")
     return 0
 
 

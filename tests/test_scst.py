@@ -1,8 +1,9 @@
 """Tests for captioning/training/scst.py, scst_run.py and train_scst.py: sampling from a hand-written
-next-word table, the forward pass's caption log-probabilities against the decoder's, the direction
-of an SCST update, the reward references, the stage on a tiny model (outputs, nothing to do,
-refusal, bad input), and a resumed run on a model that has learnt (the same weights as an
-uninterrupted one)."""
+next-word table, the forward pass's caption log-probabilities against the decoder's (pooled and
+grid families), the direction of an SCST update, the reward references, the stage on a tiny model
+(outputs, nothing to do, refusal, bad input), a resumed run on a model that has learnt (the same
+weights as an uninterrupted one), and the stage on tiny attention and transformer models reading
+a spatial grid file (runs, repeats, selection by beam, the wrong kind of file)."""
 import json
 from collections import Counter
 
@@ -10,10 +11,13 @@ import numpy as np
 import pytest
 
 import train_scst
+from captioning.data import text
+from captioning.data.features import load_features
+from captioning.data.spatial import SpatialWriter
 from captioning.inference import decoding
 from captioning.models import registry
 from captioning.training import scst
-from captioning.utils import PipelineError, run_cli
+from captioning.utils import PipelineError, run_cli, sha256_file, write_json
 from helpers import make_tiny_run, random_captioner, run_folder_listing
 
 # ---- sampling from a hand-written table ---------------------------------------------------------
@@ -246,3 +250,161 @@ def test_resumed_run_equals_an_uninterrupted_one(learnt, tmp_path, capsys):
     for got, want in zip(weights, expected[0]):
         assert all(np.array_equal(x, y) for x, y in zip(got, want))
     assert rest == list(expected[1:])
+
+
+# ---- the grid captioners (attention, transformer) ----------------------------------------------
+GRID_HW = (2, 2)
+GRID_OPTIONS = {
+    "attention": dict(embed_dim=8, units=8, dropout=0.0, annotation_dim=8, attention_dim=8),
+    "transformer": dict(d_model=8, heads=2, ff_dim=16, encoder_layers=1, decoder_layers=1, dropout=0.0),
+}
+
+
+def grid_config(variant, vocab_size=16, max_length=8, feature_dim=6):
+    return {"variant": variant, "mode": "sequence", "grid": list(GRID_HW), "feature_dim": feature_dim,
+            "vocab_size": vocab_size, "max_length": max_length, **GRID_OPTIONS[variant]}
+
+
+@pytest.mark.parametrize("variant", registry.GRID_VARIANTS)
+def test_grid_caption_log_probs_equal_the_step_log_probs(variant):
+    """Each image's grid once and image_index per caption, as in training: the forward pass's
+    log p of a caption is the sum of the step function's log p of its tokens."""
+    import keras
+    keras.utils.set_random_seed(0)
+    config = grid_config(variant)
+    model = registry.build_from_config(config)
+    kernel, bias = model.get_layer("logits").get_weights()
+    bias[2] = 2.0            # make endseq (id 2) likely, so the captions' lengths differ
+    model.get_layer("logits").set_weights([kernel, bias])
+    grids = np.random.default_rng(1).normal(size=(4, 4, 6)).astype(np.float32)
+    init_fn, step_fn = decoding.make_step_fn(model, config)
+    repeat = np.repeat(np.arange(4), 3)                # 3 captions per image
+    sampled = scst.sample_decode(step_fn, decoding.take_states(init_fn(grids), repeat), 1, 2, 8,
+                                 np.random.default_rng(0), [0, 1])
+    expected = []
+    for row, ids in zip(repeat, sampled):
+        states, last, total = init_fn(grids[row:row + 1]), np.array([1]), 0.0
+        for token in ids:
+            log_probs, states = step_fn(states, last)
+            total += log_probs[0, token]
+            last = np.array([token])
+        expected.append(total)
+    inputs, targets = scst.teacher_arrays(sampled, 1)
+    got = scst.caption_log_probs(model, grids, inputs, targets, repeat.astype(np.int32)).numpy()
+    assert len({len(s) for s in sampled}) > 1          # padding is exercised
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def grid_runs(tmp_path_factory):
+    """learnable_data's dataset, its grids (the kind's code in one cell of 2x2, noise elsewhere)
+    in a spatial file, and a random tiny attention, transformer and merge model saved as train.py
+    would."""
+    import keras
+    from learnable_data import FEATURE_DIM, make_learnable
+    root = tmp_path_factory.mktemp("scst_grid")
+    features, data_dir, _ = make_learnable(root)
+    rng = np.random.default_rng(1)
+    writer = SpatialWriter(root / "grids.h5", "test", "lite0", "head_relu")
+    grids = {}
+    for k, (image_id, vector) in enumerate(sorted(load_features(features).items())):
+        grid = rng.normal(0, 0.3, (*GRID_HW, FEATURE_DIM)).astype(np.float32)
+        grid.reshape(-1, FEATURE_DIM)[k % 4] += vector
+        grids[image_id] = grid
+    writer.append(grids)
+    writer.finish()
+    meta = text.load_meta(data_dir)
+    common = {"vocab_size": meta["vocab_size"], "max_length": meta["max_length"],
+              "start_token": meta["start_token"], "end_token": meta["end_token"], "pad_id": 0,
+              "tokenizer_sha256": sha256_file(data_dir / "tokenizer.json"), "data_dir": str(data_dir)}
+    for variant in (*registry.GRID_VARIANTS, "merge"):    # merge: for the wrong-kind errors
+        keras.utils.set_random_seed(2)
+        if variant == "merge":
+            config = {"variant": "merge", "mode": "sequence", "feature_dim": FEATURE_DIM,
+                      "embed_dim": 8, "units": 8, "dropout": 0.5, **common}
+            model = random_captioner("merge", "sequence", FEATURE_DIM, meta["vocab_size"], meta["max_length"])
+        else:
+            config = {**grid_config(variant, feature_dim=FEATURE_DIM), **common}
+            model = registry.build_from_config(config)
+        (root / variant).mkdir()
+        model.save(root / variant / registry.MODEL_FILE)
+        write_json(root / variant / registry.CONFIG_FILE, config)
+    return root, data_dir, features, root / "grids.h5"
+
+
+def run_grid(grid_runs, variant, out_dir, *extra, features=None):
+    root, data_dir, _, grids = grid_runs
+    return run_cli(train_scst.main, ["--init", str(root / variant), "--features", str(features or grids),
+                                     "--data-dir", str(data_dir), "--output-dir", str(out_dir),
+                                     "--samples", "3", "--batch-images", "8", "--learning-rate", "0.01",
+                                     "--epochs", "1", *extra])
+
+
+def last_weights(run_dir):
+    return registry.load_keras(run_dir / "current" / "last.keras", compile=False).get_weights()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", registry.GRID_VARIANTS)
+def test_grid_model_trains_one_epoch_repeats_bit_for_bit_and_resumes(grid_runs, variant, tmp_path, capsys):
+    root = grid_runs[0]
+    assert run_grid(grid_runs, variant, tmp_path / "a") == 0
+    run_dir = tmp_path / "a" / f"{variant}-scst"
+    state = json.loads((run_dir / "current" / "state.json").read_text())
+    assert state["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0, 1]
+    assert state["history"][1]["sample_reward"] > 0      # rewards, so the update is not zero
+    config = json.loads((run_dir / "model.json").read_text())
+    assert config["variant"] == variant and config["scst"]["epochs_trained"] == 1
+    _, loaded, _ = registry.load_captioner(run_dir, grid_runs[1])
+    assert loaded["grid"] == list(GRID_HW)
+    init = registry.load_keras(root / variant / registry.MODEL_FILE, compile=False).get_weights()
+    trained = last_weights(run_dir)
+    assert not all(np.array_equal(x, y) for x, y in zip(init, trained))
+    # the same seed again, in another folder: the same weights, bit for bit
+    assert run_grid(grid_runs, variant, tmp_path / "b") == 0
+    again = last_weights(tmp_path / "b" / f"{variant}-scst")
+    assert all(np.array_equal(x, y) for x, y in zip(trained, again))
+    # a higher --epochs resumes from last.keras (the grid model's layers and its Adam state)
+    capsys.readouterr()
+    assert run_grid(grid_runs, variant, tmp_path / "a", "--epochs", "2") == 0
+    assert f"resuming {run_dir} after SCST epoch 1" in capsys.readouterr().out
+    assert json.loads((run_dir / "current" / "state.json").read_text())["epoch"] == 2
+    assert not all(np.array_equal(x, y) for x, y in zip(trained, last_weights(run_dir)))
+
+
+@pytest.mark.slow
+def test_select_decoding_beam_adds_its_column_and_selects_by_it(grid_runs, tmp_path, capsys):
+    assert run_grid(grid_runs, "attention", tmp_path, "--select-decoding", "beam") == 0
+    run_dir = tmp_path / "attention-scst"
+    rows = (run_dir / "history.csv").read_text().splitlines()
+    assert rows[0].split(",")[-1] == "dev_beam_cider_d" and len(rows) == 3
+    state = json.loads((run_dir / "current" / "state.json").read_text())
+    best = max(r["dev_beam_cider_d"] for r in state["history"])
+    assert state["best_dev_beam_cider_d"] == best and "best_dev_cider_d" not in state
+    scst_block = json.loads((run_dir / "model.json").read_text())["scst"]
+    assert scst_block["select_decoding"] == "beam" and scst_block["best_dev_beam_cider_d"] == best
+    # continuing it with greedy selection would mix the two measures: refused
+    capsys.readouterr()
+    assert run_grid(grid_runs, "attention", tmp_path, "--epochs", "2") == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: run folder holds an SCST run with another select_decoding ('beam' there, 'greedy' "
+        f"now); use another --name or remove it ({run_dir})")
+
+
+def test_wrong_kind_of_features_is_one_line_naming_both(grid_runs, tmp_path, capsys):
+    """A pickle for a grid model, grids of another shape, a grid file for merge: one line with
+    the file's shape and the model's, nothing written."""
+    root, data_dir, features, grids = grid_runs
+    writer = SpatialWriter(tmp_path / "wide.h5", "test", "lite0", "head_relu")
+    writer.append({i: np.zeros((2, 2, 5), np.float32) for i in load_features(features)})
+    writer.finish()
+    cases = [("attention", features, ["pooled features (36, 8)", "(N, 2, 2, 8)"]),
+             ("transformer", tmp_path / "wide.h5", ["spatial grids (36, 2, 2, 5)", "(N, 2, 2, 8)"]),
+             ("merge", grids, ["spatial grids (36, 2, 2, 8)", "(N, 8)"])]
+    for variant, path, messages in cases:
+        capsys.readouterr()
+        assert run_grid(grid_runs, variant, tmp_path / "out", features=path) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(path) in err and str(root / variant) in err, err
+        assert all(m in err for m in messages), err
+        assert not (tmp_path / "out").exists()

@@ -8,12 +8,13 @@ are bucketed by their longest caption and every batch is cut to its longest capt
 The grids are not loaded: grid_matrix gives a GridRows over the spatial file of
 extract_features.py --spatial (a plain HDF5 file, or the virtual dataset a merge of parts
 writes), and each batch reads its own images (float16 as stored, cast to float32 per batch), so
-memory does not grow with the dataset (COCO's Lite0 grids are ~15 GB). Nothing is written.
+memory does not grow with the dataset (COCO's Lite0 grids are ~15 GB); model_grid_rows
+opens it for an already trained model (SCST), checked against its model.json. Nothing is written.
 """
 import numpy as np
 
 from captioning.data.inputs import check_missing
-from captioning.data.features import is_spatial_file, load_features
+from captioning.data.features import is_spatial_file, load_features, memmap_features
 from captioning.data.spatial import READ_ROWS, SpatialFeatures
 from captioning.utils import PipelineError
 
@@ -74,6 +75,34 @@ def grid_matrix(path, ids, max_missing, variant):
     info = {"grid": list(grids.spatial.grid), "backbone": grids.spatial.backbone}
     return grids, {image_id: index[image_id] for image_id in found}, missing, info
 
+
+
+def model_grid_rows(path, ids, config, model_dir):
+    """Grids of `ids` for a trained grid model -> (GridRows, row_of_id), every id required.
+
+    config: the model's model.json (variant, grid [H, W], feature_dim C). A pooled features
+    file (pickle or features.npy), or grids of another H x W or width than the model was
+    trained on, is a one-line PipelineError naming the file's shape, the model's and both
+    paths; an id missing from the file is data.check_missing's error.
+    """
+    variant = config.get("variant")
+    height, width = (int(s) for s in config["grid"])
+    wanted = (height, width, int(config["feature_dim"]))
+    needs = f"the {variant} model ({model_dir}), which was trained on grids (N, {', '.join(map(str, wanted))})"
+    if not is_spatial_file(path):
+        if str(path).endswith(".npy"):
+            shape = memmap_features(path)[0].shape
+        else:
+            table = load_features(path)
+            shape = (len(table), len(next(iter(table.values()))) if table else 0)
+        raise PipelineError(f"pooled features {tuple(shape)} given to {needs} from "
+                            f"extract_features.py --spatial ({path})")
+    grids, row_of_id, _, info = grid_matrix(path, ids, 0.0, variant)
+    found = (*info["grid"], grids.shape[-1])
+    if tuple(found) != wanted:
+        grids.close()
+        raise PipelineError(f"spatial grids {(len(grids), *found)} given to {needs} ({path})")
+    return grids, row_of_id
 
 def group_by_image(examples):
     """[(row, ids)] -> (rows (M,), [[example index, ...] per row]) in first-seen order."""

@@ -6,6 +6,8 @@ Owns
   teacher_arrays      sampled captions -> (input ids, target ids) for one forward pass.
   caption_log_probs   the Keras model's log-probability of each whole caption (sum over its
                       tokens), from ONE batched forward pass on the sampled tokens; differentiable.
+                      A grid model (attention, transformer) is fed as in training: each image's
+                      grid once, and image_index naming the grid row of every caption.
   reward_references   the training captions as token ids ending in endseq (the CIDEr-D reward's
                       references), checked for empty captions.
   advantages          a sample's reward minus its baseline: the greedy caption's CIDEr-D
@@ -13,12 +15,15 @@ Owns
   Trainer             one epoch of SCST: per batch of images, the greedy caption and K samples
                       per image; rewards = CIDEr-D against the image's references (document
                       frequencies from the training references, computed once); loss =
-                      -mean(advantage x log p(sample)); an Adam step.
-  dev_scorer          greedy dev-split CIDEr-D with the COCO convention (document frequencies
-                      from the dev references; pure-Python PTB-style tokenisation of the original
-                      captions, as coco_metrics.score_captions(java=False)) - the selection measure.
+                      -mean(advantage x log p(sample)); an Adam step. Pooled features (N, D) or
+                      grids (N, G, C); a grid source (data.grid_inputs.GridRows) is read a batch
+                      at a time (float16 on disk, float32 per batch).
+  dev_scorer          dev-split CIDEr-D of greedy (or beam) captions with the COCO convention
+                      (document frequencies from the dev references; pure-Python PTB-style
+                      tokenisation of the original captions, as coco_metrics.score_captions(
+                      java=False)) - the selection measure.
 Reads and writes no files (captioning.training.scst_run keeps the run folder). Imports coco_metrics,
-decoding, text, utils; TensorFlow inside the functions that need it (heavy).
+decoding, registry, text, utils; TensorFlow inside the functions that need it (heavy).
 
 Why endseq is part of every reward caption (references and samples): without it a caption cut
 off mid-phrase ("a dog runs in the") can score as well as a finished one, and SCST learns to
@@ -26,6 +31,11 @@ stop early or trail off; with it, only captions that end where the references en
 last n-grams.
 Why the forward pass runs without dropout (training=False): the samples come from the decoder,
 which has no dropout, so the log-probabilities must be those of the same distribution.
+The attention model's doubly stochastic attention penalty (layers.SoftAttentionLSTM adds it only
+in training mode) is therefore not part of the SCST loss, and is left out on purpose: it shapes
+where a model learns to look during cross-entropy training, which SCST starts from; adding it
+would need a training-mode pass (dropout on, so log p no longer that of the sampler) and a
+weight against CIDEr-D advantages that has no counterpart in the reward.
 """
 import time
 
@@ -35,6 +45,7 @@ from captioning.inference import decoding
 
 from captioning.data import text
 from captioning.evaluation.coco_metrics import CiderD, python_tokenize
+from captioning.models import registry
 from captioning.utils import PipelineError
 
 SAMPLES = 5              # sampled captions per image per update
@@ -111,14 +122,19 @@ def teacher_arrays(id_lists, start_id):
     return inputs, targets
 
 
-def caption_log_probs(model, image, inputs, targets):
+def caption_log_probs(model, image, inputs, targets, image_index=None):
     """Sum over each caption's tokens of log p(token | image, previous tokens) -> (N,) tensor.
 
     One forward pass of the sequence-mode Keras model on the whole batch; padding targets (0)
-    count nothing. Differentiable (call it under a GradientTape).
+    count nothing. Differentiable (call it under a GradientTape). Pooled models: image (N, D),
+    one row per caption. Grid models: image (M, G, C), each image once, and image_index (N,)
+    int32, the row of `image` caption n describes (the grid models' third input, as in training).
     """
     import tensorflow as tf
-    probs = model({"image_input": image, "caption_input": inputs}, training=False)   # (N, T, V)
+    feed = {"image_input": image, "caption_input": inputs}
+    if image_index is not None:
+        feed["image_index"] = image_index
+    probs = model(feed, training=False)                                             # (N, T, V)
     picked = tf.gather(probs, targets, batch_dims=2)                                # (N, T)
     mask = tf.cast(tf.not_equal(targets, 0), picked.dtype)
     # 1e-30 only guards log(0) for a word the softmax underflowed to exactly zero
@@ -126,14 +142,15 @@ def caption_log_probs(model, image, inputs, targets):
 
 
 def make_update_fn(model, optimizer):
-    """A compiled step (image, inputs, targets, advantage) -> (loss, log p): one Adam update of
-    loss = -mean(advantage * log p(caption)), the REINFORCE gradient with a baseline."""
+    """A compiled step (image, inputs, targets, advantage[, image_index]) -> (loss, log p): one
+    Adam update of loss = -mean(advantage * log p(caption)), the REINFORCE gradient with a
+    baseline. image_index for the grid models (caption_log_probs)."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
-    def update(image, inputs, targets, advantage):
+    def update(image, inputs, targets, advantage, image_index=None):
         with tf.GradientTape() as tape:
-            log_p = caption_log_probs(model, image, inputs, targets)
+            log_p = caption_log_probs(model, image, inputs, targets, image_index)
             loss = -tf.reduce_mean(advantage * log_p)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -178,9 +195,21 @@ def advantages(sample_reward, greedy_reward, samples, baseline=BASELINE):
     return (per_image - others).reshape(-1).astype(np.float32)
 
 
+def is_grid_model(config):
+    """True for a family that reads spatial grids (N, G, C) (registry.VARIANTS' input kind)."""
+    return registry.VARIANTS[config.get("variant", "merge")].inputs == registry.GRID
+
+
+def feature_rows(matrix, rows):
+    """float32 features of these rows of `matrix` (an array, a memory map or a GridRows, whose
+    float16 grids are cast here, one batch at a time)."""
+    return np.asarray(matrix[list(rows)], dtype=np.float32)
+
+
 class Trainer:
     """SCST over a fixed set of training images. Built once: the reward's document frequencies
-    (CiderD over the training references), the decoder's step function and the compiled update."""
+    (CiderD over the training references), the decoder's step function and the compiled update.
+    matrix: pooled features (N, D) or grids (N, G, C), indexed by lists of row_of_id's rows."""
 
     def __init__(self, model, config, tokenizer, matrix, row_of_id, train_ids, references,
                  optimizer, samples=SAMPLES, batch_images=BATCH_IMAGES, baseline=BASELINE):
@@ -192,10 +221,11 @@ class Trainer:
         self.samples, self.batch_images, self.baseline = samples, batch_images, baseline
         self.init_fn, self.step_fn = decoding.make_step_fn(model, config)
         self.update = make_update_fn(model, optimizer)
+        self.grid = is_grid_model(config)
 
     def batch(self, ids, rng):
         """One update on these images -> (mean sample reward, mean greedy reward, loss)."""
-        features = self.matrix[[self.row_of_id[i] for i in ids]]
+        features = feature_rows(self.matrix, [self.row_of_id[i] for i in ids])
         max_length = self.config["max_length"]
         states = self.init_fn(features)
         greedy = decoding.greedy_decode(self.step_fn, states, self.start_id, self.end_id,
@@ -208,7 +238,10 @@ class Trainer:
         greedy_reward = self.cider.scores(ids, greedy)
         advantage = advantages(sample_reward, greedy_reward, self.samples, self.baseline)
         inputs, targets = teacher_arrays(sampled, self.start_id)
-        loss, _ = self.update(features[repeat], inputs, targets, advantage)
+        if self.grid:     # each grid once; the K samples of image j point at row j
+            loss, _ = self.update(features, inputs, targets, advantage, repeat.astype(np.int32))
+        else:
+            loss, _ = self.update(features[repeat], inputs, targets, advantage)
         return float(sample_reward.mean()), float(greedy_reward.mean()), float(loss)
 
     def epoch(self, rng, progress=None):
@@ -228,9 +261,12 @@ class Trainer:
 
 
 # ---- selection measure ------------------------------------------------------------------------
-def dev_scorer(references, dev_ids, dev_matrix, tokenizer):
-    """A function (model, config) -> (dev CIDEr-D of greedy captions, their word lists).
+def dev_scorer(references, dev_ids, matrix, rows, tokenizer, beam=1, alpha=decoding.ALPHA):
+    """A function (model, config) -> (dev CIDEr-D of the captions, their word lists).
 
+    matrix, rows: the features (pooled (N, D) or GridRows grids) and each dev image's row in it,
+    read decoding.BATCH_IMAGES images at a time. beam 1: greedy captions; beam >= 2: beam search
+    with length normalisation alpha (decoding.decode's rules).
     COCO convention: document frequencies from the dev images' original captions, tokenised by
     coco_metrics.python_tokenize, so the number equals score_captions(..., java=False)["cider_d"].
     """
@@ -240,11 +276,16 @@ def dev_scorer(references, dev_ids, dev_matrix, tokenizer):
     # an original caption that tokenises to nothing is a one-line error from CiderD
     cider = CiderD({i: [python_tokenize(c) for c in references[i]] for i in dev_ids})
     id_to_word, _, end_id, _ = decoding.vocabulary(tokenizer)
+    rows = list(rows)
 
     def score(model, config):
-        id_lists = decoding.caption_features(model, config, tokenizer, dev_matrix, beam=1)
+        step_fns = decoding.make_step_fn(model, config)
+        id_lists = []
+        for lo in range(0, len(rows), decoding.BATCH_IMAGES):
+            features = feature_rows(matrix, rows[lo:lo + decoding.BATCH_IMAGES])
+            id_lists.extend(decoding.caption_features(model, config, tokenizer, features, beam=beam,
+                                                      alpha=alpha, step_fns=step_fns))
         words = [decoding.ids_to_words(id_to_word, x, end_id) for x in id_lists]
         return float(cider.scores(dev_ids, [python_tokenize(" ".join(w)) for w in words]).mean()), words
 
     return score
-
