@@ -9,6 +9,7 @@ Usage:
     python extract_features.py --merge-parts data/parts --output data/features.npy [--spatial G.h5]
     python extract_features.py --images data/coco --image-paths data/coco/image_paths.json \
         --backbone lite0 --output data/coco/features.npy --spatial data/coco/grids.h5 --dask local:2
+    python extract_features.py --images DIR --trunk data/trunk_lite0.h5 [--trunk-block 15] [--flips]
 
 Parts, the merge and Dask (captioning/encoders/shards.py, docs/datasets.md):
   --shard I/N extracts part I (0 <= I < N) of the images sorted by id into --parts-dir
@@ -55,6 +56,14 @@ Writes:
       image ids in row order, root attributes format_version, backbone, layer, grid [H, W],
       width C, fingerprint, count. Built in G.h5.partial (rows committed at each checkpoint of
       FILE.partial, so both resume from the same images) and renamed to G.h5 at the end.
+  --trunk T.h5 (instead of --output): EfficientNet-Lite's lower part (stem and blocks before
+      --trunk-block K, default 15 for Lite0: 7x7x192 maps) for every image, the cached input
+      of a trainable top (docs/lite0.md). Layout (captioning/data/trunk.py): dataset /trunk
+      (N, H, W, C) float16, with --flips also /trunk_flipped (the image mirrored left-right:
+      "left" and "right" in its captions then read the other way), dataset /ids, root
+      attributes format_version, backbone, image_size, block, shape, fingerprint, flips, count.
+      Built in T.h5.partial, committed every --checkpoint-every images and on Ctrl-C/SIGTERM,
+      resumed by a rerun, renamed to T.h5 at the end. --backbone defaults to lite0 here.
   <FILE stem>.settings.json: the run's settings, the backbone, the weights fingerprint, width
       D, grid [H, W, C] (or null), counts and the skipped files. A rerun with the same backbone,
       weights and preprocessing continues from FILE.partial and/or FILE (and G.h5.partial / G.h5;
@@ -66,7 +75,7 @@ import sys
 
 from captioning.encoders import backbones, shards
 from captioning.encoders.extract import (BACKBONE, BATCH_SIZE, CHECKPOINT_EVERY, RESIZE_FILTER, RUNTIME,
-                                         SEED, WEIGHTS, WORKERS, extract_folder)
+                                         SEED, WEIGHTS, WORKERS, extract_folder, extract_trunk)
 from captioning.encoders.runtime import RUNTIMES
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 
@@ -78,14 +87,22 @@ def main(argv=None):
                         help="folder of image files (with --image-paths: the root of the paths)")
     parser.add_argument("--output", default="data/features.pkl",
                         help="features to write: FILE.pkl (pickle) or FILE.npy (memory-mappable)")
-    parser.add_argument("--backbone", default=BACKBONE, choices=[*backbones.BACKBONES, "auto"],
-                        help="image encoder: vgg16 (fc2, 4096), lite0 (EfficientNet-Lite0, 1280), "
-                             "or auto (VGG16 if its ImageNet weights can be had, else Lite0)")
+    parser.add_argument("--backbone", default=None, choices=[*backbones.BACKBONES, "auto"],
+                        help=f"image encoder: vgg16 (fc2, 4096), lite0 (EfficientNet-Lite0, 1280), "
+                             f"or auto (VGG16 if its ImageNet weights can be had, else Lite0); "
+                             f"default {BACKBONE}, lite0 with --trunk")
     parser.add_argument("--weights", default=WEIGHTS,
                         help="imagenet | none (random) | PATH (VGG16 .h5/.json, Lite0 .pth)")
     parser.add_argument("--spatial", metavar="G.h5", default=None,
                         help="also write the last conv grid of every image to this HDF5 file "
                              "(with --shard: into the part files; the merge names G.h5)")
+    parser.add_argument("--trunk", metavar="T.h5", default=None,
+                        help="instead of features: EfficientNet-Lite's lower part (the input of a "
+                             "trainable top) for every image, to this HDF5 file")
+    parser.add_argument("--trunk-block", metavar="K", type=int, default=None,
+                        help="--trunk: the top starts at block K (default 15 for Lite0: 7x7x192)")
+    parser.add_argument("--flips", action="store_true",
+                        help="--trunk: also the left-right mirrored image, as a second view")
     parser.add_argument("--seed", type=int, default=SEED, help="random-weights seed (--weights none)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=None,
@@ -121,6 +138,11 @@ def main(argv=None):
     if args.batch_size < 1 or args.checkpoint_every < 1 or (args.limit is not None and args.limit < 1) \
             or args.shards < 1:
         raise PipelineError("--batch-size, --checkpoint-every, --limit and --shards must be >= 1")
+    if args.trunk:
+        return trunk_main(args)
+    if args.trunk_block is not None or args.flips:
+        raise PipelineError("--trunk-block and --flips only go with --trunk")
+    args.backbone = args.backbone or BACKBONE
     if shards.is_sharded(args):
         print("\n".join(shards.summary_lines(shards.run_command(args), args.output, args.spatial)))
         return 0
@@ -133,6 +155,26 @@ def main(argv=None):
     grids = f" and {grid[0]}x{grid[1]}x{grid[2]} grids -> {args.spatial}" if grid else ""
     print(f"summary: {result['images']} {result['backbone']} features ({result['width']} wide) -> "
           f"{result['output']}{grids}; {result['computed']} computed, {result['resumed']} resumed, "
+          f"{len(result['failures'])} skipped; {seconds:.1f} s, {rate:.1f} img/s; "
+          f"runtime {result['runtime']}")
+    for path, reason in result["failures"]:
+        print(f"  skipped {path.name}: {reason}")
+    return 0
+
+
+def trunk_main(args):
+    if args.spatial or args.shard or args.dask or args.merge_parts or args.image_paths:
+        raise PipelineError("--trunk takes a plain --images folder (not --spatial, --shard, "
+                            "--dask, --merge-parts or --image-paths)")
+    if not args.images:
+        raise PipelineError("--images is required")
+    result = extract_trunk(args)
+    seconds = result["seconds"]
+    rate = result["computed"] / seconds if seconds > 0 else 0.0
+    views = " (+ flipped)" if result["flips"] else ""
+    print(f"summary: {result['images']} {result['backbone']} trunk maps, block {result['block']}, "
+          f"{'x'.join(map(str, result['shape']))}{views} -> {result['output']}; "
+          f"{result['computed']} computed, {result['resumed']} resumed, "
           f"{len(result['failures'])} skipped; {seconds:.1f} s, {rate:.1f} img/s; "
           f"runtime {result['runtime']}")
     for path, reason in result["failures"]:

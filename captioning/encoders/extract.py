@@ -7,9 +7,13 @@ Owns
   extract_folder   a whole folder to FILE (+ G.h5 grids), resumable: FILE.partial (restricted
                    pickle) and G.h5.partial are checkpoints; a rerun with the same fingerprint
                    computes only what is missing; other settings are refused unless overwrite.
-  build_model, weights_fingerprint, load_image   the backbone's extractor, what features depend on,
-                   one preprocessed image.
-Files: extract_features.py's docstring (features.pkl, FILE.partial, G.h5, <stem>.settings.json).
+  extract_trunk    a whole folder's EfficientNet-Lite lower-part maps (the input of a trainable
+                   top) to a trunk file T.h5 (captioning/data/trunk.py), optionally with a
+                   mirrored second view; resumable through the same checkpointed loop.
+  build_model, build_trunk_model, weights_fingerprint, load_image   the backbone's extractor,
+                   the trunk's, what features depend on, one preprocessed image.
+Files: extract_features.py's docstring (features.pkl, FILE.partial, G.h5, T.h5,
+<stem>.settings.json).
 """
 import os
 import pickle
@@ -23,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.encoders import backbones
+from captioning.encoders import backbones, efficientnet_lite
 from captioning.data.features import load_features, load_pickle, save_features
 from captioning.data.images import IMAGE_EXTENSIONS, list_images, load_rgb
 from captioning.encoders.runtime import make_predict_fn as make_runtime_predict_fn
 from captioning.encoders.runtime import submitter, tf_sees_gpu
 from captioning.data.spatial import SpatialFeatures, SpatialWriter
+from captioning.data.trunk import TrunkSpec, TrunkWriter
 from captioning.utils import PipelineError, atomic_write, on_terminal, read_json, save_settings
 from captioning.utils import progress as progress_bar
 
@@ -252,11 +257,13 @@ def sigterm_as_interrupt():
 
 def checkpointed_extract(pending, done, partial, fingerprint, grids, checkpoint_every, open_model,
                          workers=None, **extract_kwargs):
-    """extract() over `pending` into the dict `done` (and the SpatialWriter `grids`, or None),
+    """extract() over `pending` into the dict `done` (and the grids writer `grids`: a
+    SpatialWriter, a captioning.data.trunk.TrunkWriter, or None),
     checkpointing `done` to `partial` (restricted pickle, with `fingerprint`) and committing the
     grids every `checkpoint_every` images and on any interruption (Ctrl-C, SIGTERM, an error),
-    so a rerun resumes from the last finished batch. Shared by extract_folder and the part files
-    of captioning/encoders/shards.py.
+    so a rerun resumes from the last finished batch. Shared by extract_folder, the part files
+    of captioning/encoders/shards.py and extract_trunk. partial None: nothing is pickled, the
+    grids writer's commits are the whole checkpoint (a trunk file; `done` is never written).
 
     open_model() -> (model, predict) is called only when there is work; workers None = one
     decoding thread per decode_threads(predict). extract_kwargs: extract()'s batch_size,
@@ -266,7 +273,8 @@ def checkpointed_extract(pending, done, partial, fingerprint, grids, checkpoint_
     failures, since, seconds, predict = [], [0], 0.0, None
 
     def checkpoint():
-        save_partial(partial, fingerprint, done)
+        if partial is not None:
+            save_partial(partial, fingerprint, done)
         if grids is not None:
             grids.commit()   # the grids of exactly the images the pickle checkpoint holds
         since[0] = 0
@@ -371,6 +379,69 @@ def extract_folder(args, log=lambda line: print(line, file=sys.stderr)):
     return {"output": output, "backbone": backbone, "width": width, "grid": grid,
             "images": len(done), "computed": len(pending) - len(failures), "resumed": resumed,
             "seconds": seconds, "runtime": runtime, "failures": failures}
+
+
+def build_trunk_model(weights, seed=SEED, backbone="lite0", block=None, flips=False):
+    """The lower part of `backbone` cut before `block` (None: its default split), as a model
+    extract() can run: preprocessed (None, S, S, 3) -> [channel means (None, c), maps (None, h,
+    w, c)], or with flips maps (None, 2, h, w, c) [the image, the image mirrored left-right].
+    The means only fill extract()'s pooled slot (kept in memory, never written)."""
+    import keras
+    if backbone not in efficientnet_lite.VARIANTS:
+        raise PipelineError(f"--trunk needs an EfficientNet-Lite backbone (lite0), not {backbone}")
+    lower = efficientnet_lite.build_split(weights, backbone, block, seed=seed).lower
+    image, maps = lower.input, lower.output
+    if flips:   # mirroring the preprocessed input = preprocessing the mirrored image (per pixel)
+        maps = keras.ops.stack([maps, lower(keras.ops.flip(image, axis=2))], axis=1)
+    means = keras.ops.mean(maps, axis=tuple(range(1, len(maps.shape) - 1)))
+    return keras.Model(image, [means, maps], name=f"{lower.name}_trunk")
+
+
+def extract_trunk(args, log=lambda line: print(line, file=sys.stderr)):
+    """The lower part's maps of every image of a folder into the trunk file args.trunk
+    (captioning/data/trunk.py), resuming a stopped run through checkpointed_extract.
+
+    args: extract_features.py's options (images, trunk, trunk_block, flips, backbone, weights,
+    seed, batch_size, workers, limit, checkpoint_every, resize_filter, runtime, overwrite).
+    Returns a summary dict: output, backbone, block, shape, flips, images, computed, resumed,
+    seconds, runtime, failures [(path, reason)]. A kill leaves T.h5.partial holding every
+    committed batch; T.h5 appears only complete, in one rename.
+    """
+    backbone = "lite0" if args.backbone in (None, "auto") else args.backbone
+    if backbone not in efficientnet_lite.VARIANTS:
+        raise PipelineError(f"--trunk needs an EfficientNet-Lite backbone (lite0), not {backbone}")
+    block = (efficientnet_lite.default_split_block(backbone) if args.trunk_block is None
+             else efficientnet_lite.check_split_block(args.trunk_block, backbone))
+    all_paths = list_images(args.images)
+    if not all_paths:
+        raise PipelineError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {args.images}")
+    paths = all_paths[:args.limit] if args.limit else all_paths
+    weights_id = weights_fingerprint(args.weights, args.seed, backbone)
+    spec = TrunkSpec(backbone, efficientnet_lite.image_size(backbone), block,
+                     features_fingerprint(backbone, args.weights, args.seed, args.resize_filter))
+    writer = TrunkWriter(args.trunk, spec, flips=args.flips, overwrite=args.overwrite)
+    pending = [p for p in paths if p.stem not in writer.done]
+    resumed = len(paths) - len(pending)
+    log(f"{len(paths)} images in {args.images}: {resumed} already done, {len(pending)} to go "
+        f"({spec.describe()}{', with flips' if args.flips else ''})")
+
+    def open_model():
+        model = build_trunk_model(args.weights, args.seed, backbone, block, args.flips)
+        return model, make_predict_fn(model, args.runtime,
+                                      f"{weights_id}; {backbone} trunk {block} flips={args.flips}")
+
+    failures, seconds, predict, args.workers = checkpointed_extract(
+        pending, {}, None, spec.fingerprint, writer, args.checkpoint_every, open_model,
+        workers=args.workers, batch_size=args.batch_size, resize_filter=args.resize_filter,
+        progress=True, backbone=backbone)
+    if not writer.rows:
+        raise PipelineError(f"no image in {args.images} could be read ({len(failures)} skipped)")
+    images = writer.finish()
+    return {"output": Path(args.trunk), "backbone": backbone, "block": block,
+            "shape": list(efficientnet_lite.trunk_shape(block, backbone)), "flips": args.flips,
+            "images": images, "computed": len(pending) - len(failures), "resumed": resumed,
+            "seconds": seconds, "failures": failures,
+            "runtime": predict.description if predict is not None else "none (nothing to compute)"}
 
 
 def spatial_grid(path):
