@@ -27,8 +27,9 @@ Reads:
     --images DIR      the dataset images (thumbnails in the results view, cached features).
     --results DIR     evaluate_bleu.py output: a folder with results.json + captions.tsv, or a
                       folder of such folders (one run each).
-    --retrieval DIR   train_retrieval.py run folder (model.keras, model.json; its tokenizer from
-                      the data_dir it records, or --retrieval-data-dir): every image of --features
+    --retrieval [DIR] train_retrieval.py run folder (model.keras, model.json; its tokenizer beside
+                      it, or from the data_dir it records, or --retrieval-data-dir); without DIR
+                      the shipped pretrained/vse-lite0. Every image of --features
                       is embedded once at start-up and the search view ranks them by cosine
                       (captioning/retrieval/image_search.py). Needs --features of the model's backbone.
 Writes: nothing (the server's log goes to stderr).
@@ -46,6 +47,7 @@ from captioning.utils import check_installed
 check_installed("serve.py", "web", "fastapi", "uvicorn", "multipart")   # the web server and uploads
 from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR as MODEL_DIR, WEIGHTS  # noqa: E402
 from captioning.inference.decoding import ALPHA
+from captioning.retrieval import folder_search
 from captioning.retrieval.image_search import ImageSearch
 from captioning.utils import HelpFormatter, PipelineError, run_cli
 from captioning.apps.web_captioner import WebCaptioner
@@ -68,8 +70,9 @@ def parse_args(argv):
     parser.add_argument("--features", default=None, help="cached features.pkl of --images")
     parser.add_argument("--images", default=None, help="dataset image folder")
     parser.add_argument("--results", default=None, help="evaluate_bleu.py output folder")
-    parser.add_argument("--retrieval", default=None,
-                        help="train_retrieval.py run folder: text search over the --features images")
+    parser.add_argument("--retrieval", nargs="?", const="", default=None, metavar="DIR",
+                        help="train_retrieval.py run folder (none given: the shipped "
+                             "pretrained/vse-lite0): text search over the --features images")
     parser.add_argument("--retrieval-data-dir", default=None,
                         help="the retrieval model's prepare_text.py folder (default: the one in its model.json)")
     parser.add_argument("--host", default=HOST, help="address to listen on")
@@ -81,7 +84,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.features and not args.images:
         parser.error("--features needs --images (the folder the features were computed from)")
-    if args.retrieval and not args.features:
+    if args.retrieval is not None and not args.features:
         parser.error("--retrieval needs --features (the vectors of the images to search) and --images")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0..65535")
@@ -120,8 +123,8 @@ def main(argv=None):
     limits = Limits(max_image_bytes=int(args.max_image_mb * MB), max_images=args.max_images,
                     max_request_bytes=max(Limits().max_request_bytes,
                                           int(args.max_images * args.max_image_mb * MB) + MB))
-    search = (ImageSearch(args.retrieval, args.features, args.retrieval_data_dir)
-              if args.retrieval else None)
+    retrieval = args.retrieval or (folder_search.default_model() if args.retrieval == "" else None)
+    search = ImageSearch(retrieval, args.features, args.retrieval_data_dir) if retrieval else None
     app = create_app(load_captioner(args), results_dir=args.results, retrieval=search,
                      images_dir=args.images, limits=limits)
     host, port = sock.getsockname()[:2]
