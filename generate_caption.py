@@ -20,11 +20,15 @@ Reads:
                       was trained with; a mismatch is a one-line error).
     images            JPEG/PNG files or folders (every image in a folder, sorted), run through
                       the extractor of the model's backbone, VGG16 fc2 or Lite0, as
-                      extract_features.py does (--weights imagenet|none|PATH). A model trained on
+                      extract_features.py does (--weights imagenet|none|PATH); a model with a
+                      fine-tuned top: the whole Lite0 network with that top copied in, the
+                      lower part's weights those recorded in model.json (--weights unused). A model trained on
                       features of unknown origin cannot caption raw images: use --features/--ids.
     --features FILE   with --ids: caption cached features, a features.pkl ({image_id: vector})
                       or, for an attention/transformer model, the spatial grid file of
-                      extract_features.py --spatial. Several files for an ensemble of pooled
+                      extract_features.py --spatial; for a model trained with a fine-tuned top
+                      (train.py --finetune-top) the trunk file of extract_features.py --trunk
+                      (its grids: that top's output on the cached maps). Several files for an ensemble of pooled
                       and grid models: each model reads the first that fits it.
 Writes: nothing but stdout, except with --attention-map OUT.png (attention/transformer models):
     a PNG per image, one panel per word: the picture lit where the model looked while choosing
@@ -44,6 +48,7 @@ from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS
 from captioning.inference.decoding import ALPHA, BEAM
 from captioning.data.features import read_rows
 from captioning.data.images import expand_paths, open_rgb
+from captioning.models.finetune import file_ids, refuse_trunk_files
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
 MODEL_DIR = PRETRAINED_DIR  # the shipped captioner
@@ -101,14 +106,12 @@ def main(argv=None):
     # the user's own inputs are checked first: a missing photo is reported as such even
     # when the model or the data folder is missing too
     failures, found, cached = [], [], []
-    if args.ids:      # pooled pickles or spatial grid files, whichever each model reads
-        tables = []                       # per file: ({image id: row}, its rows)
+    if args.ids:      # pooled pickles, spatial grid or trunk files, whichever each model reads
+        found = list(args.ids)
         for path in args.features:
-            in_file, matrix, _ = read_rows(path, args.ids)
-            tables.append(({i: row for row, i in enumerate(in_file)}, matrix))
-            failures += [(i, f"id not in {path}") for i in args.ids if i not in tables[-1][0]]
-        found = [i for i in args.ids if all(i in rows for rows, _ in tables)]
-        cached = [matrix[[rows[i] for i in found]] for rows, matrix in tables]
+            in_file = set(file_ids(path, args.ids))
+            failures += [(i, f"id not in {path}") for i in args.ids if i not in in_file]
+            found = [i for i in found if i in in_file]
     paths, missing = expand_paths(args.images)
     failures += missing
     report(failures)
@@ -124,7 +127,13 @@ def main(argv=None):
     many = len(found) + len(paths) > 1
     if found:
         configs = captioner.configs if ensembled else [captioner.config]
-        inputs = ensemble.member_inputs(configs, cached, args.features, args.model)
+        if ensembled:
+            refuse_trunk_files(args.features)
+            files, cached = args.features, [read_rows(path, found)[1] for path in args.features]
+        else:         # a fine-tuned model's grids: its top over a trunk file's maps
+            files = captioner.readable(args.features)
+            cached = [captioner.read_features(path, found)[1] for path in files]
+        inputs = ensemble.member_inputs(configs, cached, files, args.model)
         caption_and_map(captioner, found, [None] * len(found),
                         inputs if ensembled else inputs[0], args, many)
     if paths:

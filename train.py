@@ -5,6 +5,8 @@ Usage:
         --data-dir data/ --output-dir models/ [--name NAME] [--epochs 20] [--mode sequence|pairs]
     python train.py --variant attention --features data/spatial.h5 --data-dir data/
     python train.py --variant transformer --features data/spatial.h5 --data-dir data/
+    python train.py --variant attention --features data/trunk_lite0.h5 --finetune-top \
+        [--top-learning-rate 1e-4] [--top-batchnorm frozen|trained]   # top(trunk), top trained
     python train.py ... --cv 5 --variants merge,inject,attention,transformer \
         --features data/features.pkl --spatial data/spatial.h5 --cv-epochs 3 --cv-subset 2000
     python train.py ... --recipe tutorial          # the course's plain recipe (see below)
@@ -34,6 +36,8 @@ Reads:
                  attention/transformer: the spatial HDF5 of extract_features.py --spatial, float16
                  (N, H, W, C) grids (Lite0 7x7x1280, VGG16 14x14x512); H, W, C are taken from here
                  and the grids stay float16 in memory (0.9 GB for Flickr8k's train+dev on Lite0).
+                 With --finetune-top: the trunk file of extract_features.py --trunk (the lower
+                 part of Lite0 per image); the grids are the encoder top's output on it.
     --spatial    the grid variants' file when --features is the pickle (--cv over all four).
     --data-dir   prepare_text.py's outputs: meta.json (vocab_size, max_length, sentinels,
                  tokenizer_sha256), tokenizer.json, descriptions.txt, splits.json.
@@ -52,6 +56,10 @@ Writes, into the run folder <output-dir>/<name> (name defaults to the variant, p
         state.json      {epoch (finished epochs), best_val_loss, best_epoch, best_dev_bleu4, wait
                         (epochs without improvement), stopped_early, history [...], rng (dropout
                         seed-generator states), settings (those a resume must match)}.
+        encoder_top.keras, encoder_top_last.keras   (--finetune-top) the top of the kept
+                        epoch, and the newest epoch's with its Adam state; model.json then has
+                        "encoder_top" {backbone, image_size, block, fingerprint, weights, seed,
+                        resize_filter, batchnorm, learning_rate, file}.
         history.csv     epoch,loss,val_loss,dev_bleu4,seconds,lr (losses = mean cross-entropy per
                         predicted word, nats; epoch 1 = first epoch).
         loss.png        training and dev loss per epoch.
@@ -70,6 +78,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from captioning.models.finetune import BATCHNORM_CHOICES, TOP_LEARNING_RATE
 from captioning.models.registry import OPTIONS as GRID_OPTIONS
 from captioning.models.registry import DROPOUT, EMBED_DIM, LEARNING_RATE, MODE, MODES, UNITS, VARIANTS
 from captioning.training import distributed, trainer
@@ -115,6 +124,15 @@ def parse_args(argv):
     p.add_argument("--ff-dim", type=int, default=transformer["ff_dim"], help="transformer: feed-forward width")
     p.add_argument("--transformer-dropout", type=float, default=transformer["dropout"],
                    help="transformer: dropout after every sublayer")
+    p.add_argument("--finetune-top", action="store_true",
+                   help="attention/transformer: --features is a trunk file (extract_features.py "
+                        "--trunk); train the encoder top's convolutions with the captioner "
+                        "(docs/models.md, 'Fine-tuning the encoder top')")
+    p.add_argument("--top-learning-rate", type=float, default=TOP_LEARNING_RATE,
+                   help="--finetune-top: Adam's learning rate for the top")
+    p.add_argument("--top-batchnorm", choices=BATCHNORM_CHOICES, default=BATCHNORM_CHOICES[0],
+                   help="--finetune-top: frozen = the ImageNet statistics, inference mode; "
+                        "trained = BatchNormalization trains too")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="total epochs (a rerun continues up to it)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="captions per batch (sequence mode)")
     p.add_argument("--learning-rate", type=float, default=LEARNING_RATE, help="Adam")
@@ -160,6 +178,7 @@ def main(argv=None):
                                         distributed.without_option(argv, "--local-workers"), __file__)
     workers = distributed.join(args.connect_timeout, one_process=(
         "--cv trains its folds in one process" if args.cv else
+        "--finetune-top trains in one process" if args.finetune_top else
         "--mode pairs trains one photo per batch in one process" if args.mode == "pairs" else None))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.cv else [args.variant]
     for path in {trainer.features_path(args, v) for v in variants}:

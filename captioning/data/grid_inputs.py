@@ -11,11 +11,14 @@ writes), and each batch reads its own images (float16 as stored, cast to float32
 memory does not grow with the dataset (COCO's Lite0 grids are ~15 GB); model_grid_rows
 opens it for an already trained model (SCST), checked against its model.json. Nothing is written.
 """
+from pathlib import Path
+
 import numpy as np
 
 from captioning.data.inputs import check_missing
 from captioning.data.features import is_spatial_file, load_features, memmap_features
 from captioning.data.spatial import READ_ROWS, SpatialFeatures
+from captioning.data.trunk import TrunkFile
 from captioning.utils import PipelineError
 
 BUCKET_POOL = 20      # batches per length-sorted pool: bigger = less padding, less random
@@ -55,13 +58,31 @@ class GridRows:
         self.spatial.close()
 
 
+def is_trunk_file(path):
+    """True for a trunk file (extract_features.py --trunk: HDF5 with the trunk attributes), which
+    holds the lower part's maps, not grids; spatial files and pickles: False."""
+    import h5py
+    path = Path(path)
+    if not path.is_file() or not h5py.is_hdf5(path):
+        return False
+    with h5py.File(path, "r") as handle:
+        return "block" in handle.attrs and "fingerprint" in handle.attrs
+
+
 def grid_matrix(path, ids, max_missing, variant):
     """Grids of `ids` in a spatial file -> (GridRows, row_of_id = each id's row in the file,
     missing ids, info), info = {"grid": [H, W], "backbone": the file's encoder}.
 
     Nothing but the ids is read here; batches read their images. A pooled features pickle is a
-    one-line error naming the file and its shape; missing ids follow data.check_missing's rules.
+    one-line error naming the file and its shape, so is a trunk file (it trains a fine-tuned
+    top: train.py --finetune-top); missing ids follow data.check_missing's rules.
     """
+    if is_trunk_file(path):
+        with TrunkFile(path) as trunk:
+            made = trunk.spec.describe()
+        raise PipelineError(f"trunk file {path} ({made}) given to the {variant} model on frozen "
+                            f"grids: give a spatial grid file (extract_features.py --spatial), "
+                            f"or train a fine-tuned top on it (train.py --finetune-top)")
     if not is_spatial_file(path):
         table = load_features(path)        # a pooled pickle: say so, with its shape
         width = len(next(iter(table.values()))) if table else 0
@@ -83,9 +104,14 @@ def model_grid_rows(path, ids, config, model_dir):
     config: the model's model.json (variant, grid [H, W], feature_dim C). A pooled features
     file (pickle or features.npy), or grids of another H x W or width than the model was
     trained on, is a one-line PipelineError naming the file's shape, the model's and both
-    paths; an id missing from the file is data.check_missing's error.
+    paths; an id missing from the file is data.check_missing's error. A model with a
+    fine-tuned encoder top (model.json "encoder_top") is refused: no file holds its grids.
     """
     variant = config.get("variant")
+    if config.get("encoder_top"):      # its grids are top(trunk) of its own top: not in a file
+        raise PipelineError(f"the {variant} model ({model_dir}) was trained with a fine-tuned "
+                            f"encoder top: its grids are that top's output, not a file's; "
+                            f"self-critical training does not run the top ({path})")
     height, width = (int(s) for s in config["grid"])
     wanted = (height, width, int(config["feature_dim"]))
     needs = f"the {variant} model ({model_dir}), which was trained on grids (N, {', '.join(map(str, wanted))})"
@@ -158,6 +184,8 @@ def make_grid_dataset(examples, grid, batch_size, seed=None, first_epoch=0):
     """tf.data pipeline over grid_batch; a new shuffle (seed + epoch) every epoch.
 
     seed None = evaluation order (fixed). Cardinality is set so Keras knows the epoch length.
+    A `grid` with epoch_view(seed, epoch) (finetune.TrunkRows of a trunk file with flips) is
+    read through that epoch's view in training.
     """
     import tensorflow as tf
     epoch = [first_epoch]
@@ -168,8 +196,11 @@ def make_grid_dataset(examples, grid, batch_size, seed=None, first_epoch=0):
         return plan_image_batches(examples, batch_size, rng)
 
     def generate():
+        # a reader with per-epoch views (a trunk file's flips: finetune.TrunkRows) gives this
+        # epoch's; evaluation (seed None) always reads the plain maps
+        source = grid.epoch_view(seed, epoch[0]) if seed is not None and hasattr(grid, "epoch_view") else grid
         for index in plan():
-            yield grid_batch(examples, index, grid)
+            yield grid_batch(examples, index, source)
 
     n_batches = len(plan())
     epoch[0] = first_epoch

@@ -10,7 +10,9 @@ Reads:
                   descriptions.txt (tutorial BLEU's references), references.json (the
                   original captions: standard BLEU's and the COCO metrics' references).
     features      {image_id: vector} pickle whose width is the model's feature_dim, or for an
-                  attention/transformer model the spatial grid file (grids of the model's size).
+                  attention/transformer model the spatial grid file (grids of the model's size);
+                  for a model trained with a fine-tuned top (train.py --finetune-top) the trunk
+                  file (extract_features.py --trunk): its grids are that top's output.
     model         train.py run folder, or its model.keras; several: an ensemble
                   (captioning/inference/ensemble.py).
     images_dir    optional: the image folder, for the gallery's thumbnails.
@@ -37,6 +39,7 @@ from captioning.evaluation import coco_metrics, metrics
 from captioning.evaluation.gallery import attention_data_uri, gallery_html, thumbnail_data_uri, write_captions_tsv
 from captioning.inference import ensemble
 from captioning.inference.decoding import ALPHA, BEAM
+from captioning.models import finetune
 from captioning.utils import PipelineError, atomic_write, write_json
 
 SPLIT = "test"
@@ -53,13 +56,15 @@ class Evaluation:
     gallery: str = None     # gallery.html's text, or None without an image folder
 
 
-def split_matrix(features, ids, split, descriptions, references, data_dir):
+def split_matrix(features, ids, split, descriptions, references, data_dir, read=None):
     """Feature matrix (N, D), or grids (N, G, C), of the split's images `ids`, in their order.
 
-    Every image needs features, a descriptions.txt entry and a references.json entry: a
+    read: (path, ids) -> (found ids, matrix) (a Captioner's read_features: a fine-tuned
+    model's grids from a trunk file); default read_rows (a pooled pickle or a spatial grid
+    file). Every image needs features, a descriptions.txt entry and a references.json entry: a
     missing one is a PipelineError naming the image and the file.
     """
-    found, matrix, _ = read_rows(features, ids)    # a pooled pickle or a spatial grid file
+    found, matrix = read(features, ids) if read else read_rows(features, ids)[:2]
     found = set(found)
     for image_id in ids:
         for what, table in (("features", found), ("descriptions.txt", descriptions),
@@ -89,8 +94,13 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
     references = text.load_references(folder)
     captioner = ensemble.load_captioner(models, folder)
     ids = list(splits[split])[:limit]
-    matrices = [split_matrix(f, ids, split, descriptions, references, folder) for f in files]
     ensembled = len(models) > 1
+    read = None if ensembled else captioner.read_features
+    if ensembled:       # members decode the grids of files; a trunk file needs its model's top
+        finetune.refuse_trunk_files(files)
+    else:               # a fine-tuned model reads the trunk files, a frozen one the others
+        files = captioner.readable(files)
+    matrices = [split_matrix(f, ids, split, descriptions, references, folder, read) for f in files]
     configs = captioner.configs if ensembled else [captioner.config]
     inputs = ensemble.member_inputs(configs, matrices, files, [str(m) for m in models])
 

@@ -15,6 +15,10 @@ attention/transformer models); the default is the pooled (or spatial) extractor 
 the model's features came from (model.json's "backbone", else the
 one whose width matches: 4096 VGG16 fc2, 1280 Lite0). An encoder may carry a `width`
 attribute, checked against the model's feature_dim before any image is encoded.
+A model trained with a fine-tuned encoder top (train.py --finetune-top, model.json
+"encoder_top") reads trunk files instead of grids (read_features: top(trunk), then the
+captioner), and its default encoder for photos is the whole Lite0 network with the fine-tuned
+top copied in (finetuned_encoder), so photos and cached trunk maps go through the same weights.
 Reads the run folder and tokenizer.json; writes nothing.
 """
 from pathlib import Path
@@ -24,11 +28,12 @@ import numpy as np
 from captioning.encoders import extract
 from captioning.inference import decoding
 from captioning.encoders import backbones
-from captioning.models import registry
-from captioning.data.features import check_features
-from captioning.data.images import resize_rgb
+from captioning.encoders import efficientnet_lite
+from captioning.models import finetune, registry
+from captioning.data.features import check_features, read_rows
+from captioning.data.images import RESIZE_FILTER, resize_rgb
 from captioning.encoders.runtime import RUNTIME, make_predict_fn
-from captioning.utils import PipelineError
+from captioning.utils import PipelineError, sha256_file
 
 WEIGHTS = "imagenet"    # VGG16 weights of the default encoder: imagenet | none | path to .h5/.keras
 # The captioner shipped in the repository (merge model, Lite0 features, tokenizer beside it), so
@@ -108,6 +113,30 @@ def backbone_encoder(backbone, weights=WEIGHTS, output="pooled", runtime=RUNTIME
                         runtime=runtime, fingerprint=fingerprint)
 
 
+def finetuned_encoder(record, top, top_file, runtime=RUNTIME):
+    """The grid encoder of a fine-tuned model: the whole network of model.json's encoder_top
+    `record` (the lower part's weights the trunk file was made with) with the fine-tuned `top`
+    copied in by layer name, so a photo gets the grid top(lower(photo)) that cached trunk maps
+    get. top_file: the top's .keras file, whose sha256 keys the runtime's conversion cache."""
+    if record.get("resize_filter", RESIZE_FILTER) != RESIZE_FILTER:
+        raise PipelineError(f"the fine-tuned top was trained on maps of images resized with "
+                            f"{record['resize_filter']}; photos are resized with {RESIZE_FILTER} "
+                            f"({top_file})")
+    backbone = record["backbone"]
+    encoder = backbones.get(backbone)
+    weights = None if record["weights"] == "none" else record["weights"]
+
+    def build():
+        full = backbones.build(backbone, weights, seed=int(record["seed"]), output="spatial",
+                               quiet=True)
+        efficientnet_lite.copy_weights(top, full)
+        return full
+
+    fingerprint = f"{record['fingerprint']}; {backbone} fine-tuned top sha256={sha256_file(top_file)}"
+    return KerasEncoder(build, encoder.image_size, encoder.preprocess, spatial=True,
+                        runtime=runtime, fingerprint=fingerprint)
+
+
 def vgg16_encoder(weights=WEIGHTS):
     """The VGG16 fc2 encoder (the tutorial's)."""
     return backbone_encoder("vgg16", weights)
@@ -131,6 +160,34 @@ class Captioner:
         self.encode = encode
         self.run_dir = run_dir
         self._step_fns = None
+        # a checkpoint's last.keras (checkpoint averaging, resuming) pairs with the newest top
+        self._top_last = Path(model_path).name == "last.keras"
+        self._top = None
+
+    @property
+    def top(self):
+        """The fine-tuned encoder top saved with the model (None for a frozen model)."""
+        if self._top is None and self.config.get(finetune.KEY):
+            self._top = finetune.load_top(self.run_dir, last=self._top_last, compile=False)
+        return self._top
+
+    def read_features(self, path, ids):
+        """(found ids, float32 features) of `ids` in `path` as this model takes them: a
+        fine-tuned model's grids are its top run over a trunk file's maps; a frozen model reads
+        a pickle, features.npy or spatial grid file (read_rows). The wrong kind of file is a
+        one-line PipelineError naming the model and the file (finetune.check_input_kind)."""
+        finetune.check_input_kind(self.config, path, self.run_dir)
+        if self.config.get(finetune.KEY):
+            return finetune.model_features(self.config, self.top, path, ids, self.run_dir)
+        found, matrix, _ = read_rows(path, ids)
+        return found, matrix
+
+    def readable(self, paths):
+        """The features files of `paths` of the kind this model reads (trunk files for a
+        fine-tuned model, the others for a frozen one); none: the first, whose read_features
+        then says what is wrong."""
+        tuned = bool(self.config.get(finetune.KEY))
+        return [p for p in paths if finetune.is_trunk_file(p) == tuned] or list(paths)[:1]
 
     @property
     def feature_dim(self):
@@ -160,11 +217,16 @@ class Captioner:
         """The backbone this model's features came from (model.json, else by width), or None."""
         return backbones.backbone_of(self.config)
 
-    def default_encoder(self, weights=WEIGHTS):
+    def default_encoder(self, weights=WEIGHTS, runtime=RUNTIME):
         """The encoder of the model's own backbone (VGG16 when it cannot be told); its grid for
-        the grid models."""
+        the grid models. A fine-tuned model's is finetuned_encoder: its lower part's weights are
+        the ones recorded in model.json (`weights` is not used)."""
+        record = self.config.get(finetune.KEY)
+        if record:
+            return finetuned_encoder(record, self.top, finetune.top_path(self.run_dir, self._top_last),
+                                     runtime)
         output = "spatial" if self.config.get("grid") else "pooled"
-        return backbone_encoder(self.backbone or "vgg16", weights, output)
+        return backbone_encoder(self.backbone or "vgg16", weights, output, runtime)
 
     def check_encoder(self):
         """The encoder (the model's own backbone if none was given), after checking its width."""

@@ -90,8 +90,15 @@ def _short(sha):
 
 def check_members(paths, configs):
     """One-line PipelineError naming both models unless every member shares the first one's
-    vocabulary (tokenizer_sha256, vocab_size), special tokens (SPECIAL_FIELDS) and max_length."""
+    vocabulary (tokenizer_sha256, vocab_size), special tokens (SPECIAL_FIELDS) and max_length.
+    A model trained with a fine-tuned encoder top (model.json "encoder_top") is refused (for
+    ensembles and checkpoint averaging alike): its grids are its own top's output, which the
+    members' shared inputs do not provide, and averaging would leave the top behind."""
     first, first_path = configs[0], paths[0]
+    for path, config in zip(paths, configs):
+        if config.get("encoder_top"):     # its grids come from its own top: one model only
+            raise PipelineError(f"{path} has a fine-tuned encoder top: such models are not "
+                                f"ensembled or averaged (each reads its own top's grids); use it alone")
     for path, config in zip(paths[1:], configs[1:]):
         if (config.get("tokenizer_sha256"), config.get("vocab_size")) != (
                 first.get("tokenizer_sha256"), first.get("vocab_size")):

@@ -17,6 +17,10 @@ images per batch: each image's grid is encoded once for its five captions; the a
 model's training loss adds the doubly stochastic attention penalty, its dev loss is the
 cross-entropy alone). The models and their layer names: captioning.models (the variant
 registry, registry.py). Files of a run folder: train.py's docstring.
+With --finetune-top (grid variants) the input is a trunk file instead: batches carry the cached
+trunk maps, a joint model (captioning.models.finetune) runs the encoder top on them and feeds
+its grids to the captioner, the top's convolutions train with their own Adam, and every
+checkpoint holds the top beside the captioner (CheckpointFiles).
 
 Training modes:
   sequence (default): whole captions, input = ids[:-1], target = ids[1:], one masked sparse
@@ -31,6 +35,8 @@ Keras, TensorFlow and matplotlib are imported inside functions (heavy).
 """
 import csv
 import io
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,10 +46,11 @@ import numpy as np
 from captioning.data import grid_inputs, inputs, text
 from captioning.data.features import is_spatial_file, recorded_backbone
 from captioning.data.spatial import SpatialFeatures
+from captioning.encoders import efficientnet_lite
 from captioning.evaluation import metrics
 from captioning.inference import decoding
-from captioning.models import registry
-from captioning.training.run_folder import LAST_FILE, RunFolder, Selection
+from captioning.models import finetune, registry
+from captioning.training.run_folder import LAST_FILE, RunFolder, Selection, fsync_path
 from captioning.utils import PipelineError, atomic_write, read_json, save_settings, sha256_file
 
 # ---- defaults (train.py's argparse defaults come from here) -----------------------------------
@@ -107,6 +114,14 @@ def check_options(args):
             or not 0 <= args.max_missing <= 1:
         raise PipelineError("--dropout, --transformer-dropout, --label-smoothing and --max-missing "
                             "must be in [0, 1)")
+    if getattr(args, "finetune_top", False):
+        if args.variant not in registry.GRID_VARIANTS:
+            raise PipelineError(f"--finetune-top trains a grid captioner (attention, transformer) on "
+                                f"top(trunk); {args.variant} reads pooled features")
+        if args.cv:
+            raise PipelineError("--finetune-top trains one run; --cv compares frozen features")
+        if not args.top_learning_rate > 0:
+            raise PipelineError("--top-learning-rate must be above 0")
     if args.mode == "pairs" and not args.cv and args.variant in registry.GRID_VARIANTS:
         raise PipelineError(f"--mode pairs is the tutorial's merge/inject training; {args.variant} "
                             f"trains on whole captions (--mode sequence)")
@@ -157,7 +172,11 @@ def prepare_inputs(args, variant=None):
     path = features_path(args, variant)
     where = str(path)
     wanted = list(splits["train"]) + list(splits["dev"])
-    if variant in registry.GRID_VARIANTS:
+    tuned = getattr(args, "finetune_top", False)
+    if tuned:
+        matrix, row_of_id, missing, info = finetune.trunk_matrix(path, wanted, args.max_missing,
+                                                                 variant, grid=True)
+    elif variant in registry.GRID_VARIANTS:
         matrix, row_of_id, missing, info = grid_inputs.grid_matrix(path, wanted, args.max_missing, variant)
     else:
         matrix, row_of_id, missing = pooled_matrix(path, wanted, args.max_missing, variant)
@@ -173,7 +192,8 @@ def prepare_inputs(args, variant=None):
     if not train or not dev:
         raise PipelineError(f"no training or dev captions with features ({args.data_dir})")
     word_index = tokenizer["word_index"]
-    config = {"variant": variant, "mode": args.mode, "feature_dim": int(matrix.shape[-1]),
+    width = efficientnet_lite.HEAD_FILTERS if tuned else int(matrix.shape[-1])
+    config = {"variant": variant, "mode": args.mode, "feature_dim": width,
               "vocab_size": meta["vocab_size"], "max_length": max_length,
               **model_options(args, variant), **({"grid": info["grid"]} if "grid" in info else {}),
               "start_token": meta["start_token"], "end_token": meta["end_token"],
@@ -184,6 +204,14 @@ def prepare_inputs(args, variant=None):
               "backbone": info["backbone"],
               "data_dir": str(Path(args.data_dir).resolve()),
               "epochs_trained": 0, "best_epoch": None, "best_val_loss": None}
+    if tuned:
+        if info["flips"]:     # mirrored views for the training images whose captions allow it
+            sided = finetune.sided_images(descriptions, splits["train"])
+            matrix.flippable = np.zeros(len(matrix), bool)
+            matrix.flippable[[row_of_id[i] for i in splits["train"]
+                              if i in row_of_id and i not in sided]] = True
+        config[finetune.KEY] = finetune.encoder_record(info["spec"], path, args.top_batchnorm,
+                                                       args.top_learning_rate, info["flips"])
     return matrix, train, dev, config, row_of_id
 
 
@@ -193,6 +221,8 @@ def dev_bleu_scorer(data_dir, matrix, row_of_id):
     Why (train.py --select-by bleu): dev loss keeps falling after the captions stop improving
     (blander, more generic words lower the loss), so the checkpoint with the best loss is often
     not the one that captions best. Costs a few seconds per epoch for the 1000 dev images.
+    With a fine-tuned top (matrix: trunk maps) the model given is the joint model
+    (finetune.joint_model): the dev grids are its top's output at that epoch.
     """
     tokenizer = text.load_tokenizer(Path(data_dir) / "tokenizer.json")
     references = text.load_references(data_dir)
@@ -202,9 +232,12 @@ def dev_bleu_scorer(data_dir, matrix, row_of_id):
     built = {}      # the step functions of the model being trained: traced once, not per epoch
 
     def score(model, config):
+        features = dev_matrix
+        if hasattr(model, "encode_grids"):   # a fine-tuned top: this epoch's grids of the dev maps
+            features, model = model.encode_grids(dev_matrix), model.captioner
         if built.get("model") is not model:
             built.update(model=model, step_fns=decoding.make_step_fn(model, config))
-        id_lists = decoding.caption_features(model, config, tokenizer, dev_matrix, beam=1,
+        id_lists = decoding.caption_features(model, config, tokenizer, features, beam=1,
                                              step_fns=built["step_fns"])
         words = [decoding.ids_to_words(id_to_word, x, end_id) for x in id_lists]
         return metrics.standard_bleu([references[i] for i in ids], words)["bleu4"]
@@ -263,9 +296,37 @@ def dev_loss_scale(model, examples, mode):
     return train_words / inputs.words_per_row(examples, mode) if train_words else 1.0
 
 
-def make_keeper(folder, state, config, scorer=None, dev_scale=1.0):
+class CheckpointFiles:
+    """What folder.save writes for a fine-tuned run: save(path) writes the captioner to path
+    (last.keras), and beside it the top twice: encoder_top_last.keras (with the top's Adam, for
+    resuming) and encoder_top.keras, the top of the kept epoch (a hard link to the new file when
+    this epoch improved, else to the previous checkpoint's), so model.keras and
+    encoder_top.keras in one checkpoint always come from the same epoch. Everything is written
+    inside the checkpoint folder before its rename, so a kill never separates them."""
+
+    def __init__(self, captioner, top, previous, improved):
+        self.captioner, self.top, self.previous, self.improved = captioner, top, previous, improved
+
+    def save(self, path):
+        folder = Path(path).parent
+        self.captioner.save(path)
+        self.top.save(folder / finetune.TOP_LAST_FILE)
+        fsync_path(folder / finetune.TOP_LAST_FILE)
+        target = folder / finetune.TOP_FILE
+        source = (folder / finetune.TOP_LAST_FILE if self.improved or self.previous is None
+                  else self.previous / finetune.TOP_FILE)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+            fsync_path(target)
+
+
+def make_keeper(folder, state, config, scorer=None, dev_scale=1.0, top=None):
     """Keras callback: after each epoch, a history row, the selection (folder.record), then one
-    checkpoint (folder.save). With a scorer (--select-by bleu) the row also holds dev BLEU-4."""
+    checkpoint (folder.save). With a scorer (--select-by bleu) the row also holds dev BLEU-4.
+    top: a fine-tuned run's encoder top; the model fitted is then the joint model, and the
+    checkpoint holds the captioner and the top (CheckpointFiles)."""
     import keras
 
     class Keeper(keras.callbacks.Callback):
@@ -289,8 +350,10 @@ def make_keeper(folder, state, config, scorer=None, dev_scale=1.0):
             # model.json describes model.keras, the kept epoch: epochs_trained is that epoch's
             # count; the run's own count is state.json's "epoch"
             config["epochs_trained"] = state["best_epoch"]
-            state["rng"] = rng_state(self.model)
-            folder.save(self.model, state, config, improved)
+            captioner = getattr(self.model, "captioner", self.model)
+            state["rng"] = rng_state(captioner)
+            folder.save(CheckpointFiles(captioner, top, folder.checkpoint, improved) if top is not None
+                        else captioner, state, config, improved)
             bleu_text = f"  dev BLEU-4 {bleu4:.4f}" if scorer else ""
             print(f"epoch {epoch + 1}: loss {logs['loss']:.4f}  dev {val:.4f}{bleu_text}  "
                   f"best epoch {state['best_epoch']}", flush=True)
@@ -311,6 +374,8 @@ def resume_settings(args, config):
     """The settings that must match for a rerun to continue a run folder's training."""
     settings = {key: config[key] if key in config else getattr(args, key) for key in RESUME_KEYS}
     settings.update({key: config[key] for key in GRID_RESUME_KEYS if key in config})
+    if config.get(finetune.KEY):       # only fine-tuned runs: frozen runs resume as before
+        settings[finetune.KEY] = {k: v for k, v in config[finetune.KEY].items() if k != "file"}
     return settings
 
 
@@ -343,6 +408,7 @@ def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
                   f"(best epoch {state['best_epoch']}); nothing to do (--overwrite starts again)")
             return state
         model = registry.load_keras(folder.checkpoint / LAST_FILE)   # weights + optimizer state
+        top = finetune.load_top(folder.checkpoint, last=True) if config.get(finetune.KEY) else None
         restore_rng_state(model, state.get("rng"))
         print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
     else:
@@ -351,15 +417,20 @@ def train_run(args, run_dir, matrix, train, dev, config, scorer=None):
         registry.compile_model(model, args.learning_rate, args.label_smoothing,
                              inputs.words_per_row(train, args.mode))
         config["layers"] = registry.layer_names(model)
+        top = None
+        if config.get(finetune.KEY):
+            top = finetune.build_top(config[finetune.KEY])
+            finetune.compile_top(top, config[finetune.KEY]["learning_rate"])
     state["settings"] = settings
     folder.write_settings(args, **{k: config[k] for k in (
         "feature_dim", "vocab_size", "max_length", "features_sha256", "tokenizer_sha256")},
         train_captions=len(train), dev_captions=len(dev))
     train_ds, dev_ds = make_datasets(config, args.batch_size, args.seed, train, dev, matrix,
                                      first_epoch=state["epoch"])
-    model.fit(train_ds, validation_data=dev_ds, epochs=args.epochs, initial_epoch=state["epoch"],
+    fitted = model if top is None else finetune.joint_model(top, model, config)
+    fitted.fit(train_ds, validation_data=dev_ds, epochs=args.epochs, initial_epoch=state["epoch"],
               callbacks=[make_keeper(folder, state, config, scorer,
-                                     dev_loss_scale(model, dev, args.mode))],
+                                     dev_loss_scale(model, dev, args.mode), top)],
               verbose=args.verbose,
               shuffle=False)  # the dataset shuffles itself, seeded per epoch
     return state
