@@ -7,7 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from captioning.data.trunk import TrunkFile, TrunkSpec, TrunkWriter, partial_path
+from captioning.data.rowfile import partial_path
+from captioning.data.trunk import TrunkFile, TrunkSpec, TrunkWriter
 from captioning.utils import PipelineError
 
 SPEC = TrunkSpec("lite0", 224, 15, "lite0 random seed=0; resize=bilinear")

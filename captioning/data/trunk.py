@@ -9,7 +9,7 @@ the top (blocks K.., the head) reads these maps instead of the photos. Layout (H
                                           left-right (a second view for augmentation)
     /ids            UTF-8 strings (N,)    image ids (file names without extension), row order
     root attributes:
-        format_version  FORMAT_VERSION
+        format_version  rowfile.FORMAT_VERSION
         backbone        "lite0"
         image_size      the network's input side in pixels (224 for Lite0)
         block           K: the top starts at this block (EncoderSplit.block)
@@ -23,22 +23,20 @@ Every dataset is chunked one row per chunk, so a batch reads only its own rows. 
 at K = 15 is 18.4 KiB an image (146 MiB for Flickr8k's 8091), at K = 11 (14x14x112) 42.9 KiB
 (339 MiB); flips double it. Readers get float32 unless they ask for float16.
 
-Writing (TrunkWriter) follows captioning.data.spatial's SpatialWriter: rows go to FILE.partial,
-`count` moves only at commit() (the extraction's checkpoints), so a killed run resumes from its
-last committed row; finish() renames FILE.partial to FILE in one step. Extending a finished
-file works on a copy of it. A file made with other settings is refused unless overwrite.
+Writing (TrunkWriter, a captioning.data.rowfile.RowWriter): rows go to FILE.partial, `count`
+moves only at commit() (the extraction's checkpoints), so a killed run resumes from its last
+committed row; finish() renames FILE.partial to FILE in one step. A file made with other
+settings is refused unless overwrite.
 """
-import os
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from captioning.data.rowfile import RowReader, RowWriter, check_layout, open_h5, to_float16
 from captioning.utils import PipelineError
 
-FORMAT_VERSION = 1
-DTYPE = np.float16
+KIND = "trunk file"
 READ_ROWS = 512          # rows per read in TrunkFile.rows (bounds the temporary copy)
 VIEWS = ("trunk", "trunk_flipped")
 
@@ -54,20 +52,6 @@ class TrunkSpec(NamedTuple):
         return f"{self.backbone} at {self.image_size} px, block {self.block}"
 
 
-def partial_path(path):
-    path = Path(path)
-    return path.with_name(path.name + ".partial")
-
-
-def _open_h5(path, mode):
-    import h5py
-    try:
-        return h5py.File(path, mode)
-    except OSError as exc:
-        raise PipelineError(f"unreadable trunk file ({path}: {str(exc).splitlines()[0]}); "
-                            "delete it or pass --overwrite") from None
-
-
 def _spec_of(handle, path):
     attrs = handle.attrs
     try:
@@ -77,22 +61,9 @@ def _spec_of(handle, path):
         raise PipelineError(f"not a trunk file ({path}: attribute {exc!r})") from None
 
 
-def _check_layout(handle, path):
-    """(ids, count) of an open trunk file, after checking its datasets agree."""
-    try:
-        count, flips = int(handle.attrs["count"]), bool(handle.attrs["flips"])
-        if count == 0 and "ids" not in handle:   # created, no batch finished yet
-            return [], 0
-        ids = [i.decode("utf8") if isinstance(i, bytes) else str(i) for i in handle["ids"][:count]]
-        rows = [handle[view].shape[0] for view in VIEWS[:1 + flips]]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise PipelineError(f"not a trunk file ({path}: {exc!r})") from None
-    if handle.attrs.get("format_version") != FORMAT_VERSION or len(ids) != count \
-            or min(rows) < count:
-        raise PipelineError(f"not a trunk file ({path}: format "
-                            f"{handle.attrs.get('format_version')}, {count} rows recorded, "
-                            f"{len(ids)} ids, {min(rows)} maps)")
-    return ids, count
+def _views(handle):
+    """The datasets a trunk file holds: the plain view, and the mirrored one with flips."""
+    return VIEWS[:1 + bool(handle.attrs.get("flips"))]
 
 
 def check_spec(found, expected, path):
@@ -105,7 +76,7 @@ def check_spec(found, expected, path):
                             f"({found.fingerprint}); the model expects {expected[3]}")
 
 
-class TrunkFile:
+class TrunkFile(RowReader):
     """Read a finished trunk file: `with TrunkFile(path, expect=spec) as trunk:` then trunk.ids,
     trunk.spec, trunk.shape (H, W, C), trunk.flips, trunk[image_id] -> float32 (H, W, C),
     trunk.rows(ids, flipped) -> (n, H, W, C). Rows are read from disk on demand (one row per
@@ -118,12 +89,12 @@ class TrunkFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise PipelineError(f"trunk file not found ({self.path})")
-        self.handle = _open_h5(self.path, "r")
+        self.handle = open_h5(self.path, "r", KIND)
         try:
             self.spec = _spec_of(self.handle, self.path)
             if expect is not None:
                 check_spec(self.spec, expect, self.path)
-            self.ids, _ = _check_layout(self.handle, self.path)
+            self.ids, _ = check_layout(self.handle, self.path, KIND, _views(self.handle))
         except PipelineError:
             self.handle.close()
             raise
@@ -160,132 +131,42 @@ class TrunkFile:
                 out[chunk] = self.handle[VIEWS[view]][list(unique)][inverse]
         return out
 
-    def close(self):
-        self.handle.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class TrunkWriter:
+class TrunkWriter(RowWriter):
     """Append maps to FILE.partial, commit them with the extraction's checkpoints, finish by
-    rename. The interface of captioning.data.spatial.SpatialWriter (done, append, commit,
-    finish, close), so the same checkpointed extraction loop drives both.
-
-    done: the ids already committed (in FILE.partial, or in a finished FILE with the same
-    settings); the caller computes only the others. Nothing is opened for writing until the
-    first append, so a run with nothing new leaves a finished FILE untouched.
-    """
+    rename: rowfile.RowWriter's interface (done, append, commit, finish, close), as
+    captioning.data.spatial.SpatialWriter, so the same checkpointed extraction loop drives both.
+    A file with another TrunkSpec or flips setting is refused unless overwrite."""
+    kind = KIND
 
     def __init__(self, path, spec, flips=False, overwrite=False):
-        self.path, self.partial = Path(path), partial_path(path)
         self.spec, self.flips = TrunkSpec(*spec), bool(flips)
-        if overwrite and self.partial.exists():
-            self.partial.unlink()
-        source = self.partial if self.partial.exists() else (
-            self.path if self.path.is_file() and not overwrite else None)
-        self.ids, self.rows, self.handle = [], 0, None
-        if source is not None:
-            with _open_h5(source, "r") as handle:
-                found = _spec_of(handle, source)
-                saved_flips = bool(handle.attrs.get("flips"))
-                if found != self.spec or saved_flips != self.flips:
-                    raise PipelineError(
-                        f"{source} was made with other settings ({found.describe()}, flips "
-                        f"{saved_flips}, {found.fingerprint}); pass --overwrite to replace it "
-                        "or choose another --trunk file")
-                self.ids, self.rows = _check_layout(handle, source)
-        self.done = set(self.ids)
+        super().__init__(path, VIEWS[:1 + self.flips], overwrite)
 
-    def _open(self):
-        """The partial file, open for appending: resumed, copied from FILE, or new."""
-        if self.handle is not None:
-            return self.handle
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.partial.exists() and self.rows:   # extending a finished FILE: work on a copy
-            copy = self.partial.with_name(self.partial.name + ".copy")
-            shutil.copyfile(self.path, copy)
-            os.replace(copy, self.partial)
-        if self.partial.exists():
-            self.handle = _open_h5(self.partial, "r+")
-        else:
-            self.handle = _open_h5(self.partial, "w")
-            self.handle.attrs.update(format_version=FORMAT_VERSION, backbone=self.spec.backbone,
-                                     image_size=self.spec.image_size, block=self.spec.block,
-                                     fingerprint=self.spec.fingerprint, flips=self.flips, count=0)
-        return self.handle
+    def check_source(self, handle, source):
+        found = _spec_of(handle, source)
+        saved_flips = bool(handle.attrs.get("flips"))
+        if found != self.spec or saved_flips != self.flips:
+            raise PipelineError(
+                f"{source} was made with other settings ({found.describe()}, flips "
+                f"{saved_flips}, {found.fingerprint}); pass --overwrite to replace it "
+                "or choose another --trunk file")
 
-    def _datasets(self, shape):
-        import h5py
-        handle = self._open()
-        views = VIEWS[:1 + self.flips]
-        if "ids" not in handle:
-            for view in views:
-                handle.create_dataset(view, shape=(0, *shape), dtype=DTYPE,
-                                      maxshape=(None, *shape), chunks=(1, *shape))
-            handle.create_dataset("ids", shape=(0,), dtype=h5py.string_dtype("utf-8"),
-                                  maxshape=(None,), chunks=(1024,))
-            handle.attrs["shape"] = list(shape)
-        if handle[views[0]].shape[1:] != tuple(shape):
-            raise PipelineError(f"{self.partial} holds maps of shape {handle[views[0]].shape[1:]}, "
-                                f"this model makes {tuple(shape)}; pass --overwrite")
-        return [handle[view] for view in views], handle["ids"]
+    def header(self):
+        return {"backbone": self.spec.backbone, "image_size": self.spec.image_size,
+                "block": self.spec.block, "fingerprint": self.spec.fingerprint, "flips": self.flips}
+
+    def shape_attrs(self, shape):
+        return {"shape": list(shape)}
 
     def append(self, maps):
         """Write {image_id: (H, W, C) array, or (2, H, W, C) [plain, flipped] with flips} for ids
         not yet done (kept once commit() runs)."""
-        new = [(i, m) for i, m in maps.items() if i not in self.done]
+        new = self.new(maps)
         if not new:
             return
-        with np.errstate(over="ignore"):   # too large values become inf: refused below
-            stacked = np.stack([m for _, m in new]).astype(DTYPE)
+        stacked = to_float16([m for _, m in new], new[0][0], self.path, "trunk")
         if self.flips != (stacked.ndim == 5):
             raise PipelineError(f"{self.path}: maps of shape {stacked.shape[1:]} do not match "
                                 f"flips={self.flips}")
-        if not np.isfinite(stacked).all():
-            raise PipelineError(f"trunk values beyond float16's range (+-65504) for {new[0][0]} "
-                                f"and others; cannot store them in {self.path}")
-        views = [stacked[:, v] for v in range(2)] if self.flips else [stacked]
-        datasets, ids = self._datasets(views[0].shape[1:])
-        end = self.rows + len(new)
-        for dataset, values in zip(datasets, views):
-            dataset.resize(end, axis=0)   # rows past `count` left by a killed run are overwritten
-            dataset[self.rows:end] = values
-        ids.resize(end, axis=0)
-        ids[self.rows:end] = [i for i, _ in new]
-        self.rows = end
-        self.ids.extend(i for i, _ in new)
-        self.done.update(i for i, _ in new)
-
-    def commit(self):
-        """Make every appended row part of the file (a resumed run keeps them)."""
-        if self.handle is not None:
-            self.handle.attrs["count"] = self.rows
-            self.handle.flush()
-
-    def finish(self):
-        """Put the complete file in place (one rename); returns the number of rows. A finished
-        FILE with nothing new is left as it is."""
-        if self.handle is None and not self.partial.exists():
-            if not self.path.is_file():
-                raise PipelineError(f"no maps to write to {self.path}")
-            return self.rows
-        handle = self._open()
-        if "ids" in handle:
-            for view in VIEWS[:1 + self.flips]:
-                handle[view].resize(self.rows, axis=0)
-            handle["ids"].resize(self.rows, axis=0)
-        self.commit()
-        handle.close()
-        self.handle = None
-        os.replace(self.partial, self.path)
-        return self.rows
-
-    def close(self):
-        """Close without renaming (after an error or Ctrl-C: the partial file stays for a resume)."""
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        self.write([i for i, _ in new], [stacked[:, v] for v in range(2)] if self.flips else [stacked])

@@ -73,7 +73,8 @@ import numpy as np
 from captioning.data import karpathy
 from captioning.data.features import save_features
 from captioning.data.images import IMAGE_EXTENSIONS, list_images
-from captioning.data.spatial import SpatialFeatures, SpatialWriter, partial_path
+from captioning.data.rowfile import partial_path
+from captioning.data.spatial import SpatialFeatures, SpatialWriter
 from captioning.encoders import backbones
 from captioning.encoders import extract as ef
 from captioning.utils import PipelineError, atomic_write, read_json, require, write_json
