@@ -78,7 +78,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioning.models.finetune import BATCHNORM_CHOICES, TOP_LEARNING_RATE
+from captioning.models.finetune import BATCHNORM_CHOICES, TOP_BATCHNORM, TOP_LEARNING_RATE
 from captioning.models.registry import OPTIONS as GRID_OPTIONS
 from captioning.models.registry import DROPOUT, EMBED_DIM, LEARNING_RATE, MODE, MODES, UNITS, VARIANTS
 from captioning.training import distributed, trainer
@@ -130,7 +130,7 @@ def parse_args(argv):
                         "(docs/models.md, 'Fine-tuning the encoder top')")
     p.add_argument("--top-learning-rate", type=float, default=TOP_LEARNING_RATE,
                    help="--finetune-top: Adam's learning rate for the top")
-    p.add_argument("--top-batchnorm", choices=BATCHNORM_CHOICES, default=BATCHNORM_CHOICES[0],
+    p.add_argument("--top-batchnorm", choices=BATCHNORM_CHOICES, default=TOP_BATCHNORM,
                    help="--finetune-top: frozen = the ImageNet statistics, inference mode; "
                         "trained = BatchNormalization trains too")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="total epochs (a rerun continues up to it)")

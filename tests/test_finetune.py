@@ -65,7 +65,7 @@ def tuned(data):
     view mixed in."""
     import train
     root = data[0]
-    assert train.main(train_args(data, root / "models", 2, "--select-by", "bleu")) == 0
+    assert train.main(train_args(data, root / "models", 2, "--select-by", "bleu", "--top-batchnorm", "frozen")) == 0
     return root / "models" / "attention"
 
 
@@ -104,8 +104,9 @@ def test_training_changes_the_top_but_not_frozen_batchnorm(data, tuned):
 def test_resume_after_epoch_one_equals_an_uninterrupted_run(data, tuned):
     import train
     root = data[0]
-    assert train.main(train_args(data, root / "split", 1, "--select-by", "bleu")) == 0
-    assert train.main(train_args(data, root / "split", 2, "--select-by", "bleu")) == 0
+    same = ("--select-by", "bleu", "--top-batchnorm", "frozen")     # the settings of `tuned`
+    assert train.main(train_args(data, root / "split", 1, *same)) == 0
+    assert train.main(train_args(data, root / "split", 2, *same)) == 0
     whole, resumed = tuned / "current", root / "split" / "attention" / "current"
     for name in ("last.keras", finetune.TOP_LAST_FILE, "model.keras", finetune.TOP_FILE):
         for a, b in zip(keras_weights(whole / name), keras_weights(resumed / name)):
@@ -345,8 +346,7 @@ def test_flips_mirror_a_seeded_half_of_the_allowed_training_images(tmp_path):
 def test_trained_batchnorm_moves_its_statistics(data):
     import train
     root = data[0]
-    assert train.main(train_args(data, root / "bn", 1, "--top-batchnorm", "trained",
-                                 "--name", "bn")) == 0
+    assert train.main(train_args(data, root / "bn", 1, "--name", "bn")) == 0    # the default: trained
     config = registry.read_config(root / "bn" / "bn")
     assert config["encoder_top"]["batchnorm"] == "trained"
     start = finetune.build_top(config["encoder_top"])

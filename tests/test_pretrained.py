@@ -1,22 +1,32 @@
-"""The shipped captioner (pretrained/merge-lite0): `generate_caption.py photo.jpg` works out of the box."""
+"""Shipped models out of the box: attention-lite0-ft (the default) and merge-lite0 caption a
+photo, vse-lite0 searches a folder."""
 import json
 
 import pytest
 
 import generate_caption as gc
-from captioning.inference.captioner import Captioner
+from captioning.inference.captioner import PRETRAINED_DIR, Captioner
+from captioning.models import finetune
 from conftest import REPO
 
-PRETRAINED = REPO / "pretrained" / "merge-lite0"
+PRETRAINED = REPO / "pretrained" / "attention-lite0-ft"
+MERGE = REPO / "pretrained" / "merge-lite0"
 DOG = "1001773457_577c3a7d70"      # the captions: "a black dog and a spotted dog are fighting"
 
 
-def test_the_shipped_folder_is_self_contained():
+def test_the_shipped_folders_are_self_contained():
+    assert PRETRAINED_DIR == str(PRETRAINED)
     config = json.loads((PRETRAINED / "model.json").read_text())
-    assert config["backbone"] == "lite0" and config["feature_dim"] == 1280
-    assert config["variant"] == "merge" and config["vocab_size"] == 2532
-    captioner = Captioner(PRETRAINED)          # tokenizer.json found beside the model
-    assert captioner.backbone == "lite0"
+    assert config["variant"] == "attention" and config["backbone"] == "lite0"
+    assert config["vocab_size"] == 2532 and config["grid"] == [7, 7]
+    assert config["encoder_top"]["block"] == 15 and config["encoder_top"]["weights"] == "imagenet"
+    # the kept epoch only: no last.keras, no optimizer state, no checkpoints
+    assert sorted(p.name for p in PRETRAINED.iterdir()) == [
+        finetune.TOP_FILE, "meta.json", "model.json", "model.keras", "tokenizer.json"]
+    assert Captioner(PRETRAINED).backbone == "lite0"      # tokenizer.json found beside the model
+    config = json.loads((MERGE / "model.json").read_text())
+    assert config["variant"] == "merge" and config["feature_dim"] == 1280
+    assert Captioner(MERGE).backbone == "lite0"
 
 
 @pytest.mark.slow
@@ -27,4 +37,44 @@ def test_default_model_captions_a_photo_of_any_size(flickr8k_dir, tmp_path, caps
     assert gc.main([str(photo)]) == 0
     name, caption = capsys.readouterr().out.strip().split("\t")
     assert name == str(photo)
-    assert "dog" in caption.split() and "endseq" not in caption
+    assert {"dog", "dogs"} & set(caption.split()) and "endseq" not in caption   # "two dogs are running ..."
+
+
+@pytest.mark.slow
+def test_the_merge_captioner_captions_the_same_photo(flickr8k_dir, capsys):
+    assert gc.main([str(flickr8k_dir / "Flicker8k_Dataset" / f"{DOG}.jpg"), "--model", str(MERGE)]) == 0
+    assert {"dog", "dogs"} & set(capsys.readouterr().out.split("\t")[1].split())
+
+
+RETRIEVAL = REPO / "pretrained" / "vse-lite0"
+SWIMMING_DOG = "3048597471_5697538daf"   # test split: "a brown dog is swimming through water ..."
+NO_DOG = ["311146855_0b65fdb169", "1258913059_07c613f7ff", "241347760_d44c8d3a01",   # test split,
+          "2339106348_2df90aa6a9", "3072172967_630e9c69d0", "3482062809_3b694322c4"]  # no dog in any caption
+
+
+def test_the_shipped_retrieval_folder_is_self_contained():
+    from captioning.retrieval import folder_search
+    config = json.loads((RETRIEVAL / "model.json").read_text())
+    assert config["backbone"] == "lite0" and config["feature_dim"] == 1280
+    assert config["vocab_size"] == 2532 and (RETRIEVAL / "tokenizer.json").is_file()
+    assert folder_search.default_model() == RETRIEVAL
+    # model.keras only: no optimizer state, no epoch checkpoints
+    assert sorted(p.name for p in RETRIEVAL.iterdir()) == ["model.json", "model.keras", "tokenizer.json"]
+
+
+@pytest.mark.slow
+def test_search_images_finds_the_dog_with_the_default_model(flickr8k_dir, tmp_path, capsys):
+    import shutil
+
+    import search_images
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image_id in [SWIMMING_DOG, *NO_DOG]:
+        shutil.copy(flickr8k_dir / "Flicker8k_Dataset" / f"{image_id}.jpg", photos)
+    assert search_images.main(["a dog swimming in the water", "--images", str(photos), "--top", "3",
+                               "--cache-dir", str(tmp_path / "cache"),
+                               "--html", str(tmp_path / "search.html")]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [row[0] for row in rows] == ["1", "2", "3"]
+    assert rows[0][2].endswith(f"{SWIMMING_DOG}.jpg")
+    assert float(rows[0][1]) > float(rows[1][1])

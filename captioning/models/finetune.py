@@ -44,6 +44,8 @@ TOP_LAST_FILE = "encoder_top_last.keras" # the newest epoch's top + Adam state (
 TOP_LEARNING_RATE = 1e-4                 # Adam for the top: 10x below the captioner's 1e-3, so
                                          # the ImageNet features move, not get overwritten
 BATCHNORM_CHOICES = ("frozen", "trained")
+TOP_BATCHNORM = "trained"                # the default: above "frozen" on every dev measure
+                                         # of one Flickr8k run each (docs/results.md)
 PREDICT_ROWS = 64                        # trunk maps per top forward pass when encoding
 WEIGHT_CHOICES = ("imagenet", "none")    # weights a top can be rebuilt from by a fingerprint
 
