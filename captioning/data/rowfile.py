@@ -89,6 +89,7 @@ class RowWriter:
     A subclass sets `kind` (the file's name in messages) and defines check_source(handle,
     source) (raise unless an existing file was made with the same settings), header() (the
     root attributes of a new file) and shape_attrs(shape) (those written with the first row).
+    It sets its own settings before calling RowWriter.__init__, which runs check_source.
 
     done: the ids already committed (in FILE.partial, or in a finished FILE with the same
     settings); the caller computes only the others. Nothing is opened for writing until the
