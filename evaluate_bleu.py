@@ -20,8 +20,10 @@ Reads:
     --features FILE   {image_id: vector} pickle (load_features) whose width equals the
                       model's feature_dim; for an attention/transformer model the spatial grid
                       file of extract_features.py --spatial (grids of the model's size).
+                      For a model trained with a fine-tuned top (train.py --finetune-top): the
+                      trunk file of extract_features.py --trunk, read through that top.
                       Several files (repeat, or list after one --features): each model reads
-                      the first that fits it.
+                      the first of its kind that fits it (a fine-tuned member a trunk file).
     --data-dir DIR    prepare_text.py outputs: meta.json, tokenizer.json, splits.json,
                       descriptions.txt, references.json.
     --model PATH      train.py run folder, or its model.keras (model.keras + model.json).

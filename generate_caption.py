@@ -28,8 +28,8 @@ Reads:
                       or, for an attention/transformer model, the spatial grid file of
                       extract_features.py --spatial; for a model trained with a fine-tuned top
                       (train.py --finetune-top) the trunk file of extract_features.py --trunk
-                      (its grids: that top's output on the cached maps). Several files for an ensemble of pooled
-                      and grid models: each model reads the first that fits it.
+                      (its grids: that top's output on the cached maps). Several files for an ensemble of pooled,
+                      grid and fine-tuned models: each model reads the first of its kind that fits it.
 Writes: nothing but stdout, except with --attention-map OUT.png (attention/transformer models):
     a PNG per image, one panel per word: the picture lit where the model looked while choosing
     that word (captioning/inference/attention_maps.py). One image: OUT.png; several: OUT-<name>.png each.
@@ -46,9 +46,8 @@ import numpy as np
 from captioning.inference import attention_maps, decoding, ensemble
 from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS
 from captioning.inference.decoding import ALPHA, BEAM
-from captioning.data.features import read_rows
 from captioning.data.images import expand_paths, open_rgb
-from captioning.models.finetune import file_ids, refuse_trunk_files
+from captioning.models.finetune import file_ids
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
 MODEL_DIR = PRETRAINED_DIR  # the shipped captioner
@@ -69,7 +68,7 @@ def parse_args(argv):
     parser.add_argument("images", nargs="*", help="image files or folders")
     parser.add_argument("--model", nargs="+", action="extend", default=None,
                         help="train.py run folder, or its model.keras; several = an ensemble "
-                             "(default: the shipped pretrained/attention-lite0-ft)")
+                             "(default: the shipped pretrained/attention-lite0-scst)")
     parser.add_argument("--data-dir", default=DATA_DIR,
                         help="prepare_text.py output folder (default: the tokenizer in the model "
                              "folder, else the data_dir recorded in model.json)")
@@ -105,7 +104,7 @@ def main(argv=None):
     args = parse_args(argv)
     # the user's own inputs are checked first: a missing photo is reported as such even
     # when the model or the data folder is missing too
-    failures, found, cached = [], [], []
+    failures, found = [], []
     if args.ids:      # pooled pickles, spatial grid or trunk files, whichever each model reads
         found = list(args.ids)
         for path in args.features:
@@ -125,15 +124,10 @@ def main(argv=None):
         raise PipelineError(f"--attention-map needs an attention or transformer model, not "
                             f"{captioner.config.get('variant')} ({captioner.run_dir})")
     many = len(found) + len(paths) > 1
-    if found:
-        configs = captioner.configs if ensembled else [captioner.config]
-        if ensembled:
-            refuse_trunk_files(args.features)
-            files, cached = args.features, [read_rows(path, found)[1] for path in args.features]
-        else:         # a fine-tuned model's grids: its top over a trunk file's maps
-            files = captioner.readable(args.features)
-            cached = [captioner.read_features(path, found)[1] for path in files]
-        inputs = ensemble.member_inputs(configs, cached, files, args.model)
+    if found:         # a fine-tuned model's grids: its top over a trunk file's maps
+        inputs, _ = ensemble.member_features(captioner.members if ensembled else [captioner],
+                                             args.features, args.model,
+                                             lambda member, path: member.read_features(path, found)[1])
         caption_and_map(captioner, found, [None] * len(found),
                         inputs if ensembled else inputs[0], args, many)
     if paths:

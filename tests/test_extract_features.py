@@ -377,7 +377,7 @@ def test_killed_trunk_run_resumes_to_the_same_file(folder, tmp_path, monkeypatch
 def test_trunk_option_errors_are_one_line(folder, tmp_path, capsys):
     for extra, message in [(["--flips"], "--trunk-block and --flips only go with --trunk"),
                            (["--trunk", "t.h5", "--backbone", "vgg16"],
-                            "--trunk needs an EfficientNet-Lite backbone (lite0), not vgg16"),
+                            "--trunk needs an EfficientNet-Lite backbone (lite0 or lite2), not vgg16"),
                            (["--trunk", "t.h5", "--trunk-block", "17"], "split block 17 out of range"),
                            (["--trunk", "t.h5", "--spatial", "g.h5"], "--trunk takes a plain --images")]:
         code = run_cli(extract_features.main, ["--images", str(folder)] + extra)

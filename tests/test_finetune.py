@@ -210,12 +210,50 @@ def test_the_wrong_kind_of_features_is_a_one_line_error_naming_both(data, tuned,
                                               str(tmp_path / "out")], capsys)
     assert err.startswith(f"trunk file {seeded} was made with other weights or preprocessing "
                           f"(lite0 random seed=3;") and err.endswith(f"the model expects {SPEC.fingerprint}")
-    # ensembles and checkpoint averaging leave a fine-tuned top out: refused
+    # checkpoint averaging would lose the top: refused
+    assert one_line_error(evaluate_bleu.main, ["--features", str(trunk), "--model", str(tuned),
+                                               str(tuned), "--average-into", str(tmp_path / "avg"),
+                                               "--data-dir", str(data_dir)], capsys) == (
+        f"{tuned / 'model.keras'} has a fine-tuned encoder top: such models are not averaged (the average would "
+        f"lose the top its grids came from)")
+    # in an ensemble each member reads its own kind of file: the frozen copy finds no grids
     assert one_line_error(generate_caption.main, ["--ids", *ids, "--features", str(trunk), "--model",
-                                                  str(tuned), str(tuned), "--data-dir", str(data_dir)],
-                          capsys).endswith("has a fine-tuned encoder top: such models are not "
-                                           "ensembled or averaged (each reads its own top's grids); "
-                                           "use it alone")
+                                                  str(tuned), str(frozen_dir), "--data-dir",
+                                                  str(data_dir)], capsys).startswith(
+        f"model {frozen_dir} was trained on frozen features; give its spatial grid or features file")
+
+
+@pytest.mark.slow
+def test_an_ensemble_takes_a_fine_tuned_member(data, tuned, tmp_path, capsys):
+    """Each fine-tuned member reads its own top's grids of the trunk file, frozen members the
+    other files; a model with itself captions exactly as the model alone."""
+    import generate_caption
+    import shutil
+    root, features, data_dir, splits, trunk = data
+    ids = splits["test"]
+    grids = write_spatial(tmp_path / "grids.h5", ids)
+    frozen_dir = tmp_path / "frozen"         # the captioner without its top, on the frozen grids
+    frozen_dir.mkdir()
+    shutil.copyfile(registry.run_folder(tuned) / "model.keras", frozen_dir / "model.keras")
+    config = registry.read_config(tuned)
+    del config["encoder_top"]
+    (frozen_dir / "model.json").write_text(json.dumps(config))
+    common = ["--ids", *ids, "--data-dir", str(data_dir), "--beam", "2"]
+    capsys.readouterr()
+    assert generate_caption.main([*common, "--features", str(trunk), "--model", str(tuned)]) == 0
+    alone = capsys.readouterr().out
+    assert len(alone.splitlines()) == len(ids)
+    assert generate_caption.main([*common, "--features", str(trunk), "--model", str(tuned),
+                                  str(tuned)]) == 0
+    assert capsys.readouterr().out == alone
+    # the mixed pair reads the trunk file through the top and the grid file as it is, in
+    # either order of the files
+    outs = []
+    for files in ((trunk, grids), (grids, trunk)):
+        assert generate_caption.main([*common, "--features", *map(str, files), "--model",
+                                      str(tuned), str(frozen_dir)]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == len(ids)
 
 
 def test_training_options_and_inputs_refused_in_one_line(tmp_path, capsys):
@@ -273,6 +311,7 @@ def test_a_photo_through_the_whole_network_gets_the_trunk_paths_caption(tmp_path
     import extract_features
     import train
     from captioning.encoders import backbones, efficientnet_lite
+    from captioning.inference import ensemble
     from captioning.inference.captioner import Captioner
     try:
         efficientnet_lite.checkpoint_path("lite0")
@@ -305,6 +344,15 @@ def test_a_photo_through_the_whole_network_gets_the_trunk_paths_caption(tmp_path
         np.asarray(p.resize((224, 224), 2), np.float32)) for p in images]))).reshape(from_photos.shape)
     assert np.abs(before - from_trunk).max() > 0.1 * scale               # the top did move
     assert captioner.caption_images(images, beam=1) == captioner.caption_features(from_trunk, beam=1)
+    # in an ensemble a fine-tuned member's photos go through its own top: two copies of the
+    # model share one encoder and caption as the model alone
+    pair = ensemble.load_captioner([tmp_path / "models" / "attention"] * 2, data_dir)
+    pair.encoders("imagenet")
+    pair_grids = pair.encode_images(images)
+    assert pair_grids[0] is pair_grids[1]
+    assert np.abs(pair_grids[0] - from_photos).max() < 1e-3 * scale
+    assert ([pair.words(x) for x in pair.caption_ids(pair_grids, beam=1)]
+            == captioner.caption_words(pair_grids[0], beam=1))
 
 
 def test_flips_mirror_a_seeded_half_of_the_allowed_training_images(tmp_path):

@@ -1,5 +1,5 @@
-"""Shipped models out of the box: attention-lite0-ft (the default) and merge-lite0 caption a
-photo, vse-lite0 searches a folder."""
+"""Shipped models out of the box: attention-lite0-scst (the default) and merge-lite0 caption a
+photo, and so does the ensemble of those two with attention-lite0-ft; vse-lite0 searches a folder."""
 import json
 
 import pytest
@@ -9,8 +9,9 @@ from captioning.inference.captioner import PRETRAINED_DIR, Captioner
 from captioning.models import finetune
 from conftest import REPO
 
-PRETRAINED = REPO / "pretrained" / "attention-lite0-ft"
+PRETRAINED = REPO / "pretrained" / "attention-lite0-scst"
 MERGE = REPO / "pretrained" / "merge-lite0"
+TUNED = REPO / "pretrained" / "attention-lite0-ft"     # Lite0's top fine-tuned: an ensemble member
 DOG = "1001773457_577c3a7d70"      # the captions: "a black dog and a spotted dog are fighting"
 
 
@@ -18,15 +19,22 @@ def test_the_shipped_folders_are_self_contained():
     assert PRETRAINED_DIR == str(PRETRAINED)
     config = json.loads((PRETRAINED / "model.json").read_text())
     assert config["variant"] == "attention" and config["backbone"] == "lite0"
-    assert config["vocab_size"] == 2532 and config["grid"] == [7, 7]
-    assert config["encoder_top"]["block"] == 15 and config["encoder_top"]["weights"] == "imagenet"
+    assert config["vocab_size"] == 2532 and config["grid"] == [7, 7] and "encoder_top" not in config
+    assert config["scst"]["select_decoding"] == "beam" and config["scst"]["best_epoch"] == 5
     # the kept epoch only: no last.keras, no optimizer state, no checkpoints
     assert sorted(p.name for p in PRETRAINED.iterdir()) == [
-        finetune.TOP_FILE, "meta.json", "model.json", "model.keras", "tokenizer.json"]
+        "meta.json", "model.json", "model.keras", "tokenizer.json"]
     assert Captioner(PRETRAINED).backbone == "lite0"      # tokenizer.json found beside the model
+    config = json.loads((TUNED / "model.json").read_text())
+    assert config["encoder_top"]["block"] == 15 and config["encoder_top"]["weights"] == "imagenet"
+    assert sorted(p.name for p in TUNED.iterdir()) == [
+        finetune.TOP_FILE, "meta.json", "model.json", "model.keras", "tokenizer.json"]
     config = json.loads((MERGE / "model.json").read_text())
     assert config["variant"] == "merge" and config["feature_dim"] == 1280
     assert Captioner(MERGE).backbone == "lite0"
+    # one vocabulary: the three can decode together
+    shas = {json.loads((d / "model.json").read_text())["tokenizer_sha256"] for d in (PRETRAINED, MERGE, TUNED)}
+    assert len(shas) == 1
 
 
 @pytest.mark.slow
@@ -43,6 +51,15 @@ def test_default_model_captions_a_photo_of_any_size(flickr8k_dir, tmp_path, caps
 @pytest.mark.slow
 def test_the_merge_captioner_captions_the_same_photo(flickr8k_dir, capsys):
     assert gc.main([str(flickr8k_dir / "Flicker8k_Dataset" / f"{DOG}.jpg"), "--model", str(MERGE)]) == 0
+    assert {"dog", "dogs"} & set(capsys.readouterr().out.split("\t")[1].split())
+
+
+@pytest.mark.slow
+def test_the_shipped_ensemble_captions_the_same_photo(flickr8k_dir, capsys):
+    """The best captioner measured: the default, the fine-tuned model (through its own top)
+    and merge, with beam 3 (docs/results.md)."""
+    assert gc.main([str(flickr8k_dir / "Flicker8k_Dataset" / f"{DOG}.jpg"), "--beam", "3",
+                    "--model", str(PRETRAINED), str(TUNED), str(MERGE)]) == 0
     assert {"dog", "dogs"} & set(capsys.readouterr().out.split("\t")[1].split())
 
 

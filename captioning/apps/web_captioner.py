@@ -28,7 +28,7 @@ from captioning.data.images import list_images, to_rgb
 from captioning.utils import PipelineError, sha256_file
 
 DIGEST_KEY = "sha256"    # image.info key holding the SHA-256 of the uploaded file's bytes
-ENCODER_NAMES = {"vgg16": "VGG16 fc2", "lite0": "EfficientNet-Lite0"}   # shown on the page
+ENCODER_NAMES = {"vgg16": "VGG16 fc2", "lite0": "EfficientNet-Lite0", "lite2": "EfficientNet-Lite2"}   # shown on the page
 
 
 def cached_features(features_path, images_dir, width):

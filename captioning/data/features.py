@@ -109,6 +109,25 @@ def is_spatial_file(path):
     return Path(path).is_file() and h5py.is_hdf5(path)
 
 
+def file_backbone(path):
+    """The backbone recorded for a pooled or spatial features file (the spatial file's
+    attribute, else <stem>.settings.json's), or None where none is (the shared reference
+    pickle). Lite0 and Lite2 vectors are both 1280 wide: only this tells them apart."""
+    if is_spatial_file(path):
+        with SpatialFeatures(path) as grids:
+            return grids.backbone
+    return recorded_backbone(path)
+
+
+def check_backbone(config, path, where):
+    """One-line PipelineError when both the model (model.json "backbone") and the file record
+    a backbone and they differ; an unrecorded side passes (shapes are checked elsewhere)."""
+    model, made = config.get("backbone"), file_backbone(path)
+    if model and made and model != "unknown" and model != made:
+        raise PipelineError(f"{path} holds {made} features but model {where} was trained on "
+                            f"{model} features")
+
+
 def read_grids(path, ids, dtype=np.float32):
     """Grids of the `ids` found in a spatial file -> (found ids, array (n, G, C), info), info =
     {"grid": [H, W], "backbone": the encoder recorded in the file}.

@@ -1,9 +1,9 @@
-"""The image encoders behind the features files: VGG16 and EfficientNet-Lite0, in one table.
+"""The image encoders behind the features files: VGG16, EfficientNet-Lite0 and Lite2, in one table.
 
 Owns, for each backbone (ENCODERS): its input size and input scaling, the layer whose output is
-the pooled vector of features.pkl (VGG16 fc2, 4096; Lite0 global average pool, 1280) and the
-layer whose output is the spatial grid (VGG16 block5_conv3, 14x14x512; Lite0 head_relu, the last
-conv grid, 7x7x1280), how a weights value (imagenet | none | PATH) resolves for it, the
+the pooled vector of features.pkl (VGG16 fc2, 4096; Lite0/Lite2 global average pool, 1280) and
+the layer whose output is the spatial grid (VGG16 block5_conv3, 14x14x512; Lite0 head_relu, the
+last conv grid, 7x7x1280 at 224 px; Lite2's 9x9x1280 at 260 px), how a weights value (imagenet | none | PATH) resolves for it, the
 fingerprint of a weights choice (what extracted features depend on), and `--backbone auto`
 (VGG16 when its ImageNet file can be had, else Lite0, never random weights unless asked).
 
@@ -22,7 +22,11 @@ from captioning.encoders import vgg16
 from captioning.encoders import efficientnet_lite
 from captioning.utils import PipelineError, sha256_file
 
-BACKBONES = ("vgg16", "lite0")
+BACKBONES = ("vgg16", "lite0", "lite2")
+LITE = ("lite0", "lite2")       # EfficientNet-Lite variants, built by captioning.encoders.efficientnet_lite
+# the backbone of a model whose model.json names none, by its feature width: such models come
+# from before backbones were recorded, when these were the only two (Lite2 is always recorded)
+BY_WIDTH = {vgg16.FC_UNITS: "vgg16", efficientnet_lite.HEAD_FILTERS: "lite0"}
 DEFAULT_BACKBONE = "vgg16"      # the tutorial's encoder
 LITE_WEIGHTS_SUFFIXES = (".pth", ".pt")   # PyTorch checkpoints go to Lite0 under --backbone auto
 
@@ -47,13 +51,13 @@ class Encoder:
 ENCODERS = {
     "vgg16": Encoder("vgg16", tuple(vgg16.IMAGE_SIZE), vgg16.FEATURE_LAYER,
                      "block5_conv3", "vgg16 caffe", vgg16.FC_UNITS),
-    "lite0": Encoder("lite0", (efficientnet_lite.image_size("lite0"),) * 2, "avg_pool", "head_relu",
-                     "(x - 127) / 128 RGB", efficientnet_lite.HEAD_FILTERS),
+    **{name: Encoder(name, (efficientnet_lite.image_size(name),) * 2, "avg_pool", "head_relu",
+                     "(x - 127) / 128 RGB", efficientnet_lite.HEAD_FILTERS) for name in LITE},
 }
 
 
 def get(name):
-    """The Encoder called `name` ("vgg16" or "lite0")."""
+    """The Encoder called `name` (one of BACKBONES)."""
     if name not in ENCODERS:
         raise PipelineError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
     return ENCODERS[name]
@@ -61,12 +65,11 @@ def get(name):
 
 def backbone_of(config):
     """The backbone a captioner's features came from: model.json's "backbone" when train.py
-    recorded one (from the features file's settings), else the one whose pooled width is the
-    model's feature_dim; None when no backbone gives that width (e.g. a test's tiny model)."""
+    recorded one (from the features file's settings), else BY_WIDTH's for the model's
+    feature_dim; None when no backbone gives that width (e.g. a test's tiny model)."""
     if config.get("backbone") in ENCODERS:
         return config["backbone"]
-    matches = [name for name, enc in ENCODERS.items() if enc.width == config.get("feature_dim")]
-    return matches[0] if len(matches) == 1 else None
+    return BY_WIDTH.get(config.get("feature_dim"))
 
 
 def build(name, weights, seed=0, output="pooled", quiet=False):
@@ -74,8 +77,8 @@ def build(name, weights, seed=0, output="pooled", quiet=False):
     or "both" [pooled, spatial]. weights: imagenet | none/None | PATH (see weights_fingerprint)."""
     import keras
     encoder = get(name)
-    if name == "lite0":
-        return efficientnet_lite.build_feature_extractor(weights, "lite0", output, seed, quiet)
+    if name in LITE:
+        return efficientnet_lite.build_feature_extractor(weights, name, output, seed, quiet)
     path = vgg16.resolve_weights(weights)  # fails fast, before the slow build
     full = vgg16.build_vgg16(seed=seed)
     vgg16.load_weights(full, path, quiet=quiet)
@@ -96,12 +99,12 @@ def weights_fingerprint(name, weights, seed=0):
     if weights is None or str(weights).lower() == "none":
         prefix = "" if name == "vgg16" else f"{name} "
         return f"{prefix}random seed={seed}"
-    if name == "lite0":
+    if name in LITE:
         if str(weights).lower() == "imagenet":
-            path = efficientnet_lite.checkpoint_path("lite0")
+            path = efficientnet_lite.checkpoint_path(name)
         else:
-            path = efficientnet_lite.resolve_weights(weights, "lite0")
-        return f"lite0 {path.name} sha256={sha256_file(path)}"
+            path = efficientnet_lite.resolve_weights(weights, name)
+        return f"{name} {path.name} sha256={sha256_file(path)}"
     if str(weights).lower() == "imagenet":
         return f"imagenet md5={vgg16.IMAGENET_MD5}"
     path = Path(weights)

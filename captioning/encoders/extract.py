@@ -387,8 +387,8 @@ def build_trunk_model(weights, seed=SEED, backbone="lite0", block=None, flips=Fa
     w, c)], or with flips maps (None, 2, h, w, c) [the image, the image mirrored left-right].
     The means only fill extract()'s pooled slot (kept in memory, never written)."""
     import keras
-    if backbone not in efficientnet_lite.VARIANTS:
-        raise PipelineError(f"--trunk needs an EfficientNet-Lite backbone (lite0), not {backbone}")
+    if backbone not in backbones.LITE:
+        raise PipelineError(f"--trunk needs an EfficientNet-Lite backbone ({' or '.join(backbones.LITE)}), not {backbone}")
     lower = efficientnet_lite.build_split(weights, backbone, block, seed=seed).lower
     image, maps = lower.input, lower.output
     if flips:   # mirroring the preprocessed input = preprocessing the mirrored image (per pixel)
@@ -408,8 +408,8 @@ def extract_trunk(args, log=lambda line: print(line, file=sys.stderr)):
     committed batch; T.h5 appears only complete, in one rename.
     """
     backbone = "lite0" if args.backbone in (None, "auto") else args.backbone
-    if backbone not in efficientnet_lite.VARIANTS:
-        raise PipelineError(f"--trunk needs an EfficientNet-Lite backbone (lite0), not {backbone}")
+    if backbone not in backbones.LITE:
+        raise PipelineError(f"--trunk needs an EfficientNet-Lite backbone ({' or '.join(backbones.LITE)}), not {backbone}")
     block = (efficientnet_lite.default_split_block(backbone) if args.trunk_block is None
              else efficientnet_lite.check_split_block(args.trunk_block, backbone))
     all_paths = list_images(args.images)

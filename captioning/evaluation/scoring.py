@@ -39,7 +39,6 @@ from captioning.evaluation import coco_metrics, metrics
 from captioning.evaluation.gallery import attention_data_uri, gallery_html, thumbnail_data_uri, write_captions_tsv
 from captioning.inference import ensemble
 from captioning.inference.decoding import ALPHA, BEAM
-from captioning.models import finetune
 from captioning.utils import PipelineError, atomic_write, write_json
 
 SPLIT = "test"
@@ -95,14 +94,11 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
     captioner = ensemble.load_captioner(models, folder)
     ids = list(splits[split])[:limit]
     ensembled = len(models) > 1
-    read = None if ensembled else captioner.read_features
-    if ensembled:       # members decode the grids of files; a trunk file needs its model's top
-        finetune.refuse_trunk_files(files)
-    else:               # a fine-tuned model reads the trunk files, a frozen one the others
-        files = captioner.readable(files)
-    matrices = [split_matrix(f, ids, split, descriptions, references, folder, read) for f in files]
-    configs = captioner.configs if ensembled else [captioner.config]
-    inputs = ensemble.member_inputs(configs, matrices, files, [str(m) for m in models])
+    # a fine-tuned member reads its top's grids of a trunk file, a frozen one the other files
+    inputs, files = ensemble.member_features(
+        captioner.members if ensembled else [captioner], files, [str(m) for m in models],
+        lambda member, path: split_matrix(path, ids, split, descriptions, references, folder,
+                                          member.read_features))
 
     decode_started = time.time()
     id_lists = captioner.caption_ids(inputs if ensembled else inputs[0], beam, alpha, progress=True)

@@ -10,16 +10,20 @@ Owns
                    what its member reads); its states are the tuple of the members' states.
   check_members    the members must share the vocabulary (model.json's tokenizer_sha256 and
                    vocab_size), the special tokens and max_length: else one-line PipelineError
-                   naming both models.
+                   naming both models. Checkpoint averaging also refuses a fine-tuned encoder top.
   Ensemble         Captioner's decoding interface over k run folders (one tokenizer).
   load_captioner   a Captioner for one model path, an Ensemble for several.
   member_inputs    which of the given feature arrays each member reads (the first that fits).
+  member_features  each member's features from the given files: a frozen member the first file
+                   of its kind that fits it, a member with a fine-tuned encoder top its own top
+                   over the trunk file's maps.
   average_weights, save_average
                    the uniform mean of every weight array of models of the same architecture
                    (e.g. the last.keras of a run's last epochs: run_folder.py keep=K keeps them),
                    one model; written as a run folder (model.keras + model.json).
 Reads run folders (model.keras, model.json) and tokenizer.json; save_average writes a run
-folder. Imports captioning.utils, data.features, inference.captioner/decoding, models.registry.
+folder. Imports captioning.utils, data.features, inference.captioner/decoding,
+models.finetune/registry.
 
 Why a mean of log-probabilities and not of probabilities: every member's confidence counts
 multiplicatively, so a word one member finds absurd is held back; the renormalisation matters
@@ -30,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.data.features import check_features
+from captioning.data.features import check_backbone, check_features, file_backbone
+from captioning.data.grid_inputs import is_trunk_file
 from captioning.inference import decoding
 from captioning.inference.captioner import Captioner
-from captioning.models import registry
+from captioning.models import finetune, registry
 from captioning.utils import PipelineError, progress as progress_bar, read_json, write_json
 
 # model.json fields every member must share, beyond the vocabulary itself: the ids decoding
@@ -88,17 +93,17 @@ def _short(sha):
     return f"{sha[:4]}…" if isinstance(sha, str) else repr(sha)
 
 
-def check_members(paths, configs):
+def check_members(paths, configs, averaging=False):
     """One-line PipelineError naming both models unless every member shares the first one's
     vocabulary (tokenizer_sha256, vocab_size), special tokens (SPECIAL_FIELDS) and max_length.
-    A model trained with a fine-tuned encoder top (model.json "encoder_top") is refused (for
-    ensembles and checkpoint averaging alike): its grids are its own top's output, which the
-    members' shared inputs do not provide, and averaging would leave the top behind."""
+    averaging: also refuse a model trained with a fine-tuned encoder top (model.json
+    "encoder_top"): the average would be a captioner without the top its grids came from. (An
+    ensemble takes such a member: it reads its own top's grids, member_features.)"""
     first, first_path = configs[0], paths[0]
     for path, config in zip(paths, configs):
-        if config.get("encoder_top"):     # its grids come from its own top: one model only
+        if averaging and config.get(finetune.KEY):
             raise PipelineError(f"{path} has a fine-tuned encoder top: such models are not "
-                                f"ensembled or averaged (each reads its own top's grids); use it alone")
+                                f"averaged (the average would lose the top its grids came from)")
     for path, config in zip(paths[1:], configs[1:]):
         if (config.get("tokenizer_sha256"), config.get("vocab_size")) != (
                 first.get("tokenizer_sha256"), first.get("vocab_size")):
@@ -135,6 +140,48 @@ def member_inputs(configs, matrices, files, names):
             raise PipelineError(f"no features file fits the {config.get('variant', 'merge')} "
                                 f"model {name}: given {given}")
     return chosen
+
+
+def member_features(members, files, names, read):
+    """([one feature array per member], [the files used]) from the features `files`.
+
+    members: Captioners; names: how errors name them; read(member, path) -> the member's
+    float32 matrix of `path` (its read_features for the wanted ids). Each member looks only at
+    the files of its kind (Captioner.readable: trunk files for a member with a fine-tuned top,
+    the others for a frozen one), never one recorded as made by another backbone (Lite0 and
+    Lite2 vectors have the same width), files recorded as made by its own backbone before
+    unrecorded ones, and takes the first that fits it (member_inputs, with its errors). A frozen file is read once for all members; a trunk file once per fine-tuned
+    member, since each runs its own top over the maps.
+    """
+    cache, chosen, used = {}, [], []
+    for member, name in zip(members, names):
+        candidates = member.readable(files)
+        tuned = bool(member.config.get(finetune.KEY))
+        if not tuned:     # a trunk file's backbone is checked by its own spec
+            same, unrecorded, mismatched = [], [], []
+            for path in candidates:
+                if is_trunk_file(path):    # the wrong kind here: read_features says so
+                    unrecorded.append(path)
+                    continue
+                try:
+                    check_backbone(member.config, path, name)
+                except PipelineError as exc:
+                    mismatched.append(exc)
+                    continue
+                recorded = member.config.get("backbone") and file_backbone(path)
+                (same if recorded else unrecorded).append(path)
+            if not same and not unrecorded:
+                raise mismatched[0]
+            candidates = same + unrecorded     # a file made by its own backbone first
+        matrices = []
+        for path in candidates:
+            key = (str(path), str(member.run_dir) if tuned else None)
+            if key not in cache:
+                cache[key] = read(member, path)
+            matrices.append(cache[key])
+        chosen.extend(member_inputs([member.config], matrices, candidates, [name]))
+        used.extend(p for p in candidates if p not in used)
+    return chosen, used
 
 
 class Ensemble:
@@ -225,7 +272,10 @@ class Ensemble:
 
 
 def member_kind(captioner):
-    """What a member's images become: ("pooled" | "spatial" grid [H, W])."""
+    """What a member's images become: ("pooled" | "spatial" grid [H, W] | "tuned" run folder:
+    the grid of the member's own fine-tuned top, encoded for it alone)."""
+    if captioner.config.get(finetune.KEY):
+        return ("tuned", str(captioner.run_dir))
     grid = captioner.config.get("grid")
     return ("spatial", tuple(grid)) if grid else ("pooled",)
 
@@ -266,7 +316,7 @@ def average_weights(paths):
         raise PipelineError(f"averaging needs at least two models (got {len(paths)})")
     files = [model_file(p) for p in paths]
     configs = [read_json(f.parent / registry.CONFIG_FILE) for f in files]
-    check_members([str(f) for f in files], configs)
+    check_members([str(f) for f in files], configs, averaging=True)
     models = [registry.load_keras(f, compile=False) for f in files]
     head = _layout(models[0])
     for f, model in zip(files[1:], models[1:]):

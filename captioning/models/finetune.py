@@ -245,14 +245,6 @@ def file_ids(path, ids):
     return read_rows(path, ids)[0]
 
 
-def refuse_trunk_files(paths):
-    """One-line PipelineError for a trunk file among an ensemble's features files."""
-    for path in paths:
-        if is_trunk_file(path):
-            raise PipelineError(f"{path} is a trunk file, read by one fine-tuned model alone; an "
-                                f"ensemble reads frozen features or grids")
-
-
 # ---- joint training ------------------------------------------------------------------------------
 def joint_model(top, captioner, config):
     """A keras.Model for fit only: trunk maps -> top -> (N, G, C) -> captioner, the captioner's
