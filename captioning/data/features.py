@@ -120,12 +120,14 @@ def file_backbone(path):
 
 
 def check_backbone(config, path, where):
-    """One-line PipelineError when both the model (model.json "backbone") and the file record
-    a backbone and they differ; an unrecorded side passes (shapes are checked elsewhere)."""
+    """-> the file's recorded backbone (file_backbone; None where unrecorded). One-line
+    PipelineError when both the model (model.json "backbone") and the file record a backbone
+    and they differ; an unrecorded side passes (shapes are checked elsewhere)."""
     model, made = config.get("backbone"), file_backbone(path)
     if model and made and model != "unknown" and model != made:
         raise PipelineError(f"{path} holds {made} features but model {where} was trained on "
                             f"{model} features")
+    return made
 
 
 def read_grids(path, ids, dtype=np.float32):

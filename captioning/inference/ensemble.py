@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.data.features import check_backbone, check_features, file_backbone
+from captioning.data.features import check_backbone, check_features
 from captioning.data.grid_inputs import is_trunk_file
 from captioning.inference import decoding
 from captioning.inference.captioner import Captioner
@@ -150,8 +150,9 @@ def member_features(members, files, names, read):
     the files of its kind (Captioner.readable: trunk files for a member with a fine-tuned top,
     the others for a frozen one), never one recorded as made by another backbone (Lite0 and
     Lite2 vectors have the same width), files recorded as made by its own backbone before
-    unrecorded ones, and takes the first that fits it (member_inputs, with its errors). A frozen file is read once for all members; a trunk file once per fine-tuned
-    member, since each runs its own top over the maps.
+    unrecorded ones, and takes the first that fits it (member_inputs, with its errors). A
+    frozen file is read once for all members; a trunk file once per fine-tuned member, since
+    each runs its own top over the maps.
     """
     cache, chosen, used = {}, [], []
     for member, name in zip(members, names):
@@ -164,11 +165,10 @@ def member_features(members, files, names, read):
                     unrecorded.append(path)
                     continue
                 try:
-                    check_backbone(member.config, path, name)
+                    recorded = member.config.get("backbone") and check_backbone(member.config, path, name)
                 except PipelineError as exc:
                     mismatched.append(exc)
                     continue
-                recorded = member.config.get("backbone") and file_backbone(path)
                 (same if recorded else unrecorded).append(path)
             if not same and not unrecorded:
                 raise mismatched[0]
