@@ -8,6 +8,9 @@ Usage:
         --images data/flickr8k/Flicker8k_Dataset              # features from the photos
     python evaluate_retrieval.py --model models/vse --split dev \\
         --rerank-captioner models/ls-bleu --rerank-top 20 --rerank-weight 0.3 0.5 0.7
+    python evaluate_retrieval.py --model pretrained/vse-lite0 --split test \
+        --rerank-captioner pretrained/merge-lite0 models/merge-s1 models/merge-s2 models/merge-s3 \
+        --rerank-weight 0.2                                   # the best re-ranker measured
 
 The standard protocol (Hodosh et al. 2013; captioning/retrieval/ranking.py): every image of the split
 against every caption of those images (Flickr8k test: 1000 images, 5000 captions). Image
@@ -21,10 +24,12 @@ the image: ~5 million pairs on the full test split, so by default only the first
 (captioning/retrieval/protocol.py). Recall on N images is easier than on 1000 (fewer wrong
 candidates): compare rankers only on the same N.
 
-Re-ranking (--rerank-captioner): for each caption, the embedding's --rerank-top images are
-re-ordered by W * z(cosine) + (1 - W) * z(the caption's log-likelihood under the captioner),
-z standardising over those K (captioning/retrieval/rerank.py); the other images keep their
-order below. It scores K pairs per caption, so it runs on the whole split. One row per
+Re-ranking (--rerank-captioner), both directions: for each caption, the embedding's
+--rerank-top images are re-ordered by W * z(cosine) + (1 - W) * z(the caption's log-likelihood
+under the captioner), z standardising over those K (captioning/retrieval/rerank.py); for each
+image, its --rerank-top captions likewise, by the captioner's pointwise mutual information of
+image and caption in the log-likelihood's place. The other items keep their order below. It
+scores about K pairs per caption and per image, so it runs on the whole split. One row per
 --rerank-weight; choose W on dev, then report test with that W.
 
 Reads:
@@ -39,13 +44,15 @@ Reads:
                       (checked against the model), descriptions.txt, splits.json.
     --captioner DIR   optional train.py run folder; its own tokenizer (tokenizer.json beside the
                       model, else model.json's data_dir) encodes the same cleaned captions.
-    --rerank-captioner DIR   the same, for re-ranking.
+    --rerank-captioner DIR [DIR ...]   the same, for re-ranking; several act as one (the mean
+                      of their log-likelihoods).
 Writes (into --output, atomically, after every score is computed):
     results.json      {"split", "images", "captions", "embedding": {image_to_text, text_to_image,
                        rsum}, "subset": null or {"images", "captions", "embedding": {...},
                        "captioner": {...}}, "rerank": null or {"captioner", "top_k",
-                       "captions_rescored", "pairs", "seconds", "by_weight": [{"weight",
-                       "image_to_text" (the embedding's), "text_to_image" (re-ranked), "rsum"}]},
+                       "captions_rescored", "images_rescored", "pairs", "seconds",
+                       "by_weight": [{"weight", "image_to_text", "text_to_image" (both
+                       re-ranked), "rsum"}]},
                        "model", "captioner_model", "features", "images_dir", "seconds",
                        "captioner_seconds"}
 Prints the table (ranking.format_table).
@@ -78,9 +85,11 @@ def parse_args(argv):
                    "model's backbone (instead of --features)")
     p.add_argument("--weights", default=WEIGHTS, help="extractor weights for --images: imagenet | none | "
                    "PATH (see extract_features.py)")
-    p.add_argument("--rerank-captioner", default=None, help="train.py run folder that re-ranks each "
-                   "caption's top images")
-    p.add_argument("--rerank-top", type=int, default=RERANK_TOP, help="images per caption to re-rank (K)")
+    p.add_argument("--rerank-captioner", default=None, nargs="+", help="train.py run folder(s) (merge: "
+                   "fast) that re-rank each caption's top images and each image's top captions; "
+                   "several act as one, by their mean log-likelihoods")
+    p.add_argument("--rerank-top", type=int, default=RERANK_TOP,
+                   help="images per caption and captions per image to re-rank (K)")
     p.add_argument("--rerank-weight", type=float, nargs="+", default=list(RERANK_WEIGHTS),
                    help="W: the embedding's share of the combined score, 0..1; several give one row each")
     args = p.parse_args(argv)

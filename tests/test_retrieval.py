@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
 import evaluate_retrieval
 import search_images
@@ -249,6 +250,67 @@ def test_reranking_with_w_1_or_k_1_is_the_plain_ranking():
                                    np.zeros((5, 150)), 0.5)
 
 
+# ---- re-ranking image -> text by the captioner's pointwise mutual information ---------------------
+# PMI of TOY's pairs (only each image's top-4 captions by cosine are read)
+TOY_PMI = np.array([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                    [-2.0, -2.0, 9.0, 0.0, -3.0, 9.0],
+                    [-1.0, -1.0, 0.0, 9.0, -1.0, 1.0]])
+
+
+def annotation_reranked(cosine, score, k, weight, caption_image=TOY_IMAGE):
+    """Re-ranked image -> text ranks, the score of every pair given as a full matrix."""
+    cols = rerank.caption_candidates(cosine, caption_image, k)
+    return rerank.image_to_text_ranks(cosine, caption_image, cols,
+                                      np.take_along_axis(score, cols, axis=1), weight).tolist()
+
+
+def test_reranking_annotations_of_the_toy_matrix_by_hand():
+    # K = 4. Image 0 (plain 1): equal PMI, z 0 -> the embedding's order, rank 1 at every W.
+    # Image 1 (plain 4): candidates c4 .7, c1 .6, c0 .5, c3 .3 (own); PMI -3, -2, -2, 0
+    #   z(cos) 1.183 .507 -.169 -1.521; z(PMI) -1.147 -.229 -.229 1.606
+    #   W .3: own .668 above all -> 1; W .5: c1 .139 > own .042 -> 2; W .7: own last -> 4
+    # Image 2 (plain 2): candidates c2 .4, c4 .35 (own), c1 .3, c5 .25 (own); PMI 0, -1, -1, 1
+    #   z(cos) 1.342 .447 -.447 -1.342; z(PMI) .302 -.905 -.905 1.508
+    #   W .3: c5 .653 > c2 .614 -> 1; W .5: c2 .822 > c5 .083 -> 2; W .7: c2 1.03 > c4 .041 -> 2
+    # The 9s lie outside each image's K and are never read.
+    assert rerank.caption_candidates(TOY, TOY_IMAGE, 4).tolist() == [[0, 2, 5, 4], [4, 1, 0, 3], [2, 4, 1, 5]]
+    assert annotation_reranked(TOY, TOY_PMI, 4, 0.0) == [1, 1, 1]
+    assert annotation_reranked(TOY, TOY_PMI, 4, 0.3) == [1, 1, 1]
+    assert annotation_reranked(TOY, TOY_PMI, 4, 0.5) == [1, 2, 2]
+    assert annotation_reranked(TOY, TOY_PMI, 4, 0.7) == TOY_I2T
+    # K = 3: image 1's own caption is outside its candidates, so it keeps rank 4 at any W
+    assert annotation_reranked(TOY, TOY_PMI, 3, 0.0)[1] == 4
+
+
+def test_pointwise_mutual_information_of_hand_made_likelihoods():
+    # a caption likely under every candidate image (c0) and one likely under one image only (c1):
+    # p(c0 | i) = .5, .5; p(c1 | i) = .4, .1 over the two candidate images of each
+    total = np.log([[0.5, 0.4], [0.5, 0.1]])
+    prior = rerank.caption_prior(total)
+    assert prior == pytest.approx(np.log([1.0, 0.5]))
+    # image 0 with both captions as its candidates: likelihood prefers c0 (.5 > .4), PMI c1
+    pmi = rerank.pointwise_mi(total[:1], prior, np.array([[0, 1]]))
+    assert pmi[0] == pytest.approx([np.log(0.5), np.log(0.8)])
+
+
+def test_reranking_annotations_with_w_1_or_k_1_is_the_plain_ranking():
+    rng = np.random.default_rng(5)
+    cosine = np.round(rng.normal(size=(30, 150)) + (np.arange(30)[:, None] == CAPTION_IMAGE[None]), 1)
+    score = rng.normal(size=(30, 150))
+    plain = ranking.image_to_text_ranks(cosine, CAPTION_IMAGE).tolist()
+    for k in (1, 5, 10, 150, 500):
+        assert annotation_reranked(cosine, score, k, 1.0, CAPTION_IMAGE) == plain, k
+    for weight in (0.0, 0.3, 0.9):
+        assert annotation_reranked(cosine, score, 1, weight, CAPTION_IMAGE) == plain, weight
+    moved = np.array(annotation_reranked(cosine, score, 10, 0.2, CAPTION_IMAGE))
+    assert moved.tolist() != plain
+    plain = np.array(plain)
+    assert np.all(moved[plain > 10] == plain[plain > 10]) and np.all(moved[plain <= 10] <= 10)
+    with pytest.raises(ValueError, match="candidates"):
+        rerank.image_to_text_ranks(cosine, CAPTION_IMAGE, rerank.caption_candidates(-cosine, CAPTION_IMAGE, 10),
+                                   np.zeros((30, 10)), 0.5)
+
+
 # ---- end to end on real data -------------------------------------------------------------------
 def load_lite0(flickr8k_dir):
     path = flickr8k_dir / LITE0
@@ -402,25 +464,10 @@ def test_evaluate_with_a_captioner_on_a_subset(tiny_model, small_set, untrained_
     assert subset["embedding"]["text_to_image"]["queries"] == 100
 
 
-@pytest.mark.slow
-def test_evaluate_reranks_text_to_image_with_a_captioner(tiny_model, small_set, untrained_captioner, capsys):
-    captioner, folder = untrained_captioner
-    out = small_set / "results_rerank"
-    assert evaluate_retrieval.main(["--model", str(tiny_model), "--split", "test", "--output", str(out),
-                                    "--rerank-captioner", str(folder), "--rerank-top", "5",
-                                    "--rerank-weight", "1", "0.3", "0"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    plain, rr = results["embedding"], results["rerank"]
-    assert rr["top_k"] == 5 and [row["weight"] for row in rr["by_weight"]] == [1.0, 0.3, 0.0]
-    assert rr["pairs"] == 5 * rr["captions_rescored"] and rr["captions_rescored"] == round(
-        plain["text_to_image"]["r5"] * plain["text_to_image"]["queries"] / 100)
-    printed = capsys.readouterr().out
-    assert "re-ranked top 5, W 0.3" in printed and "embedding, 100 images" in printed
-    # W = 1 is the embedding's ranking; R@5 and R@10 cannot move with K = 5
-    assert rr["by_weight"][0]["text_to_image"] == plain["text_to_image"]
-    assert all(row["image_to_text"] == plain["image_to_text"] for row in rr["by_weight"])
-    # independently: the captioner's full score matrix (caption_scores, not the pairs), then the
-    # candidates' entries of it
+def expected_reranking(tiny_model, small_set, captioners, weight):
+    """(text -> image, image -> text summaries, distinct pairs) of re-ranking the test split
+    with K = 5, computed independently: each captioner's full score matrix (caption_scores, not
+    the pairs), averaged, then the candidates' entries of it and scipy's logsumexp."""
     model, config, tokenizer = vse.load_embedding(tiny_model)
     table = load_features(small_set / "lite0_small.pkl")
     ids = text.load_splits(small_set / "data")["test"]
@@ -429,17 +476,79 @@ def test_evaluate_reranks_text_to_image_with_a_captioner(tiny_model, small_set, 
     features = np.stack([table[i] for i in ids])
     cosine = protocol.embedding_scores(model, config, tokenizer, features, caps)
     tok = text.load_tokenizer(small_set / "data")
-    full = caption_scoring.caption_scores(captioner, json.loads((folder / "model.json").read_text()), features,
-                                          [text.encode_caption(tok, c) for _, c in caps])
+    tokens = [text.encode_caption(tok, c) for _, c in caps]
+    full = np.mean([caption_scoring.caption_scores(c, json.loads((f / "model.json").read_text()), features, tokens)
+                    for c, f in captioners], axis=0).astype(np.float64)
+    total = full * np.array([len(t) - 1 for t in tokens])[None, :]
     caption_image = [k for k, _ in caps]
     rows = rerank.candidates(cosine, caption_image, 5)
+    cols = rerank.caption_candidates(cosine, caption_image, 5)
+    pairs = {(i, j) for j in range(len(caps)) for i in rows[:, j]} | {(i, j) for i in range(len(ids))
+                                                                      for j in cols[i]}
+    # the prior of caption j: log sum of p(j | i) over its 5 candidate images
+    prior = logsumexp(np.take_along_axis(total, rows, axis=0), axis=0)
+    pmi = np.take_along_axis(total, cols, axis=1) - prior[cols]
+    search = rerank.text_to_image_ranks(cosine, caption_image, rows, np.take_along_axis(full, rows, axis=0), weight)
+    annotation = rerank.image_to_text_ranks(cosine, caption_image, cols, pmi, weight)
+    return ranking.summarize(search), ranking.summarize(annotation), len(pairs)
+
+
+def assert_reranked(row, plain, expected):
+    search, annotation, _ = expected
+    for got, want in ((row["text_to_image"], search), (row["image_to_text"], annotation)):
+        assert got["mean_rank"] == pytest.approx(want["mean_rank"], abs=1e-6)
+        assert got["r1"] == pytest.approx(want["r1"], abs=1e-6)
+    # R@5 and R@10 cannot move with K = 5
+    assert row["text_to_image"]["r5"] == plain["text_to_image"]["r5"]
+    assert row["image_to_text"]["r5"] == plain["image_to_text"]["r5"]
+
+
+@pytest.mark.slow
+def test_evaluate_reranks_both_directions_with_a_captioner(tiny_model, small_set, untrained_captioner, capsys):
+    captioner, folder = untrained_captioner
+    out = small_set / "results_rerank"
+    assert evaluate_retrieval.main(["--model", str(tiny_model), "--split", "test", "--output", str(out),
+                                    "--rerank-captioner", str(folder), "--rerank-top", "5",
+                                    "--rerank-weight", "1", "0.3", "0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    plain, rr = results["embedding"], results["rerank"]
+    assert rr["top_k"] == 5 and [row["weight"] for row in rr["by_weight"]] == [1.0, 0.3, 0.0]
+    assert rr["captions_rescored"] == round(plain["text_to_image"]["r5"] * plain["text_to_image"]["queries"] / 100)
+    assert rr["images_rescored"] == round(plain["image_to_text"]["r5"] * plain["image_to_text"]["queries"] / 100)
+    printed = capsys.readouterr().out
+    assert "re-ranked top 5, W 0.3" in printed and "embedding, 100 images" in printed
+    # W = 1 is the embedding's ranking
+    assert rr["by_weight"][0]["text_to_image"] == plain["text_to_image"]
+    assert rr["by_weight"][0]["image_to_text"] == plain["image_to_text"]
     for row in rr["by_weight"][1:]:
-        ranks = rerank.text_to_image_ranks(cosine, caption_image, rows, np.take_along_axis(full, rows, axis=0),
-                                           row["weight"])
-        expected = ranking.summarize(ranks)
-        assert row["text_to_image"]["mean_rank"] == pytest.approx(expected["mean_rank"], abs=1e-6)
-        assert row["text_to_image"]["r1"] == pytest.approx(expected["r1"], abs=1e-6)
-        assert row["text_to_image"]["r5"] == plain["text_to_image"]["r5"]
+        expected = expected_reranking(tiny_model, small_set, [untrained_captioner], row["weight"])
+        assert rr["pairs"] == expected[2]
+        assert_reranked(row, plain, expected)
+
+
+@pytest.mark.slow
+def test_several_rerank_captioners_act_as_one(tiny_model, small_set, untrained_captioner):
+    import keras
+    keras.utils.set_random_seed(6)
+    meta = text.load_meta(small_set / "data")
+    other = registry.build_model("merge", 1280, meta["vocab_size"], meta["max_length"], embed_dim=8, units=8)
+    folder = small_set / "models" / "cap2"
+    shutil.copytree(untrained_captioner[1], folder, dirs_exist_ok=True)
+    other.save(folder / "model.keras")
+    out = small_set / "results_rerank2"
+    assert evaluate_retrieval.main(["--model", str(tiny_model), "--split", "test", "--output", str(out),
+                                    "--rerank-captioner", str(untrained_captioner[1]), str(folder),
+                                    "--rerank-top", "5", "--rerank-weight", "0.3"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    row = results["rerank"]["by_weight"][0]
+    assert results["rerank"]["captioner"] == f"{untrained_captioner[1]} + {folder}"
+    assert_reranked(row, results["embedding"],
+                    expected_reranking(tiny_model, small_set, [untrained_captioner, (other, folder)], 0.3))
+    # and not what the first captioner alone gives
+    alone = expected_reranking(tiny_model, small_set, [untrained_captioner], 0.3)
+    moved = (row["image_to_text"]["mean_rank"] - alone[1]["mean_rank"],
+             row["text_to_image"]["mean_rank"] - alone[0]["mean_rank"])
+    assert max(abs(m) for m in moved) > 1e-3
 
 
 def tiny_backbone(width):
@@ -543,6 +652,45 @@ def test_search_cli_with_precomputed_features(tiny_model, small_set, photo_folde
     assert search(tiny_model, small_set, tmp_path, *args) == 0
     out3, err3 = capsys.readouterr()
     assert out3 == out and "rebuilding" in err3
+
+
+@pytest.mark.slow
+def test_search_reranks_a_text_query_with_a_captioner(tiny_model, small_set, photo_folder, untrained_captioner,
+                                                      tmp_path, capsys):
+    captioner, folder = untrained_captioner
+    query = "a dog runs through the grass"
+    args = [query, "--images", str(photo_folder), "--top", "3", "--features", str(small_set / "lite0_small.pkl"),
+            "--rerank-captioner", str(folder), "--rerank-top", "5", "--rerank-weight", "0.3"]
+    assert search(tiny_model, small_set, tmp_path, *args) == 0
+    out, err = capsys.readouterr()
+    assert "top 5 re-ranked by" in err
+    got = [line.split("\t")[2] for line in out.strip().splitlines()]
+    # by hand: the embedding's top 5 of the 8 photos, then z-scores of cosine and of the
+    # captioner's full score matrix (caption_scores) at those photos
+    model, config, tokenizer = vse.load_embedding(tiny_model)
+    table = load_features(small_set / "lite0_small.pkl")
+    names = sorted(p.name for p in photo_folder.glob("*.jpg") if p.name != "broken.jpg")
+    features = np.stack([table[n[:-4]] for n in names])
+    img = vse.embed_images(vse.image_encoder(model), features)
+    ids, _ = vse.encode_query(query, tokenizer, config["max_length"])
+    cosine = img @ vse.embed_captions(vse.text_encoder(model), [ids])[0]
+    top5 = np.argsort(-cosine, kind="stable")[:5]
+    likelihood = caption_scoring.caption_scores(captioner, json.loads((folder / "model.json").read_text()),
+                                                features[top5], [ids])[:, 0]
+    combined = 0.3 * rerank.zscore(cosine[top5]) + 0.7 * rerank.zscore(likelihood)
+    assert got == [names[top5[k]] for k in np.argsort(-combined, kind="stable")[:3]]
+    assert "log-likelihood" in (tmp_path / "sheet.html").read_text()
+    # W = 1 is the embedding's order
+    assert search(tiny_model, small_set, tmp_path, *args[:-1], "1") == 0
+    assert [line.split("\t")[2] for line in capsys.readouterr().out.strip().splitlines()] == [
+        names[k] for k in top5[:3]]
+    # a captioner of another backbone than the retrieval model's: one line naming both
+    lite2 = tmp_path / "cap-lite2"
+    shutil.copytree(folder, lite2)
+    write_json(lite2 / "model.json", {**json.loads((folder / "model.json").read_text()), "backbone": "lite2"})
+    assert search(tiny_model, small_set, tmp_path, *args[:7], "--rerank-captioner", str(lite2)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: captioner {lite2} was trained on lite2 features but the retrieval model on lite0 features")
 
 
 def test_search_bad_queries_are_one_line(tiny_model, small_set, photo_folder, tmp_path, capsys):

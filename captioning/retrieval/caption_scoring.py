@@ -1,11 +1,12 @@
 """A trained captioner as a ranker: score (image, sentence) by the caption's log-likelihood.
 
-Owns: caption_scores (every image x every caption; fast for merge models), pair_scores (chosen
+Owns: load_captioner (a train.py run folder as a ranker, with its own tokenizer),
+caption_scores (every image x every caption; fast for merge models), pair_scores (chosen
 (image, caption) pairs, e.g. the embedding's top K of each caption for re-ranking) and
 caption_scores_keras (any captioner, slow; the independent reference the tests compare
-against). Reads and writes no files: it takes the
-model and model.json config that captioning.models.registry.load_run / load_captioner return (the
-layer names of captioning.models.registry: image_dense, embedding, lstm, decoder_dense, output).
+against). Only load_captioner reads files (the run folder and its tokenizer); the scorers take
+the model and model.json config it returns (the layer names of captioning.models.registry:
+image_dense, embedding, lstm, decoder_dense, output).
 
 score(image, caption) = (1 / n) * sum_{t=1..n} log p(w_t | w_0..w_{t-1}, image), where w_0 is
 startseq and w_1..w_n are the caption's words followed by endseq (n = words + 1): the
@@ -18,13 +19,35 @@ the two Dense layers and the softmax per word, batched as (images x captions x s
 in keras.ops (on a GPU when TensorFlow has one). Init-inject models put the image into the
 LSTM's initial state, so they take the slow path: the whole Keras model per pair.
 """
+from pathlib import Path
+
 import numpy as np
 
-from captioning.models.registry import rebuild_for_mode
+from captioning.data.text import load_tokenizer
+from captioning.models.registry import load_run, rebuild_for_mode
 from captioning.utils import PipelineError, progress as progress_bar
 
 PAIR_BUDGET = 2 ** 24   # floats of the (images x captions x steps x vocab) block, ~64 MB
 CAPTION_CHUNK = 256     # captions per block (sorted by length, so a block is padded little)
+
+
+def load_captioner(captioner_dir, width, backbone=None):
+    """(keras model, model.json, tokenizer) of a train.py run folder whose features are `width`-d
+    and, where both record one, made by `backbone` (the retrieval model's: Lite0 and Lite2
+    vectors are both 1280 wide). Its tokenizer: tokenizer.json beside the model (a shipped
+    model), else its data_dir's."""
+    beside = Path(captioner_dir) / "tokenizer.json"
+    tokenizer_path = beside if beside.is_file() else None
+    model, config = load_run(captioner_dir, tokenizer_path)   # checks its tokenizer's sha256
+    if config["feature_dim"] != width:
+        raise PipelineError(f"captioner {captioner_dir} was trained on {config['feature_dim']}-d "
+                            f"features, these are {width}-d")
+    own = config.get("backbone")
+    if own and backbone and "unknown" not in (own, backbone) and own != backbone:
+        raise PipelineError(f"captioner {captioner_dir} was trained on {own} features but the "
+                            f"retrieval model on {backbone} features")
+    tokenizer = load_tokenizer(tokenizer_path or Path(config["data_dir"]) / "tokenizer.json")
+    return model, config, tokenizer
 
 
 def _targets(token_lists):

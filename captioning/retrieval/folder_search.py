@@ -4,7 +4,8 @@ training captions and images, through a train_retrieval.py embedding (captioning
     search = FolderSearch("models/vse", cache_dir="data/search_cache")
     ids, unknown = search.encode_query("a dog jumping into water")
     names, embeddings, skipped = search.folder_embeddings("photos/")
-    hits = search.rank(ids, names, embeddings, top=10)          # [(cosine, file name)], best first
+    hits, _ = search.rank(ids, names, embeddings, top=50)       # [(cosine, file name)], best first
+    hits = search.rerank("a dog jumping into water", hits, "photos/", ["pretrained/merge-lite0"])
 
 Photo features come from a feature source: the extractor of the backbone named in model.json
 (vgg16 or lite0, captioning/encoders/backbones.py, with `weights`), exactly as
@@ -41,7 +42,7 @@ from captioning.data.text import encode_caption, load_descriptions, load_splits
 from captioning.encoders import backbones
 from captioning.encoders.extract import BATCH_SIZE, build_model, extract, weights_fingerprint
 from captioning.evaluation.gallery import thumbnail_data_uri
-from captioning.retrieval import vector_index, vse
+from captioning.retrieval import caption_scoring, rerank, vector_index, vse
 from captioning.utils import PipelineError, atomic_write, sha256_file
 
 WEIGHTS = "imagenet"            # extractor weights (extract_features.py): imagenet | none | PATH
@@ -231,6 +232,36 @@ class FolderSearch:
         done = time.perf_counter()
         hits = [(float(score), names[row]) for score, row in zip(scores[0], rows[0])]
         return hits, (searched - started, done - searched, index.backend)
+
+    def rerank(self, query, hits, folder, captioners, top_k=rerank.TOP_K, weight=rerank.WEIGHT):
+        """[(cosine, log-likelihood or None, name)]: the first top_k of rank()'s `hits` re-ordered
+        by W * z(cosine) + (1 - W) * z(log-likelihood) (captioning/retrieval/rerank.py), the
+        others after them in their order (log-likelihood None).
+
+        The log-likelihood is the query's length-normalised one given the photo, the mean over
+        the `captioners` (train.py run folders of the model's backbone), each cleaning and
+        encoding the query with its own tokenizer. The candidates' features come from the
+        feature source again (the cache holds embeddings only): without a features pickle, each
+        query runs the extractor on K photos. Equal combined scores keep the embedding's order.
+        """
+        head, tail = hits[:top_k], hits[top_k:]
+        paths = [Path(folder) / name for _, name in head]
+        found, failures = self.feature_source()(paths)
+        if failures:
+            raise PipelineError(f"cannot re-rank with photo {failures[0][0]}: {failures[0][1]}")
+        matrix = np.stack([found[p.stem] for p in paths])
+        likelihood = np.zeros(len(head))
+        for captioner_dir in captioners:
+            model, config, tokenizer = caption_scoring.load_captioner(captioner_dir, matrix.shape[1],
+                                                                      self.config.get("backbone"))
+            ids, _ = vse.encode_query(query, tokenizer, config["max_length"])
+            likelihood += caption_scoring.pair_scores(model, config, matrix, [ids], np.arange(len(head)),
+                                                      np.zeros(len(head), np.int64)) / len(captioners)
+        cosine = np.array([score for score, _ in head])
+        combined = rerank.combine(cosine[:, None], likelihood[:, None], weight)[:, 0]
+        order = np.argsort(-combined, kind="stable")
+        return ([(head[k][0], float(likelihood[k]), head[k][1]) for k in order]
+                + [(score, None, name) for score, name in tail])
 
     # ---- reverse search: a photo -> the training set ----
     def image_features(self, path):

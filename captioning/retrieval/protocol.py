@@ -11,8 +11,9 @@ it ranks only the first `captioner_images` images of the split (sorted ids) and 
 captions, and the embedding is scored on that subset too, side by side.
 
 Re-ranking (captioning/retrieval/rerank.py) needs far fewer pairs: a captioner re-orders each
-caption's top `rerank_top` images by the embedding, so it runs on the whole split; its
-text -> image recall is reported beside the plain one, for each weight W asked for.
+caption's top `rerank_top` images and each image's top `rerank_top` captions by the embedding,
+so it runs on the whole split; its recalls are reported beside the plain ones, for each
+weight W asked for.
 
 Image vectors come from a features pickle, or from the split's photos (`images`, a folder
 holding <image id>.<ext> files) through the extractor of the backbone recorded in model.json
@@ -33,16 +34,14 @@ import numpy as np
 from captioning.data.features import load_features
 from captioning.data.images import list_images, load_rgb
 from captioning.encoders import backbones
-from captioning.data.text import encode_caption, load_descriptions, load_splits, load_tokenizer
-from captioning.models.registry import load_run
+from captioning.data.text import encode_caption, load_descriptions, load_splits
 from captioning.retrieval import caption_scoring, folder_search, ranking, rerank, vse
 from captioning.utils import PipelineError, sha256_file
 
 SPLIT = "test"
 CAPTIONER_IMAGES = 100   # images (and their captions) the captioner ranks; 0 = the whole split
-RERANK_TOP = 50          # images per caption the re-ranking captioner re-orders; its cost grows
-                         # linearly with it. 50 and W 0.3 were the best on the Lite0 dev split
-RERANK_WEIGHTS = (0.3,)  # W of W * z(cosine) + (1 - W) * z(log-likelihood) (docs/results.md)
+RERANK_TOP = rerank.TOP_K          # images per caption and captions per image re-ranked
+RERANK_WEIGHTS = (rerank.WEIGHT,)  # W of W * z(cosine) + (1 - W) * z(captioner score)
 WEIGHTS = folder_search.WEIGHTS   # extractor weights for `images` (imagenet | none | PATH)
 
 
@@ -102,22 +101,9 @@ def photo_matrix(split, ids, folder, config, weights=WEIGHTS):
     return np.stack([found[i] for i in ids])
 
 
-def load_captioner(captioner_dir, width):
-    """(keras model, model.json, tokenizer) of a train.py run folder whose features are `width`-d.
-    Its tokenizer: tokenizer.json beside the model (a shipped model), else its data_dir's."""
-    beside = Path(captioner_dir) / "tokenizer.json"
-    tokenizer_path = beside if beside.is_file() else None
-    model, config = load_run(captioner_dir, tokenizer_path)   # checks its tokenizer's sha256
-    if config["feature_dim"] != width:
-        raise PipelineError(f"captioner {captioner_dir} was trained on {config['feature_dim']}-d "
-                            f"features, these are {width}-d")
-    tokenizer = load_tokenizer(tokenizer_path or Path(config["data_dir"]) / "tokenizer.json")
-    return model, config, tokenizer
-
-
 def captioner_ranking(captioner_dir, matrix, captions, n_images):
     """(ranking of the captioner on the first n_images, seconds)."""
-    model, config, tokenizer = load_captioner(captioner_dir, matrix.shape[1])
+    model, config, tokenizer = caption_scoring.load_captioner(captioner_dir, matrix.shape[1])
     subset = [(k, c) for k, c in captions if k < n_images]
     tokens = [encode_caption(tokenizer, c)[:config["max_length"]] for _, c in subset]
     started = time.time()
@@ -125,38 +111,53 @@ def captioner_ranking(captioner_dir, matrix, captions, n_images):
     return ranking.evaluate(scores, [k for k, _ in subset]), time.time() - started
 
 
-def rerank_search(captioner_dir, scores, matrix, captions, top_k=RERANK_TOP, weights=RERANK_WEIGHTS):
-    """results.json's "rerank" dict and its table rows: text -> image re-ranked by a captioner
-    (captioning/retrieval/rerank.py) for each weight W, beside the plain embedding.
+def rerank_split(captioner_dirs, scores, matrix, captions, top_k=RERANK_TOP, weights=RERANK_WEIGHTS,
+                 backbone=None):
+    """results.json's "rerank" dict and its table rows: both directions re-ranked by one or more
+    captioners (captioning/retrieval/rerank.py) for each weight W, beside the plain embedding.
 
-    Only captions whose own image is in their top K can move, so only their K candidate pairs
-    are scored; the ranks of the others are the embedding's by construction. Re-ranking leaves
-    image -> text alone: each row's image_to_text is the embedding's, and its rsum differs from
-    the embedding's by the text -> image recalls only.
+    The pairs scored, each once per captioner: every caption's top K images (text -> image, and
+    the caption prior of image -> text's PMI) and every image's top K captions, nearly all of
+    which are among the former. K of 50 on Flickr8k's test split: 250,196 of its 5 million pairs. Several captioners act as one
+    (a product of experts): a pair's log-likelihoods, length-normalised and total, are their
+    means over the captioners, each reading the captions through its own tokenizer. backbone:
+    the retrieval model's, which each captioner's must match (caption_scoring.load_captioner).
     """
-    model, config, tokenizer = load_captioner(captioner_dir, matrix.shape[1])
     caption_image = np.array([k for k, _ in captions])
-    rows = rerank.candidates(scores, caption_image, top_k)
-    k = rows.shape[0]
-    cols, _ = rerank.movable(scores, caption_image, k)
-    tokens = [encode_caption(tokenizer, c)[:config["max_length"]] for _, c in captions]
+    n_images, n_captions = scores.shape
+    rows = rerank.candidates(scores, caption_image, top_k)                # (K, captions) images
+    cols = rerank.caption_candidates(scores, caption_image, top_k)        # (images, K') captions
+    search_pairs = rows * n_captions + np.arange(n_captions)[None, :]
+    annotation_pairs = np.arange(n_images)[:, None] * n_captions + cols
+    pairs, where = np.unique(np.concatenate([search_pairs.ravel(), annotation_pairs.ravel()]),
+                             return_inverse=True)
+    normalised, total = np.zeros(pairs.size), np.zeros(pairs.size)
     started = time.time()
-    scored = caption_scoring.pair_scores(model, config, matrix, tokens, rows[:, cols].ravel(),
-                                         np.tile(cols, k), progress=True)
+    for captioner_dir in captioner_dirs:
+        model, config, tokenizer = caption_scoring.load_captioner(captioner_dir, matrix.shape[1], backbone)
+        tokens = [encode_caption(tokenizer, c)[:config["max_length"]] for _, c in captions]
+        lengths = np.array([len(t) - 1 for t in tokens], np.float64)    # words + endseq
+        scored = caption_scoring.pair_scores(model, config, matrix, tokens, pairs // n_captions,
+                                             pairs % n_captions, progress=True).astype(np.float64)
+        normalised += scored / len(captioner_dirs)
+        total += scored * lengths[pairs % n_captions] / len(captioner_dirs)
     seconds = time.time() - started
-    likelihood = np.full(rows.shape, np.nan)
-    likelihood[:, cols] = scored.reshape(k, len(cols))
-    plain = ranking.evaluate(scores, caption_image)
-    out = {"captioner": str(captioner_dir), "top_k": k, "captions_rescored": int(len(cols)),
-           "pairs": int(scored.size), "seconds": round(seconds, 1), "by_weight": []}
+    likelihood = normalised[where[:search_pairs.size]].reshape(rows.shape)
+    prior = rerank.caption_prior(total[where[:search_pairs.size]].reshape(rows.shape))
+    pmi = rerank.pointwise_mi(total[where[search_pairs.size:]].reshape(cols.shape), prior, cols)
+    out = {"captioner": " + ".join(str(d) for d in captioner_dirs), "top_k": int(rows.shape[0]),
+           "captions_rescored": int(len(rerank.movable(scores, caption_image, rows.shape[0])[0])),
+           "images_rescored": int(np.any(caption_image[cols] == np.arange(n_images)[:, None], axis=1).sum()),
+           "pairs": int(pairs.size), "seconds": round(seconds, 1), "by_weight": []}
     table = []
     for weight in weights:
-        search = ranking.summarize(rerank.text_to_image_ranks(scores, caption_image, rows, likelihood, weight))
-        row = {"weight": float(weight), "image_to_text": plain["image_to_text"], "text_to_image": search,
-               "rsum": float(sum(d[f"r{n}"] for d in (plain["image_to_text"], search)
-                                 for n in ranking.RECALL_AT))}
+        found = {"image_to_text": ranking.summarize(rerank.image_to_text_ranks(scores, caption_image, cols, pmi, weight)),
+                 "text_to_image": ranking.summarize(rerank.text_to_image_ranks(scores, caption_image, rows,
+                                                                               likelihood, weight))}
+        row = {"weight": float(weight), **found,
+               "rsum": float(sum(d[f"r{n}"] for d in found.values() for n in ranking.RECALL_AT))}
         out["by_weight"].append(row)
-        table.append((f"re-ranked top {k}, W {weight:g}", row))
+        table.append((f"re-ranked top {rows.shape[0]}, W {weight:g}", row))
     return out, table
 
 
@@ -166,13 +167,14 @@ def evaluate_split(model_dir, split=SPLIT, features=None, data_dir=None, caption
     """-> (results.json's dict, table rows [(label, ranking.evaluate's dict)]).
 
     images: a folder of the split's photos, embedded through the model's backbone with
-    `weights`, instead of a features pickle (`features`).
+    `weights`, instead of a features pickle (`features`). rerank_captioner: a run folder or a
+    list of them (rerank_split).
 
     results: {"split", "images", "captions", "embedding": {image_to_text, text_to_image, rsum},
     "subset": null or {"images", "captions", "which", "embedding", "captioner"}, "rerank": null
-    or {"captioner", "top_k", "captions_rescored", "pairs", "seconds", "by_weight": [{"weight",
-    "image_to_text", "text_to_image", "rsum"}]}, "model", "captioner_model", "features",
-    "features_sha256", "images_dir", "data_dir", "seconds", "captioner_seconds" (with a
+    or {"captioner", "top_k", "captions_rescored", "images_rescored", "pairs", "seconds",
+    "by_weight": [{"weight", "image_to_text", "text_to_image", "rsum"}]}, "model",
+    "captioner_model", "features", "features_sha256", "images_dir", "data_dir", "seconds", "captioner_seconds" (with a
     captioner)}. With `images`, "features" and "features_sha256" are null.
     """
     if features and images:
@@ -204,8 +206,10 @@ def evaluate_split(model_dir, split=SPLIT, features=None, data_dir=None, caption
                "images_dir": str(images) if images else None, "data_dir": str(data_dir)}
     rows = [(f"embedding, {len(ids)} images", results["embedding"])]
     if rerank_captioner:
-        results["rerank"], rerank_rows = rerank_search(rerank_captioner, scores, matrix, captions,
-                                                       rerank_top, rerank_weights)
+        if isinstance(rerank_captioner, (str, Path)):
+            rerank_captioner = [rerank_captioner]
+        results["rerank"], rerank_rows = rerank_split(rerank_captioner, scores, matrix, captions,
+                                                      rerank_top, rerank_weights, config.get("backbone"))
         rows += rerank_rows
     if captioner:
         n = min(captioner_images or len(ids), len(ids))
