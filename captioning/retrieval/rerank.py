@@ -83,6 +83,17 @@ def movable(cosine, caption_image, top_k):
     return np.nonzero(plain <= min(int(top_k), np.shape(cosine)[0]))[0], plain
 
 
+def _arrays(weight, cosine, candidates, score, caption_image):
+    """The ranks' inputs as float64 / int64 arrays; ValueError for a weight outside [0, 1] or a
+    score of another shape than its candidates."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    candidates, score = np.asarray(candidates, np.int64), np.asarray(score, np.float64)
+    if score.shape != candidates.shape:
+        raise ValueError(f"scores {score.shape} must match the candidates {candidates.shape}")
+    return np.asarray(cosine, np.float64), candidates, score, np.asarray(caption_image, np.int64)
+
+
 def text_to_image_ranks(cosine, caption_image, rows, likelihood, weight):
     """Rank of its own image for every caption after re-ranking: int array (captions,).
 
@@ -91,14 +102,7 @@ def text_to_image_ranks(cosine, caption_image, rows, likelihood, weight):
     whose own image is among the candidates are read (the others keep their plain rank), so
     the rest may hold NaN.
     """
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"weight must be in [0, 1], got {weight}")
-    cosine = np.asarray(cosine, np.float64)
-    rows = np.asarray(rows, np.int64)
-    likelihood = np.asarray(likelihood, np.float64)
-    if likelihood.shape != rows.shape:
-        raise ValueError(f"likelihood {likelihood.shape} must match the candidates {rows.shape}")
-    caption_image = np.asarray(caption_image, np.int64)
+    cosine, rows, likelihood, caption_image = _arrays(weight, cosine, rows, likelihood, caption_image)
     cols, plain = movable(cosine, caption_image, rows.shape[0])
     ranks = plain.copy()
     if not cols.size:
@@ -148,14 +152,7 @@ def image_to_text_ranks(cosine, caption_image, cols, score, weight):
     the captioner's score of the pair (image i, caption cols[i, k]) (pointwise_mi). Images with
     no own caption among their K keep their plain rank.
     """
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"weight must be in [0, 1], got {weight}")
-    cosine = np.asarray(cosine, np.float64)
-    cols = np.asarray(cols, np.int64)
-    score = np.asarray(score, np.float64)
-    if score.shape != cols.shape:
-        raise ValueError(f"score {score.shape} must match the candidates {cols.shape}")
-    caption_image = np.asarray(caption_image, np.int64)
+    cosine, cols, score, caption_image = _arrays(weight, cosine, cols, score, caption_image)
     plain = ranking.image_to_text_ranks(cosine, caption_image)
     own = caption_image[cols] == np.arange(len(cols))[:, None]
     movable = own.any(axis=1)
