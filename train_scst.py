@@ -23,7 +23,10 @@ used with beam search. The test split is never touched: score it once with evalu
 Every variant works: merge and inject on pooled features, attention and transformer on the
 spatial grids of extract_features.py --spatial (the kind comes from the --init model.json; the
 grids are read a batch of images at a time, so memory stays that of a batch, not the ~0.9 GB of
-Flickr8k's Lite0 train + dev grids). The attention model's doubly stochastic penalty is a
+Flickr8k's Lite0 train + dev grids). A model with a fine-tuned encoder top (train.py
+--finetune-top) reads the trunk file (extract_features.py --trunk): its top, kept as trained,
+makes the grids once (in memory, float16), SCST trains the captioner, and every checkpoint holds
+the top beside it, so the run folder is a fine-tuned model too. The attention model's doubly stochastic penalty is a
 cross-entropy training term and is not part of the SCST loss. See captioning/training/scst.py
 and captioning/training/scst_run.py.
 
@@ -33,7 +36,8 @@ Reads:
     --init DIR        train.py run folder: model.keras + model.json (variant, tokenizer sha256,
                       feature width, grid [H, W] for the grid models).
     --features FILE   merge/inject: the {image_id: vector} pickle (or features.npy); attention/
-                      transformer: the spatial HDF5 file (float16 (N, H, W, C)). Every train and
+                      transformer: the spatial HDF5 file (float16 (N, H, W, C)), or the trunk
+                      file for a model with a fine-tuned top. Every train and
                       dev image must be in it, with the shape the model was trained on; the
                       other kind of file, or another shape, is a one-line error naming both.
     --data-dir DIR    prepare_text.py's outputs: tokenizer.json (must be the model's),
@@ -49,6 +53,8 @@ links through `current`:
     history.csv       epoch, sample_reward, greedy_reward (mean training CIDEr-D), loss,
                       dev_cider_d, dev_distinct_captions, dev_vocabulary_used, seconds, cpu_seconds
                       (+ dev_beam_cider_d with --select-decoding beam).
+    encoder_top.keras a fine-tuned model's top, unchanged: inside each checkpoint folder, as
+                      train.py writes it (found through `current`).
 Inside the checkpoint only (for resuming):
     last.keras        the model and Adam state after the last finished epoch.
     state.json        {epoch, best_epoch, best_dev_cider_d, wait, stopped_early, history}.

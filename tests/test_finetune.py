@@ -149,6 +149,46 @@ def test_decoding_from_the_trunk_file_runs_the_top_then_the_captioner(data, tune
     assert {r.split("\t")[0]: r.split("\t")[1] for r in rows} == dict(zip(ids, expected))
 
 
+@pytest.mark.slow
+def test_scst_trains_a_fine_tuned_models_captioner_with_its_top_kept(data, tuned, tmp_path, capsys):
+    import train_scst
+    from captioning.inference.captioner import Captioner
+    root, _, data_dir, splits, trunk = data
+    argv = ["--init", str(tuned), "--features", str(trunk), "--data-dir", str(data_dir),
+            "--output-dir", str(tmp_path), "--name", "tuned-scst", "--samples", "3", "--batch-images", "8",
+            "--learning-rate", "0.01", "--epochs", "1"]
+    assert run_cli(train_scst.main, argv) == 0
+    run_dir = tmp_path / "tuned-scst"
+    config = json.loads((run_dir / "model.json").read_text())
+    init_config = json.loads((tuned / "model.json").read_text())
+    assert config[finetune.KEY] == init_config[finetune.KEY] and config["scst"]["epochs_trained"] == 1
+    # every checkpoint holds the init's top unchanged beside the SCST-trained captioner
+    init_top = keras_weights(finetune.top_path(tuned))
+    for name in (finetune.TOP_FILE, finetune.TOP_LAST_FILE):
+        kept = keras_weights(run_dir / "current" / name)
+        assert all(np.array_equal(x, y) for x, y in zip(init_top, kept))
+    init = keras_weights(tuned / "current" / "model.keras")
+    assert not all(np.array_equal(x, y) for x, y in zip(init, keras_weights(run_dir / "current" / "last.keras")))
+    # the run folder is a fine-tuned model: it reads the trunk file through that top
+    ids = splits["test"]
+    found, grids = Captioner(run_dir, data_dir).read_features(trunk, ids)
+    _, expected = Captioner(tuned, data_dir).read_features(trunk, ids)
+    assert found == ids
+    np.testing.assert_array_equal(grids, expected)
+    # epoch 0 is the init model scored through the same top: a rerun of the same seed repeats it
+    history = json.loads((run_dir / "current" / "state.json").read_text())["history"]
+    assert run_cli(train_scst.main, argv[:9] + ["tuned-scst-2"] + argv[10:]) == 0
+    again = json.loads((tmp_path / "tuned-scst-2" / "current" / "state.json").read_text())["history"]
+    assert [r["dev_cider_d"] for r in again] == [r["dev_cider_d"] for r in history]
+    # frozen grids given to it: one line naming both sides, no folder
+    grids_file = write_spatial(tmp_path / "grids.h5", [i for part in splits.values() for i in part])
+    capsys.readouterr()
+    assert run_cli(train_scst.main, ["--init", str(tuned), "--features", str(grids_file), "--data-dir",
+                                     str(data_dir), "--output-dir", str(tmp_path), "--name", "bad"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and not (tmp_path / "bad").exists()
+
+
 def write_spatial(path, ids, shape=(7, 7, 1280)):
     from captioning.data.spatial import SpatialWriter
     writer = SpatialWriter(path, "test", "lite0", "head_relu")

@@ -105,13 +105,14 @@ def model_grid_rows(path, ids, config, model_dir):
     file (pickle or features.npy), or grids of another H x W or width than the model was
     trained on, is a one-line PipelineError naming the file's shape, the model's and both
     paths; an id missing from the file is data.check_missing's error. A model with a
-    fine-tuned encoder top (model.json "encoder_top") is refused: no file holds its grids.
+    fine-tuned encoder top (model.json "encoder_top") is refused: no file holds its grids (its
+    top makes them from a trunk file: captioning/training/scst_run.py's tuned_rows).
     """
     variant = config.get("variant")
     if config.get("encoder_top"):      # its grids are top(trunk) of its own top: not in a file
         raise PipelineError(f"the {variant} model ({model_dir}) was trained with a fine-tuned "
-                            f"encoder top: its grids are that top's output, not a file's; "
-                            f"self-critical training does not run the top ({path})")
+                            f"encoder top: its grids are that top's output over a trunk file, "
+                            f"not a spatial file's ({path})")
     height, width = (int(s) for s in config["grid"])
     wanted = (height, width, int(config["feature_dim"]))
     needs = f"the {variant} model ({model_dir}), which was trained on grids (N, {', '.join(map(str, wanted))})"

@@ -5,8 +5,9 @@ Owns
                 splits, references, image features and reward references, all cross-checked.
   image_rows    the features of the model's input kind (registry.VARIANTS): pooled (N, D) from
                 a pickle or features.npy for merge/inject, grids (N, G, C) read a batch at a time
-                from the spatial HDF5 file for attention/transformer; the wrong kind or shape is
-                a one-line error naming the file's and the model's.
+                from the spatial HDF5 file for attention/transformer, or, for a model with a
+                fine-tuned encoder top, that top's grids over the trunk file (tuned_rows); the
+                wrong kind or shape is a one-line error naming the file's and the model's.
   train_run     SCST epochs (captioning.training.scst.Trainer) in a run folder
                 (captioning.training.run_folder): epoch 0 is the --init model itself, scored on
                 dev; after every epoch a history row, the selection by dev CIDEr-D (of greedy
@@ -22,10 +23,10 @@ from captioning.data import grid_inputs, inputs, text
 from captioning.data.features import is_spatial_file
 from captioning.data.spatial import SpatialFeatures
 from captioning.inference import decoding
-from captioning.models import registry
+from captioning.models import finetune, registry
 from captioning.training import scst
 from captioning.training.run_folder import LAST_FILE, RunFolder, Selection
-from captioning.training.trainer import seed_everything
+from captioning.training.trainer import CheckpointFiles, seed_everything
 from captioning.utils import PipelineError, progress, read_json, sha256_file
 
 EPOCHS = 10             # upper bound; early stopping on dev CIDEr-D usually ends sooner
@@ -56,6 +57,8 @@ def image_rows(path, ids, config, model_dir):
     shape is a one-line PipelineError naming the file's shape and the model's.
     """
     variant = config.get("variant", "merge")
+    if config.get(finetune.KEY):
+        return tuned_rows(path, ids, config, model_dir)
     if scst.is_grid_model(config):
         return grid_inputs.model_grid_rows(path, ids, config, model_dir)
     if is_spatial_file(path):
@@ -69,6 +72,21 @@ def image_rows(path, ids, config, model_dir):
         raise PipelineError(f"features have width {matrix.shape[1]} but model {model_dir} was trained "
                             f"on {config['feature_dim']}-d features ({path})")
     return matrix, row_of_id
+
+
+def tuned_rows(path, ids, config, model_dir):
+    """(grids, row_of_id) of a model with a fine-tuned encoder top: its top, run once over the
+    trunk file's maps of `ids` (the unmirrored view), float16 (N, G, C) in memory (Flickr8k's
+    7000 train + dev images: 0.9 GB), every id required. SCST trains the captioner only: the
+    top stays as train.py left it, so its grids are computed once. A file of another kind, or
+    a trunk of another backbone, size, block or weights, is finetune's one-line error."""
+    top = finetune.load_top(model_dir, compile=False)
+    found, grids = finetune.model_features(config, top, path, ids, model_dir)
+    if len(found) != len(ids):
+        missing = next(i for i in ids if i not in set(found))
+        raise PipelineError(f"image {missing} is not in the trunk file {path} "
+                            f"({len(ids) - len(found)} of {len(ids)} train and dev images missing)")
+    return grids.astype(np.float16), {image_id: row for row, image_id in enumerate(found)}
 
 
 def load_inputs(args):
@@ -113,15 +131,18 @@ def beam_text(row):
     return f" (beam {BEAM}: {row[BEAM_FIELD]:.4f})" if BEAM_FIELD in row else ""
 
 
-def save_epoch(folder, model, config, state, row):
+def save_epoch(folder, model, config, state, row, top=None):
     """Record one epoch's row (selection by the dev CIDEr-D of the selection decoding, patience),
-    then its checkpoint, with model.json's "scst" block describing the run so far."""
+    then its checkpoint, with model.json's "scst" block describing the run so far. top: a
+    fine-tuned model's encoder top, saved beside the captioner in every checkpoint (as train.py
+    does), so the run folder is a fine-tuned model too."""
     key = folder.selection.key
     measure = "dev_cider_d" if key == "best_dev_cider_d" else BEAM_FIELD
     improved = folder.record(state, row, row[measure])
     config["scst"].update({"epochs_trained": state["epoch"], "best_epoch": state["best_epoch"],
                            key: state[key]})
-    folder.save(model, state, config, improved)
+    folder.save(model if top is None else CheckpointFiles(model, top, folder.checkpoint, improved),
+                state, config, improved)
 
 
 def train_run(args):
@@ -145,6 +166,8 @@ def train_run(args):
         # only when not the default, so a greedy-selected run folder reads as it always did
         settings["select_decoding"] = select_decoding
 
+    # a fine-tuned model's top (frozen here) goes into every checkpoint beside the captioner
+    top = finetune.load_top(init_dir, compile=False) if config.get(finetune.KEY) else None
     seed_everything(args.seed)
     beam = select_decoding == "beam"
     folder = RunFolder(run_dir, Selection(selection_key(select_decoding), higher=True, patience=args.patience),
@@ -176,7 +199,7 @@ def train_run(args):
     if state is None:
         state = folder.new_state()
         row = dict(epoch=0, **dev_row(score, model, config, beam_score))
-        save_epoch(folder, model, config, state, row)
+        save_epoch(folder, model, config, state, row, top)
         print(f"epoch 0 (the --init model): dev CIDEr-D {row['dev_cider_d']:.4f}{beam_text(row)}", flush=True)
     if folder.finished(state, args.epochs):
         print(f"{run_dir}: already trained {state['epoch']} SCST epochs; nothing to do")
@@ -189,7 +212,7 @@ def train_run(args):
         stats = scst_trainer.epoch(rng, lambda it: progress(it, desc=f"SCST epoch {epoch}", unit="batch"))
         row = {"epoch": epoch, **{k: round(v, 1 if k.endswith("seconds") else 6) for k, v in stats.items()},
                **dev_row(score, model, config, beam_score)}
-        save_epoch(folder, model, config, state, row)
+        save_epoch(folder, model, config, state, row, top)
         print(f"SCST epoch {epoch}: reward sample {row['sample_reward']:.4f} greedy {row['greedy_reward']:.4f}  "
               f"dev CIDEr-D {row['dev_cider_d']:.4f}{beam_text(row)} (best epoch {state['best_epoch']})  "
               f"{row['seconds']:.0f} s ({row['cpu_seconds']:.0f} s CPU)", flush=True)
