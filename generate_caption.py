@@ -68,7 +68,7 @@ def parse_args(argv):
     parser.add_argument("images", nargs="*", help="image files or folders")
     parser.add_argument("--model", nargs="+", action="extend", default=None,
                         help="train.py run folder, or its model.keras; several = an ensemble "
-                             "(default: the shipped pretrained/attention-lite0-scst)")
+                             "(default: the shipped pretrained/attention-lite0-ft-scst)")
     parser.add_argument("--data-dir", default=DATA_DIR,
                         help="prepare_text.py output folder (default: the tokenizer in the model "
                              "folder, else the data_dir recorded in model.json)")

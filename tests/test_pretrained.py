@@ -1,5 +1,5 @@
-"""Shipped models out of the box: attention-lite0-scst (the default) and merge-lite0 caption a
-photo, and so does the ensemble of those two with attention-lite0-ft; vse-lite0 searches a folder."""
+"""Shipped models out of the box: attention-lite0-ft-scst (the default) and merge-lite0 caption a
+photo, and so does the ensemble of those two with attention-lite0-scst; vse-lite0 searches a folder."""
 import json
 
 import pytest
@@ -9,9 +9,10 @@ from captioning.inference.captioner import PRETRAINED_DIR, Captioner
 from captioning.models import finetune
 from conftest import REPO
 
-PRETRAINED = REPO / "pretrained" / "attention-lite0-scst"
+PRETRAINED = REPO / "pretrained" / "attention-lite0-ft-scst"   # Lite0's top fine-tuned, then SCST
+FROZEN = REPO / "pretrained" / "attention-lite0-scst"       # frozen grid + SCST: an ensemble member
 MERGE = REPO / "pretrained" / "merge-lite0"
-TUNED = REPO / "pretrained" / "attention-lite0-ft"     # Lite0's top fine-tuned: an ensemble member
+TUNED = REPO / "pretrained" / "attention-lite0-ft"          # the default's starting point
 DOG = "1001773457_577c3a7d70"      # the captions: "a black dog and a spotted dog are fighting"
 
 
@@ -19,21 +20,25 @@ def test_the_shipped_folders_are_self_contained():
     assert PRETRAINED_DIR == str(PRETRAINED)
     config = json.loads((PRETRAINED / "model.json").read_text())
     assert config["variant"] == "attention" and config["backbone"] == "lite0"
-    assert config["vocab_size"] == 2532 and config["grid"] == [7, 7] and "encoder_top" not in config
-    assert config["scst"]["select_decoding"] == "beam" and config["scst"]["best_epoch"] == 5
-    # the kept epoch only: no last.keras, no optimizer state, no checkpoints
-    assert sorted(p.name for p in PRETRAINED.iterdir()) == [
-        "meta.json", "model.json", "model.keras", "tokenizer.json"]
-    assert Captioner(PRETRAINED).backbone == "lite0"      # tokenizer.json found beside the model
-    config = json.loads((TUNED / "model.json").read_text())
+    assert config["vocab_size"] == 2532 and config["grid"] == [7, 7]
     assert config["encoder_top"]["block"] == 15 and config["encoder_top"]["weights"] == "imagenet"
+    assert config["scst"]["select_decoding"] == "beam" and config["scst"]["best_epoch"] == 4
+    # the kept epoch only: no last.keras, no optimizer state, no checkpoints; the top beside it
+    assert sorted(p.name for p in PRETRAINED.iterdir()) == [
+        finetune.TOP_FILE, "meta.json", "model.json", "model.keras", "tokenizer.json"]
+    assert Captioner(PRETRAINED).backbone == "lite0"      # tokenizer.json found beside the model
+    config = json.loads((FROZEN / "model.json").read_text())
+    assert config["grid"] == [7, 7] and "encoder_top" not in config and config["scst"]["best_epoch"] == 5
+    assert sorted(p.name for p in FROZEN.iterdir()) == ["meta.json", "model.json", "model.keras", "tokenizer.json"]
+    config = json.loads((TUNED / "model.json").read_text())
+    assert config["encoder_top"] == json.loads((PRETRAINED / "model.json").read_text())["encoder_top"]
     assert sorted(p.name for p in TUNED.iterdir()) == [
         finetune.TOP_FILE, "meta.json", "model.json", "model.keras", "tokenizer.json"]
     config = json.loads((MERGE / "model.json").read_text())
     assert config["variant"] == "merge" and config["feature_dim"] == 1280
     assert Captioner(MERGE).backbone == "lite0"
     # one vocabulary: the three can decode together
-    shas = {json.loads((d / "model.json").read_text())["tokenizer_sha256"] for d in (PRETRAINED, MERGE, TUNED)}
+    shas = {json.loads((d / "model.json").read_text())["tokenizer_sha256"] for d in (PRETRAINED, FROZEN, MERGE, TUNED)}
     assert len(shas) == 1
 
 
@@ -56,10 +61,10 @@ def test_the_merge_captioner_captions_the_same_photo(flickr8k_dir, capsys):
 
 @pytest.mark.slow
 def test_the_shipped_ensemble_captions_the_same_photo(flickr8k_dir, capsys):
-    """The best captioner measured: the default, the fine-tuned model (through its own top)
-    and merge, with beam 3 (docs/results.md)."""
+    """The best captioner measured: the default (through its own top), the frozen-grid SCST
+    model and merge, with beam 3 (docs/results.md)."""
     assert gc.main([str(flickr8k_dir / "Flicker8k_Dataset" / f"{DOG}.jpg"), "--beam", "3",
-                    "--model", str(PRETRAINED), str(TUNED), str(MERGE)]) == 0
+                    "--model", str(PRETRAINED), str(FROZEN), str(MERGE)]) == 0
     assert {"dog", "dogs"} & set(capsys.readouterr().out.split("\t")[1].split())
 
 

@@ -541,7 +541,7 @@ def test_concurrent_requests_all_answered_one_at_a_time_in_the_model():
 @pytest.mark.slow
 def test_serve_cli_starts_answers_and_stops(tmp_path):
     # the real command line in its own process with its defaults: the shipped captioner
-    # (pretrained/attention-lite0-scst) answers, the results folder is browsed, Ctrl-C (SIGINT) ends it with 0
+    # (pretrained/attention-lite0-ft-scst) answers, the results folder is browsed, Ctrl-C (SIGINT) ends it with 0
     import signal
     import subprocess
     import sys

@@ -36,11 +36,12 @@ from captioning.encoders.runtime import RUNTIME, make_predict_fn
 from captioning.utils import PipelineError, sha256_file
 
 WEIGHTS = "imagenet"    # VGG16 weights of the default encoder: imagenet | none | path to .h5/.keras
-# The captioner shipped in the repository (soft attention over Lite0's frozen grid, then SCST
-# on CIDEr-D; tokenizer beside it), so `python generate_caption.py photo.jpg` works out of the
-# box; the scripts' default --model. pretrained/attention-lite0-ft (Lite0's top fine-tuned) and
-# pretrained/merge-lite0 (pooled features) also ship: with it, the best ensemble (docs/stages.md).
-PRETRAINED_DIR = str(Path(__file__).resolve().parents[2] / "pretrained" / "attention-lite0-scst")
+# The captioner shipped in the repository (soft attention trained with Lite0's last block, then
+# SCST on CIDEr-D; the top and the tokenizer beside it), so `python generate_caption.py
+# photo.jpg` works out of the box; the scripts' default --model. pretrained/attention-lite0-scst
+# (frozen grid + SCST) and pretrained/merge-lite0 (pooled features) also ship: with it, the best
+# ensemble (docs/stages.md). pretrained/attention-lite0-ft is the default's starting point.
+PRETRAINED_DIR = str(Path(__file__).resolve().parents[2] / "pretrained" / "attention-lite0-ft-scst")
 DATA_DIR = None          # None: the tokenizer in the model folder, else model.json's data_dir
 
 
