@@ -34,6 +34,12 @@ Reads:
                       files such as a run's checkpoint-NNNN/last.keras, or run folders; one
                       architecture), write that model as run folder DIR, then score it.
     --images DIR      optional: the Flickr8k image folder, for the gallery.
+    --consensus FILE  optional: a pooled features pickle holding the training images and the
+                      split's (e.g. the Lite0 features). Each image's caption is then chosen
+                      from its beam's finished captions (--beam, default 5 here) by
+                      W * z(model score) + (1 - W) * z(mean CIDEr-D against the captions of its
+                      --consensus-k nearest training images), W = --consensus-weight
+                      (captioning/inference/consensus.py; K and W chosen on dev).
 Writes (into --output, each atomically, all after the scoring succeeded):
     results.json, captions.tsv, gallery.html (only with --images: the first --gallery images);
     their contents: captioning/evaluation/scoring.py.
@@ -46,6 +52,7 @@ from captioning.utils import check_installed
 
 check_installed("evaluate_bleu.py", "metrics", "pycocoevalcap")   # METEOR, ROUGE-L, CIDEr-D
 from captioning.evaluation.scoring import GALLERY_IMAGES, SPLIT, evaluate_split, summary_lines, write_evaluation
+from captioning.inference import consensus
 from captioning.inference.decoding import ALPHA, BEAM
 from captioning.inference.ensemble import save_average
 from captioning.utils import HelpFormatter, PipelineError, run_cli
@@ -70,7 +77,8 @@ def parse_args(argv):
     parser.add_argument("--average-into", default=None, metavar="DIR",
                         help="write the mean of the --model weights as run folder DIR and score it")
     parser.add_argument("--split", default=SPLIT, choices=["train", "dev", "test"], help="split to caption")
-    parser.add_argument("--beam", type=int, default=BEAM, help="beam width (1 = greedy)")
+    parser.add_argument("--beam", type=int, default=None,
+                        help=f"beam width (1 = greedy; default {BEAM}, {consensus.BEAM} with --consensus)")
     parser.add_argument("--alpha", type=float, default=ALPHA,
                         help="beam length normalisation exponent, for --beam >= 2 only "
                              "(beam 1 is the plain argmax loop)")
@@ -79,6 +87,13 @@ def parse_args(argv):
     parser.add_argument("--gallery", type=int, default=GALLERY_IMAGES, help="images in the gallery")
     parser.add_argument("--java", default="auto", choices=list(JAVA),
                         help="COCO metrics: Java for METEOR and the PTB tokenizer (auto = if present)")
+    parser.add_argument("--consensus", default=None, metavar="FEATURES",
+                        help="re-rank each beam's captions by agreement with the nearest training "
+                             "images' captions, found in this pooled features pickle")
+    parser.add_argument("--consensus-k", type=int, default=consensus.K,
+                        help="training images whose captions vote (--consensus)")
+    parser.add_argument("--consensus-weight", type=float, default=consensus.WEIGHT,
+                        help="W: the model score's share, 0..1 (--consensus; 1 = the beam's own choice)")
     parser.add_argument("--limit", type=int, default=None,
                         help="score only the first N images of the split (quick checks)")
     args = parser.parse_args(argv)
@@ -86,8 +101,16 @@ def parse_args(argv):
     args.features = args.features or [FEATURES]
     if args.average_into and len(args.model) < 2:
         parser.error("--average-into needs two or more --model")
+    if args.beam is None:
+        args.beam = consensus.BEAM if args.consensus else BEAM
     if args.beam < 1:
         parser.error("--beam must be >= 1")
+    if args.consensus and args.beam < 2:
+        parser.error("--consensus chooses among a beam's captions: give --beam 2 or more")
+    if args.consensus_k < 1:
+        parser.error("--consensus-k must be >= 1")
+    if not 0.0 <= args.consensus_weight <= 1.0:
+        parser.error("--consensus-weight must be between 0 and 1")
     if args.limit is not None and args.limit < 1:
         raise PipelineError(f"--limit must be at least 1 (got {args.limit})")
     return args
@@ -96,13 +119,17 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     models = args.model
+    # read and checked before anything is written or decoded
+    reranker = (consensus.Consensus.from_files(args.consensus, args.data_dir, args.consensus_k,
+                                               args.consensus_weight) if args.consensus else None)
     if args.average_into:
         models = [str(save_average(args.model, args.average_into))]
         print(f"averaged {len(args.model)} models -> {args.average_into}")
     features = args.features if len(args.features) > 1 else args.features[0]
     evaluation = evaluate_split(models if len(models) > 1 else models[0], args.data_dir, features,
                                 split=args.split, beam=args.beam, alpha=args.alpha, java=JAVA[args.java],
-                                limit=args.limit, images_dir=args.images, gallery=args.gallery)
+                                limit=args.limit, images_dir=args.images, gallery=args.gallery,
+                                consensus=reranker)
     write_evaluation(args.output, evaluation)
     print("\n".join(summary_lines(evaluation.results, Path(args.output) / "results.json")))
     return 0

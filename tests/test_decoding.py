@@ -118,3 +118,46 @@ def test_beam1_equals_greedy_on_random_tables():
     assert greedy == beam1
     beam4 = decoding.beam_search(step, states, 1, 2, 9, beam=4, banned_ids=[0])
     assert all(len(b) <= 8 and 0 not in b for b in beam4)
+
+
+def test_beam_candidates_of_the_table_by_hand():
+    # beam 3, alpha 0 on TABLE: "the dog" finishes at t 3 (.17325) but "one cat sleeps" (.2375)
+    # lives on; "the dog runs" (.14175) and "a endless dog" (.096) finish at t 4, "one cat sleeps
+    # weekend" (.2375) at t 5, after which nothing live can beat it
+    states = np.zeros((1, 1), dtype=np.int64)
+    n_best = decoding.beam_search(table_step, states, START, END, 10, 3, 0.0, BANNED, candidates=True)[0]
+    assert [caption(ids) for ids, _ in n_best] == ["one cat sleeps weekend", "the dog", "the dog runs",
+                                                   "a endless dog"]
+    assert [s for _, s in n_best] == pytest.approx(np.log([.2375, .17325, .14175, .096]), rel=1e-6)
+    assert n_best[0][0] == run(3, 10)[0]
+    # alpha 1 divides by the tokens generated (endseq included): the order changes
+    n_best = decoding.decode(table_step, states, START, END, 10, 3, 1.0, BANNED, candidates=True)[0]
+    assert [caption(ids) for ids, _ in n_best][:2] == ["one cat sleeps weekend", "the dog runs"]
+    assert n_best[0][1] == pytest.approx(np.log(.2375) / 5, rel=1e-6)
+    # truncated before anything finished: the plain result alone, score -inf
+    assert decoding.decode(table_step, states, START, END, 3, 2, 0.0, BANNED, candidates=True)[0] == [
+        (run(2, 3)[0], -np.inf)]
+    with pytest.raises(Exception, match="beam >= 2"):
+        decoding.decode(table_step, states, START, END, 10, 1, 0.0, BANNED, candidates=True)
+
+
+def test_beam_candidates_start_with_the_plain_result_on_random_tables():
+    rng = np.random.default_rng(1)
+    vocab = 12
+    weights = rng.normal(size=(vocab, vocab)) * 3
+
+    def step(states, last_ids):
+        logits = weights[last_ids] + states
+        logits = logits - logits.max(axis=1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)), states
+
+    states = rng.normal(size=(40, vocab))
+    for beam, alpha in [(2, 0.0), (3, 0.7), (5, 0.7)]:
+        plain = decoding.beam_search(step, states, 1, 2, 9, beam, alpha, [0])
+        n_best = decoding.beam_search(step, states, 1, 2, 9, beam, alpha, [0], candidates=True)
+        assert [options[0][0] for options in n_best] == plain
+        for options in n_best:
+            scores = [s for _, s in options]
+            assert scores == sorted(scores, reverse=True)
+            assert len({tuple(ids) for ids, _ in options}) == len(options)
+        assert max(len(options) for options in n_best) > 1

@@ -4,6 +4,7 @@ BP = exp(1 - r/c) when c < r)."""
 import math
 from pathlib import Path
 
+import pytest
 
 import evaluate_bleu as eb
 from captioning.evaluation import metrics
@@ -165,4 +166,66 @@ def test_main_writes_results_captions_and_gallery(tmp_path, capsys):
                            "--model", str(model_dir), "--output", str(tmp_path / "none")])
     err = capsys.readouterr().err
     assert rc == 1 and test_ids[5] in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()
+
+
+def test_consensus_reranking_chooses_from_the_beam(tmp_path, capsys):
+    import json
+    import numpy as np
+    from helpers import make_tiny_run
+    from captioning.data import text
+    from captioning.data.features import load_features, save_features
+    from captioning.inference.captioner import Captioner
+    from captioning.inference.consensus import Consensus
+    from captioning.utils import run_cli
+    import keras
+    data_dir, model_dir, features, ids = make_tiny_run(tmp_path)
+    # flatter next-word distributions and a raised endseq bias, so the random model's beams
+    # finish at several lengths (with its own weights nothing finishes within max_length)
+    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+    kernel, bias = model.get_layer("output").get_weights()
+    bias[Captioner(model_dir, data_dir).end_id] = 2.0
+    model.get_layer("output").set_weights([kernel * 0.2, bias])
+    model.save(model_dir / "model.keras")
+    base = ["--features", str(features), "--data-dir", str(data_dir), "--model", str(model_dir),
+            "--split", "test", "--java", "no"]
+
+    def captions(out):
+        return [row.split("\t")[1] for row in (tmp_path / out / "captions.tsv").read_text().splitlines()[1:]]
+
+    # W 1 keeps the beam's own choice
+    assert eb.main(base + ["--beam", "3", "--output", str(tmp_path / "plain")]) == 0
+    assert eb.main(base + ["--beam", "3", "--consensus", str(features), "--consensus-weight", "1",
+                           "--output", str(tmp_path / "w1")]) == 0
+    assert captions("w1") == captions("plain")
+    results = json.loads((tmp_path / "w1" / "results.json").read_text())
+    assert results["consensus"]["changed"] == 0 and results["consensus"]["k"] == 20
+    # W 0 (beam 5 by default): every image gets the candidate its neighbours agree with most
+    assert eb.main(base + ["--consensus", str(features), "--consensus-weight", "0", "--consensus-k", "4",
+                           "--output", str(tmp_path / "w0")]) == 0
+    results = json.loads((tmp_path / "w0" / "results.json").read_text())
+    assert results["beam"] == 5 and results["consensus"]["candidates"] > 1
+    test_ids = text.load_splits(data_dir)["test"]
+    captioner = Captioner(model_dir, data_dir)
+    table = load_features(features)
+    n_best = captioner.caption_ids(np.stack([table[i] for i in test_ids]), 5, candidates=True)
+    reranker = Consensus.from_files(features, data_dir, k=4, weight=0.0)
+    options = [[(captioner.words(c), s) for c, s in o] for o in n_best]
+    _, agreements = reranker.choose(reranker.query_vectors(test_ids), options, test_ids)
+    expected = [" ".join(o[int(np.argmax(a))][0]) for o, a in zip(options, agreements)]
+    assert captions("w0") == expected
+    assert results["consensus"]["changed"] == sum(int(np.argmax(a)) != 0 for a in agreements) > 0
+
+    # greedy cannot be re-ranked; a features file without a test image: one line, nothing written
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        eb.main(base + ["--beam", "1", "--consensus", str(features)])
+    assert exited.value.code == 2
+    assert "--consensus chooses among a beam's captions" in capsys.readouterr().err
+    partial = {i: v for i, v in table.items() if i != test_ids[3]}
+    save_features(tmp_path / "partial.pkl", partial)
+    assert run_cli(eb.main, base + ["--consensus", str(tmp_path / "partial.pkl"),
+                                    "--output", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: image {test_ids[3]} has no vector in {tmp_path / 'partial.pkl'} (1 of {len(test_ids)} missing)"
     assert not (tmp_path / "none").exists()

@@ -230,24 +230,47 @@ def test_reranking_the_toy_matrix_by_hand():
 CAPTION_IMAGE = np.repeat(np.arange(30), 5)
 
 
-def test_reranking_with_w_1_or_k_1_is_the_plain_ranking():
-    rng = np.random.default_rng(4)
-    # cosines rounded to one decimal: many ties, including ties with the correct image
+def search_reranked(cosine, score, k, weight):
+    """Re-ranked text -> image ranks of CAPTION_IMAGE, every pair's score as a full matrix."""
+    return reranked(cosine, score, k, weight, CAPTION_IMAGE)
+
+
+def annotation_reranked_all(cosine, score, k, weight):
+    """Re-ranked image -> text ranks of CAPTION_IMAGE (annotation_reranked, below)."""
+    return annotation_reranked(cosine, score, k, weight, CAPTION_IMAGE)
+
+
+# per direction: seed, plain ranks, re-ranker, K values up to past the candidate count, the K of
+# the check that W < 1 moves ranks, and a wrong candidates array with its score shape
+DIRECTIONS = {
+    "text_to_image": (4, ranking.text_to_image_ranks, search_reranked, (1, 5, 10, 30, 100), 5,
+                      lambda c: (rerank.text_to_image_ranks, rerank.candidates(c[::-1], CAPTION_IMAGE, 5), (5, 150))),
+    "image_to_text": (5, ranking.image_to_text_ranks, annotation_reranked_all, (1, 5, 10, 150, 500), 10,
+                      lambda c: (rerank.image_to_text_ranks, rerank.caption_candidates(-c, CAPTION_IMAGE, 10),
+                                 (30, 10))),
+}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_reranking_with_w_1_or_k_1_is_the_plain_ranking(direction):
+    seed, plain_ranks, rerank_ranks, ks, k_moved, wrong = DIRECTIONS[direction]
+    rng = np.random.default_rng(seed)
+    # cosines rounded to one decimal: many ties, including ties with the correct item
     cosine = np.round(rng.normal(size=(30, 150)) + (np.arange(30)[:, None] == CAPTION_IMAGE[None]), 1)
-    likelihood = rng.normal(size=(30, 150))
-    plain = ranking.text_to_image_ranks(cosine, CAPTION_IMAGE).tolist()
-    for k in (1, 5, 10, 30, 100):
-        assert reranked(cosine, likelihood, k, 1.0, CAPTION_IMAGE) == plain, k
+    score = rng.normal(size=(30, 150))
+    plain = plain_ranks(cosine, CAPTION_IMAGE).tolist()
+    for k in ks:
+        assert rerank_ranks(cosine, score, k, 1.0) == plain, k
     for weight in (0.0, 0.3, 0.9):
-        assert reranked(cosine, likelihood, 1, weight, CAPTION_IMAGE) == plain, weight
+        assert rerank_ranks(cosine, score, 1, weight) == plain, weight
     # W < 1 with K > 1 does move ranks, but only inside the top K
-    moved = np.array(reranked(cosine, likelihood, 5, 0.2, CAPTION_IMAGE))
+    moved = np.array(rerank_ranks(cosine, score, k_moved, 0.2))
     assert moved.tolist() != plain
     plain = np.array(plain)
-    assert np.all(moved[plain > 5] == plain[plain > 5]) and np.all(moved[plain <= 5] <= 5)
+    assert np.all(moved[plain > k_moved] == plain[plain > k_moved]) and np.all(moved[plain <= k_moved] <= k_moved)
+    ranks_of, candidates, shape = wrong(cosine)
     with pytest.raises(ValueError, match="candidates"):
-        rerank.text_to_image_ranks(cosine, CAPTION_IMAGE, rerank.candidates(cosine[::-1], CAPTION_IMAGE, 5),
-                                   np.zeros((5, 150)), 0.5)
+        ranks_of(cosine, CAPTION_IMAGE, candidates, np.zeros(shape), 0.5)
 
 
 # ---- re-ranking image -> text by the captioner's pointwise mutual information ---------------------
@@ -291,24 +314,6 @@ def test_pointwise_mutual_information_of_hand_made_likelihoods():
     # image 0 with both captions as its candidates: likelihood prefers c0 (.5 > .4), PMI c1
     pmi = rerank.pointwise_mi(total[:1], prior, np.array([[0, 1]]))
     assert pmi[0] == pytest.approx([np.log(0.5), np.log(0.8)])
-
-
-def test_reranking_annotations_with_w_1_or_k_1_is_the_plain_ranking():
-    rng = np.random.default_rng(5)
-    cosine = np.round(rng.normal(size=(30, 150)) + (np.arange(30)[:, None] == CAPTION_IMAGE[None]), 1)
-    score = rng.normal(size=(30, 150))
-    plain = ranking.image_to_text_ranks(cosine, CAPTION_IMAGE).tolist()
-    for k in (1, 5, 10, 150, 500):
-        assert annotation_reranked(cosine, score, k, 1.0, CAPTION_IMAGE) == plain, k
-    for weight in (0.0, 0.3, 0.9):
-        assert annotation_reranked(cosine, score, 1, weight, CAPTION_IMAGE) == plain, weight
-    moved = np.array(annotation_reranked(cosine, score, 10, 0.2, CAPTION_IMAGE))
-    assert moved.tolist() != plain
-    plain = np.array(plain)
-    assert np.all(moved[plain > 10] == plain[plain > 10]) and np.all(moved[plain <= 10] <= 10)
-    with pytest.raises(ValueError, match="candidates"):
-        rerank.image_to_text_ranks(cosine, CAPTION_IMAGE, rerank.caption_candidates(-cosine, CAPTION_IMAGE, 10),
-                                   np.zeros((30, 10)), 0.5)
 
 
 # ---- end to end on real data -------------------------------------------------------------------
@@ -549,6 +554,24 @@ def test_several_rerank_captioners_act_as_one(tiny_model, small_set, untrained_c
     moved = (row["image_to_text"]["mean_rank"] - alone[1]["mean_rank"],
              row["text_to_image"]["mean_rank"] - alone[0]["mean_rank"])
     assert max(abs(m) for m in moved) > 1e-3
+
+
+def test_evaluate_checks_rerank_captioners_before_scoring(tiny_model, small_set, untrained_captioner,
+                                                          tmp_path, capsys, monkeypatch):
+    def no_scoring(*args):
+        raise AssertionError("the embedding scored the split before the captioners were checked")
+    monkeypatch.setattr(protocol, "embedding_scores", no_scoring)
+    lite2 = tmp_path / "lite2"
+    shutil.copytree(untrained_captioner[1], lite2)
+    write_json(lite2 / "model.json", {**json.loads((lite2 / "model.json").read_text()), "backbone": "lite2"})
+    base = ["--model", str(tiny_model), "--split", "test", "--output", str(tmp_path / "out")]
+    assert run_cli(evaluate_retrieval.main, base + ["--rerank-captioner", str(untrained_captioner[1]),
+                                           str(tmp_path / "absent")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: missing file {tmp_path / 'absent' / 'model.keras'}"
+    assert run_cli(evaluate_retrieval.main, base + ["--rerank-captioner", str(lite2)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: captioner {lite2} was trained on lite2 features but the retrieval model on lite0 features")
+    assert not (tmp_path / "out").exists()
 
 
 def tiny_backbone(width):

@@ -20,8 +20,10 @@ Writes (write_evaluation, each atomically, results.json last):
     results.json  {"bleu": {"tutorial": {bleu1..bleu4}, "standard": {...}}, "coco": {bleu_1..
                    bleu_4, meteor, rouge_l, cider_d, spice, tokenizer, not_computed},
                    "diagnostics", "split", "n_images", "beam", "alpha", "model", "features",
-                   "data_dir", "seconds" (whole run), "decode_seconds", and for an ensemble
-                   "members" (its model paths; "model" joins them with " + ")}
+                   "data_dir", "seconds" (whole run), "decode_seconds", for an ensemble
+                   "members" (its model paths; "model" joins them with " + "), with consensus
+                   re-ranking "consensus": {"features", "k", "weight", "candidates" (mean per
+                   image), "changed" (images whose caption is not the beam's own choice)}}
     captions.tsv  header + one row per image: image_id, generated caption (no sentinels),
                   reference_1..reference_5 (the original captions), tab-separated.
     gallery.html  (with images_dir) the first `gallery` images as inline JPEG thumbnails with the
@@ -75,7 +77,7 @@ def split_matrix(features, ids, split, descriptions, references, data_dir, read=
 
 
 def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPHA, java="auto",
-                   limit=None, images_dir=None, gallery=GALLERY_IMAGES):
+                   limit=None, images_dir=None, gallery=GALLERY_IMAGES, consensus=None):
     """Caption the split's images (the first `limit`) and score them -> Evaluation.
 
     model: a run folder (or its model.keras), or a list of them: several are one ensemble
@@ -83,7 +85,11 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
     by " + ") and "members" (the list). features: a features file, or a list of them: each
     member reads the first that fits it (pooled vectors or grids of its size).
     java: the COCO metrics' Java use ("auto", True, False; METEOR and PTB tokens need it).
+    consensus: a captioning.inference.consensus.Consensus: each image's caption is chosen from
+    its beam's finished captions by agreement with its nearest training images (beam >= 2).
     """
+    if consensus is not None and beam < 2:
+        raise PipelineError(f"consensus re-ranking chooses among a beam's captions: it needs beam >= 2 (got {beam})")
     started = time.time()
     folder = Path(data_dir)
     models = [model] if isinstance(model, (str, Path)) else list(model)
@@ -101,7 +107,15 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
                                           member.read_features))
 
     decode_started = time.time()
-    id_lists = captioner.caption_ids(inputs if ensembled else inputs[0], beam, alpha, progress=True)
+    if consensus is None:
+        id_lists = captioner.caption_ids(inputs if ensembled else inputs[0], beam, alpha, progress=True)
+    else:
+        queries = consensus.query_vectors(ids)      # before decoding: a missing vector fails at once
+        n_best = captioner.caption_ids(inputs if ensembled else inputs[0], beam, alpha, progress=True,
+                                       candidates=True)
+        picks, _ = consensus.choose(queries, [[(captioner.words(c), score) for c, score in options]
+                                              for options in n_best], ids)
+        id_lists = [options[pick][0] for options, pick in zip(n_best, picks)]
     decode_seconds = time.time() - decode_started
     generated = [captioner.words(x) for x in id_lists]
     finished = [bool(x) and x[-1] == captioner.end_id for x in id_lists]
@@ -124,6 +138,10 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
     }
     if ensembled:
         results["members"] = [str(m) for m in models]
+    if consensus is not None:
+        results["consensus"] = {"features": consensus.source, "k": consensus.k, "weight": consensus.weight,
+                                "candidates": round(sum(len(o) for o in n_best) / len(n_best), 2),
+                                "changed": sum(p != 0 for p in picks)}
     page = None
     if images_dir:
         shown = min(gallery, len(ids))

@@ -196,12 +196,15 @@ class Captioner:
     def feature_dim(self):
         return self.config["feature_dim"]
 
-    def caption_ids(self, features, beam=decoding.BEAM, alpha=decoding.ALPHA, progress=False):
-        """(N, D) features -> N lists of generated ids (ending with endseq's id when finished)."""
+    def caption_ids(self, features, beam=decoding.BEAM, alpha=decoding.ALPHA, progress=False,
+                    candidates=False):
+        """(N, D) features -> N lists of generated ids (ending with endseq's id when finished);
+        with candidates (beam >= 2), N n-best lists [(ids, score)] (decoding.beam_search)."""
         if self._step_fns is None:      # built once: every build traces new tf.functions
             self._step_fns = decoding.make_step_fn(self.model, self.config)
         return decoding.caption_features(self.model, self.config, self.tokenizer, features,
-                                         beam, alpha, progress=progress, step_fns=self._step_fns)
+                                         beam, alpha, progress=progress, step_fns=self._step_fns,
+                                         candidates=candidates)
 
     def words(self, ids):
         """Generated ids -> caption words, without endseq."""

@@ -90,11 +90,14 @@ def greedy_decode(step_fn, states, start_id, end_id, max_length, banned_ids=()):
 
 
 def beam_search(step_fn, states, start_id, end_id, max_length, beam=3, alpha=0.0,
-                banned_ids=()):
+                banned_ids=(), candidates=False):
     """Beam search for N captions at once (all images' beams in one step call).
 
     Returns N lists of generated ids (as greedy_decode). See the module docstring for the
-    rules; beam=1 and alpha=0 give exactly greedy_decode's result.
+    rules; beam=1 and alpha=0 give exactly greedy_decode's result. candidates=True returns,
+    per image, every caption that finished before the search stopped, as [(ids, normalised
+    score)] best first: the first is the plain result (an unfinished one, score -inf, if none
+    finished). The n-best lists of consensus re-ranking (captioning/inference/consensus.py).
     """
     if beam < 1:
         raise PipelineError(f"beam must be >= 1 (got {beam})")
@@ -102,6 +105,7 @@ def beam_search(step_fn, states, start_id, end_id, max_length, beam=3, alpha=0.0
     max_new = max_length - 1
     best = [None] * n                          # best finished caption per image (ids)
     best_score = np.full(n, -np.inf)           # its normalised score
+    finished = [[] for _ in range(n)]          # with candidates: every finished (ids, score)
     active = np.arange(n)                      # images still searching
     rows_per = 1                               # live partial captions per active image
     scores = np.zeros((n, 1))                  # summed log-probs of the live captions
@@ -120,6 +124,8 @@ def beam_search(step_fn, states, start_id, end_id, max_length, beam=3, alpha=0.0
         for i, j in zip(*np.nonzero(is_end)):
             score = flat[i, top[i, j]] / norm
             image = active[i]
+            if candidates:
+                finished[image].append(([int(x) for x in tokens[i, top[i, j] // vocab]] + [end_id], float(score)))
             if score > best_score[image]:
                 best_score[image] = score
                 best[image] = list(tokens[i, top[i, j] // vocab]) + [end_id]
@@ -151,15 +157,23 @@ def beam_search(step_fn, states, start_id, end_id, max_length, beam=3, alpha=0.0
         last = word[keep].reshape(-1)
         active = active[keep]
         rows_per = k
-    return [[int(x) for x in b] if b is not None else [] for b in best]
+    plain = [[int(x) for x in b] if b is not None else [] for b in best]
+    if not candidates:
+        return plain
+    # stable sort: of equal scores the earlier finished (shorter) comes first, as in `best`
+    return [sorted(f, key=lambda c: -c[1]) if f else [(p, -np.inf)] for f, p in zip(finished, plain)]
 
 
-def decode(step_fn, states, start_id, end_id, max_length, beam=1, alpha=0.0, banned_ids=()):
+def decode(step_fn, states, start_id, end_id, max_length, beam=1, alpha=0.0, banned_ids=(),
+           candidates=False):
     """greedy_decode for beam 1 (whatever alpha is: greedy means the course's argmax loop),
-    beam_search with length normalisation alpha for beam >= 2."""
+    beam_search with length normalisation alpha for beam >= 2. candidates: beam_search's n-best
+    lists (beam >= 2 only)."""
     if beam == 1:
+        if candidates:
+            raise PipelineError("candidate lists need beam search (beam >= 2)")
         return greedy_decode(step_fn, states, start_id, end_id, max_length, banned_ids)
-    return beam_search(step_fn, states, start_id, end_id, max_length, beam, alpha, banned_ids)
+    return beam_search(step_fn, states, start_id, end_id, max_length, beam, alpha, banned_ids, candidates)
 
 
 # ---- step functions of the trained networks ---------------------------------------------------
@@ -274,11 +288,11 @@ def ids_to_words(id_to_word, ids, end_id):
 
 
 def caption_features(model, config, tokenizer, features, beam=BEAM, alpha=ALPHA,
-                     batch_images=BATCH_IMAGES, progress=False, step_fns=None):
+                     batch_images=BATCH_IMAGES, progress=False, step_fns=None, candidates=False):
     """Decode captions for (N, D) features, or (N, G, C) grids for the grid variants -> N lists
-    of generated ids (incl. endseq). step_fns: make_step_fn(model, config), built here if not
-    given; a caller that decodes again and again (a video, a web server) passes its own, since
-    each build traces new tf.functions."""
+    of generated ids (incl. endseq); with candidates, N n-best lists (beam_search). step_fns:
+    make_step_fn(model, config), built here if not given; a caller that decodes again and again
+    (a video, a web server) passes its own, since each build traces new tf.functions."""
     features = np.asarray(features, dtype=np.float32)
     check_features(features.shape, config, "the features to caption")
     _, start_id, end_id, banned = vocabulary(tokenizer)
@@ -289,5 +303,6 @@ def caption_features(model, config, tokenizer, features, beam=BEAM, alpha=ALPHA,
         starts = progress_bar(starts, desc=f"decoding (beam {beam})", unit="batch")
     for lo in starts:
         states = init_fn(features[lo:lo + batch_images])
-        out.extend(decode(step_fn, states, start_id, end_id, config["max_length"], beam, alpha, banned))
+        out.extend(decode(step_fn, states, start_id, end_id, config["max_length"], beam, alpha, banned,
+                          candidates))
     return out

@@ -218,8 +218,9 @@ class Ensemble:
         return [m.config for m in self.members]
 
     def caption_ids(self, features, beam=decoding.BEAM, alpha=decoding.ALPHA, progress=False,
-                    batch_images=decoding.BATCH_IMAGES):
-        """features: one array per member (member_inputs) -> N lists of generated ids."""
+                    batch_images=decoding.BATCH_IMAGES, candidates=False):
+        """features: one array per member (member_inputs) -> N lists of generated ids; with
+        candidates (beam >= 2), N n-best lists [(ids, score)] (decoding.beam_search)."""
         for member, matrix in zip(self.members, features):
             check_features(np.shape(matrix), member.config, f"the features of {member.run_dir}")
         if self._step_fns is None:      # built once: every build traces new tf.functions
@@ -235,7 +236,7 @@ class Ensemble:
         for lo in starts:
             states = init_fn([f[lo:lo + batch_images] for f in features])
             out.extend(decoding.decode(step_fn, states, self.start_id, self.end_id,
-                                       self.config["max_length"], beam, alpha, self.banned))
+                                       self.config["max_length"], beam, alpha, self.banned, candidates))
         return out
 
     def words(self, ids):

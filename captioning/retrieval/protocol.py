@@ -101,9 +101,10 @@ def photo_matrix(split, ids, folder, config, weights=WEIGHTS):
     return np.stack([found[i] for i in ids])
 
 
-def captioner_ranking(captioner_dir, matrix, captions, n_images):
-    """(ranking of the captioner on the first n_images, seconds)."""
-    model, config, tokenizer = caption_scoring.load_captioner(captioner_dir, matrix.shape[1])
+def captioner_ranking(captioner, matrix, captions, n_images):
+    """(ranking of the captioner, caption_scoring.load_captioner's (model, config, tokenizer), on
+    the first n_images, seconds)."""
+    model, config, tokenizer = captioner
     subset = [(k, c) for k, c in captions if k < n_images]
     tokens = [encode_caption(tokenizer, c)[:config["max_length"]] for _, c in subset]
     started = time.time()
@@ -111,17 +112,16 @@ def captioner_ranking(captioner_dir, matrix, captions, n_images):
     return ranking.evaluate(scores, [k for k, _ in subset]), time.time() - started
 
 
-def rerank_split(captioner_dirs, scores, matrix, captions, top_k=RERANK_TOP, weights=RERANK_WEIGHTS,
-                 backbone=None):
+def rerank_split(captioners, scores, matrix, captions, top_k=RERANK_TOP, weights=RERANK_WEIGHTS):
     """results.json's "rerank" dict and its table rows: both directions re-ranked by one or more
     captioners (captioning/retrieval/rerank.py) for each weight W, beside the plain embedding.
+    captioners: {run folder: caption_scoring.load_captioner's (model, config, tokenizer)}.
 
     The pairs scored, each once per captioner: every caption's top K images (text -> image, and
     the caption prior of image -> text's PMI) and every image's top K captions, nearly all of
     which are among the former. K of 50 on Flickr8k's test split: 250,196 of its 5 million pairs. Several captioners act as one
     (a product of experts): a pair's log-likelihoods, length-normalised and total, are their
-    means over the captioners, each reading the captions through its own tokenizer. backbone:
-    the retrieval model's, which each captioner's must match (caption_scoring.load_captioner).
+    means over the captioners, each reading the captions through its own tokenizer.
     """
     caption_image = np.array([k for k, _ in captions])
     n_images, n_captions = scores.shape
@@ -133,19 +133,18 @@ def rerank_split(captioner_dirs, scores, matrix, captions, top_k=RERANK_TOP, wei
                              return_inverse=True)
     normalised, total = np.zeros(pairs.size), np.zeros(pairs.size)
     started = time.time()
-    for captioner_dir in captioner_dirs:
-        model, config, tokenizer = caption_scoring.load_captioner(captioner_dir, matrix.shape[1], backbone)
+    for model, config, tokenizer in captioners.values():
         tokens = [encode_caption(tokenizer, c)[:config["max_length"]] for _, c in captions]
         lengths = np.array([len(t) - 1 for t in tokens], np.float64)    # words + endseq
         scored = caption_scoring.pair_scores(model, config, matrix, tokens, pairs // n_captions,
                                              pairs % n_captions, progress=True).astype(np.float64)
-        normalised += scored / len(captioner_dirs)
-        total += scored * lengths[pairs % n_captions] / len(captioner_dirs)
+        normalised += scored / len(captioners)
+        total += scored * lengths[pairs % n_captions] / len(captioners)
     seconds = time.time() - started
     likelihood = normalised[where[:search_pairs.size]].reshape(rows.shape)
     prior = rerank.caption_prior(total[where[:search_pairs.size]].reshape(rows.shape))
     pmi = rerank.pointwise_mi(total[where[search_pairs.size:]].reshape(cols.shape), prior, cols)
-    out = {"captioner": " + ".join(str(d) for d in captioner_dirs), "top_k": int(rows.shape[0]),
+    out = {"captioner": " + ".join(str(d) for d in captioners), "top_k": int(rows.shape[0]),
            "captions_rescored": int(len(rerank.movable(scores, caption_image, rows.shape[0])[0])),
            "images_rescored": int(np.any(caption_image[cols] == np.arange(n_images)[:, None], axis=1).sum()),
            "pairs": int(pairs.size), "seconds": round(seconds, 1), "by_weight": []}
@@ -182,6 +181,12 @@ def evaluate_split(model_dir, split=SPLIT, features=None, data_dir=None, caption
     started = time.time()
     model, config, tokenizer = vse.load_embedding(model_dir, data_dir)
     data_dir = Path(data_dir or config["data_dir"])
+    # every captioner is read and checked against the embedding before any scoring
+    if isinstance(rerank_captioner, (str, Path)):
+        rerank_captioner = [rerank_captioner]
+    rerankers = {d: caption_scoring.load_captioner(d, config["feature_dim"], config.get("backbone"))
+                 for d in rerank_captioner or []}
+    ranker = caption_scoring.load_captioner(captioner, config["feature_dim"]) if captioner else None
     if images:
         features_path = None
         ids = list(load_splits(data_dir)[split])
@@ -205,16 +210,14 @@ def evaluate_split(model_dir, split=SPLIT, features=None, data_dir=None, caption
                "features_sha256": sha256_file(features_path) if features_path else None,
                "images_dir": str(images) if images else None, "data_dir": str(data_dir)}
     rows = [(f"embedding, {len(ids)} images", results["embedding"])]
-    if rerank_captioner:
-        if isinstance(rerank_captioner, (str, Path)):
-            rerank_captioner = [rerank_captioner]
-        results["rerank"], rerank_rows = rerank_split(rerank_captioner, scores, matrix, captions,
-                                                      rerank_top, rerank_weights, config.get("backbone"))
+    if rerankers:
+        results["rerank"], rerank_rows = rerank_split(rerankers, scores, matrix, captions,
+                                                      rerank_top, rerank_weights)
         rows += rerank_rows
     if captioner:
         n = min(captioner_images or len(ids), len(ids))
         columns = [j for j, (k, _) in enumerate(captions) if k < n]
-        by_captioner, seconds = captioner_ranking(captioner, matrix, captions, n)
+        by_captioner, seconds = captioner_ranking(ranker, matrix, captions, n)
         results["subset"] = {"images": n, "captions": len(columns), "which": f"first {n} image ids of "
                              f"the split (sorted) and their captions",
                              "embedding": ranking.evaluate(scores[:n][:, columns], [caption_image[j] for j in columns]),

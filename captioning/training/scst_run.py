@@ -48,8 +48,9 @@ def selection_key(select_decoding):
     return "best_dev_cider_d" if select_decoding == "greedy" else "best_" + BEAM_FIELD
 
 
-def image_rows(path, ids, config, model_dir):
-    """(features, row_of_id) of `ids` for the model of `config`: every id required.
+def image_rows(path, ids, config, model_dir, top=None):
+    """(features, row_of_id) of `ids` for the model of `config`: every id required. top: a
+    fine-tuned model's encoder top (finetune.load_top), which makes its grids from the trunk.
 
     Grid families: a data.grid_inputs.GridRows (float16 grids read per batch; a grid of
     Flickr8k's Lite0 file is 49 x 1280, ~0.9 GB for train + dev, never all in memory). Pooled
@@ -58,7 +59,7 @@ def image_rows(path, ids, config, model_dir):
     """
     variant = config.get("variant", "merge")
     if config.get(finetune.KEY):
-        return tuned_rows(path, ids, config, model_dir)
+        return tuned_rows(path, ids, config, model_dir, top)
     if scst.is_grid_model(config):
         return grid_inputs.model_grid_rows(path, ids, config, model_dir)
     if is_spatial_file(path):
@@ -74,13 +75,12 @@ def image_rows(path, ids, config, model_dir):
     return matrix, row_of_id
 
 
-def tuned_rows(path, ids, config, model_dir):
+def tuned_rows(path, ids, config, model_dir, top):
     """(grids, row_of_id) of a model with a fine-tuned encoder top: its top, run once over the
     trunk file's maps of `ids` (the unmirrored view), float16 (N, G, C) in memory (Flickr8k's
     7000 train + dev images: 0.9 GB), every id required. SCST trains the captioner only: the
     top stays as train.py left it, so its grids are computed once. A file of another kind, or
     a trunk of another backbone, size, block or weights, is finetune's one-line error."""
-    top = finetune.load_top(model_dir, compile=False)
     found, grids = finetune.model_features(config, top, path, ids, model_dir)
     if len(found) != len(ids):
         missing = next(i for i in ids if i not in set(found))
@@ -90,27 +90,29 @@ def tuned_rows(path, ids, config, model_dir):
 
 
 def load_inputs(args):
-    """(init_dir, model, config, tokenizer, splits, references, matrix, row_of_id, rewards,
+    """(init_dir, model, config, tokenizer, top, splits, references, matrix, row_of_id, rewards,
     features_sha256) of train_scst.py's namespace; one-line PipelineError for a missing or
     mismatched model, features or split. init_dir is the checkpoint folder the --init links
-    resolve to; matrix is image_rows' (pooled features or grids)."""
+    resolve to; top is a fine-tuned model's encoder top (None for others), which SCST keeps
+    frozen; matrix is image_rows' (pooled features or grids)."""
     init_dir = registry.run_folder(args.init)
     model, config, tokenizer = registry.load_captioner(init_dir, args.data_dir)
     if config.get("mode", "sequence") != "sequence":
         model = registry.rebuild_for_mode(model, config, "sequence")
         config = dict(config, mode="sequence")
+    top = finetune.load_top(init_dir, compile=False) if config.get(finetune.KEY) else None
     splits = text.load_splits(args.data_dir)
     descriptions = text.load_descriptions(args.data_dir / "descriptions.txt")
     references = text.load_references(args.data_dir)
     wanted = list(splits["train"]) + list(splits["dev"])
-    matrix, row_of_id = image_rows(args.features, wanted, config, init_dir)
+    matrix, row_of_id = image_rows(args.features, wanted, config, init_dir, top)
     features_sha256 = sha256_file(args.features)      # once: a grid file is ~1 GB
     if config.get("features_sha256") and config["features_sha256"] != features_sha256:
         print(f"warning: {args.features} is not the features file model {init_dir} was trained on "
               f"({config.get('features_file')}); continuing, as the shape matches", file=sys.stderr)
     rewards = scst.reward_references(descriptions, splits["train"], tokenizer,
                                      str(args.data_dir / "descriptions.txt"))
-    return (init_dir, model, config, tokenizer, splits, references, matrix, row_of_id, rewards,
+    return (init_dir, model, config, tokenizer, top, splits, references, matrix, row_of_id, rewards,
             features_sha256)
 
 
@@ -148,7 +150,7 @@ def save_epoch(folder, model, config, state, row, top=None):
 def train_run(args):
     """Run (or resume) SCST as train_scst.py's namespace says. Returns (run folder, final state),
     state None where the folder's run had already finished (nothing to do)."""
-    (init_dir, model, config, tokenizer, splits, references, matrix, row_of_id, rewards,
+    (init_dir, model, config, tokenizer, top, splits, references, matrix, row_of_id, rewards,
      features_sha256) = load_inputs(args)
     select_decoding = args.select_decoding
     # the folder the user named (init_dir is the checkpoint its links resolve to, which a later
@@ -166,8 +168,6 @@ def train_run(args):
         # only when not the default, so a greedy-selected run folder reads as it always did
         settings["select_decoding"] = select_decoding
 
-    # a fine-tuned model's top (frozen here) goes into every checkpoint beside the captioner
-    top = finetune.load_top(init_dir, compile=False) if config.get(finetune.KEY) else None
     seed_everything(args.seed)
     beam = select_decoding == "beam"
     folder = RunFolder(run_dir, Selection(selection_key(select_decoding), higher=True, patience=args.patience),

@@ -1,0 +1,125 @@
+"""Consensus re-ranking: choose among a beam's finished captions by how much they agree with
+the captions of the image's nearest training images (Devlin et al. 2015, "Language Models for
+Image Captioning: The Quirks and What Works"; Mao et al. 2015's m-RNN re-ranking).
+
+Owns
+  Consensus        the training side: every training image's pooled vector (L2-normalised)
+                   and its cleaned captions as CIDEr-D references (document frequencies over
+                   the training images). For a query vector it finds the K nearest training
+                   images by cosine; a candidate caption's consensus is the mean over those K
+                   of its CIDEr-D against each one's captions.
+  Consensus.choose each image's pick from its n-best list (decoding.beam_search with
+                   candidates=True): the argmax of W * z(model score) + (1 - W) * z(consensus),
+                   z standardising over the image's candidates. W 1 keeps the model's choice;
+                   a list of one candidate keeps it at any W.
+Reads a features pickle (pooled vectors of the training images and of the images to caption,
+with the restricted unpickler) and prepare_text.py's descriptions.txt and splits.json.
+
+Why: CIDEr-D rewards what most people say about an image; the neighbours' captions estimate
+that for an unseen image, and the beam's alternatives often contain a more typical phrasing
+than its top-scored one. K and W were chosen on the dev split (docs/results.md).
+"""
+from pathlib import Path
+
+import numpy as np
+
+from captioning.data import text
+from captioning.data.features import load_features
+from captioning.evaluation.coco_metrics import CiderD
+from captioning.utils import PipelineError
+
+K = 20          # nearest training images whose captions vote (dev: 10-60 all help; 20 best)
+WEIGHT = 0.5    # W: the model score's share of the combined score
+BEAM = 5        # the beam that supplies the candidates (dev: 5 gave more useful ones than 3)
+
+
+class Consensus:
+    """vectors: {image_id: (D,) pooled vector}, at least every training image's; captions:
+    {image_id: [cleaned caption, ...]}; train_ids: the images whose captions vote."""
+
+    def __init__(self, vectors, captions, train_ids, k=K, weight=WEIGHT, source="the vectors"):
+        if k < 1:
+            raise PipelineError(f"consensus needs at least one neighbour (k {k})")
+        if not 0.0 <= weight <= 1.0:
+            raise PipelineError(f"the consensus weight must be between 0 and 1 (got {weight})")
+        train_ids = [i for i in train_ids if captions.get(i)]
+        missing = [i for i in train_ids if i not in vectors]
+        if missing:
+            raise PipelineError(f"training image {missing[0]} has no vector in {source} "
+                                f"({len(missing)} of {len(train_ids)} missing)")
+        if not train_ids:
+            raise PipelineError("consensus needs training images with captions; none found")
+        self.vectors, self.source = vectors, source
+        self.k, self.weight = min(k, len(train_ids)), weight
+        self.train_ids = train_ids
+        self.train = self._normalised(np.stack([vectors[i] for i in train_ids]))
+        self.cider = CiderD({i: [c.split() for c in captions[i]] for i in train_ids})
+
+    @classmethod
+    def from_files(cls, features, data_dir, k=K, weight=WEIGHT):
+        """The training side from a features pickle and prepare_text.py's folder."""
+        data_dir = Path(data_dir)
+        return cls(load_features(features), text.load_descriptions(data_dir / "descriptions.txt"),
+                   list(text.load_splits(data_dir)["train"]), k, weight, str(features))
+
+    @staticmethod
+    def _normalised(matrix):
+        matrix = np.asarray(matrix, np.float64)
+        return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+    def query_vectors(self, ids):
+        """(N, D) vectors of images `ids` from the features the training side came from; a
+        missing one is a PipelineError naming it."""
+        missing = [i for i in ids if i not in self.vectors]
+        if missing:
+            raise PipelineError(f"image {missing[0]} has no vector in {self.source} "
+                                f"({len(missing)} of {len(ids)} missing)")
+        return np.stack([self.vectors[i] for i in ids])
+
+    def neighbours(self, queries, ids=None):
+        """(N, D) query vectors -> (N, k) rows of train_ids, nearest first (cosine). ids: the
+        queries' image ids, if known: a training image never votes for its own captions."""
+        queries = self._normalised(queries)
+        if queries.shape[1] != self.train.shape[1]:
+            raise PipelineError(f"query vectors are {queries.shape[1]}-d but {self.source} holds "
+                                f"{self.train.shape[1]}-d vectors")
+        similarity = queries @ self.train.T
+        if ids is not None:
+            row_of = {image_id: row for row, image_id in enumerate(self.train_ids)}
+            for q, image_id in enumerate(ids):
+                if image_id in row_of:
+                    similarity[q, row_of[image_id]] = -np.inf
+        top = np.argpartition(-similarity, self.k - 1, axis=1)[:, :self.k]
+        order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1)
+
+    def agreement(self, words, rows):
+        """(C,) consensus of C candidate captions (word lists) with the training images at
+        `rows`: the mean over those images of CIDEr-D against each one's captions."""
+        voters = [self.train_ids[r] for r in rows]
+        return np.array([self.cider.scores(voters, [list(w)] * len(voters)).mean() for w in words])
+
+    def choose(self, queries, candidates, ids=None):
+        """queries (N, D); candidates: N lists [(words, model score)], best model score first;
+        ids: the queries' image ids, if known (neighbours) -> (N picks as indices into each
+        list, N consensus arrays)."""
+        if len(queries) != len(candidates):
+            raise PipelineError(f"{len(queries)} query vectors for {len(candidates)} candidate lists")
+        picks, agreements = [], []
+        for rows, options in zip(self.neighbours(queries, ids), candidates):
+            agree = self.agreement([w for w, _ in options], rows)
+            model = np.array([s for _, s in options], np.float64)
+            combined = self.weight * _z(model) + (1.0 - self.weight) * _z(agree)
+            picks.append(int(np.argmax(combined)))      # ties: the first, the model's order
+            agreements.append(agree)
+        return picks, agreements
+
+
+def _z(values):
+    """Standardised over one image's candidates; 0 where they are all equal (or one)."""
+    finite = np.where(np.isfinite(values), values, np.nan)
+    if np.all(np.isnan(finite)):
+        return np.zeros(len(values))
+    finite = np.where(np.isnan(finite), np.nanmin(finite), finite)
+    spread = finite.std()
+    return np.zeros(len(values)) if spread == 0 else (finite - finite.mean()) / spread
