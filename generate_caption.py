@@ -30,6 +30,13 @@ Reads:
                       (train.py --finetune-top) the trunk file of extract_features.py --trunk
                       (its grids: that top's output on the cached maps). Several files for an ensemble of pooled,
                       grid and fine-tuned models: each model reads the first of its kind that fits it.
+    --consensus FILE  optional: each caption chosen from the beam's finished ones (--beam,
+                      default 5 here) by agreement with the captions of the image's nearest
+                      training images (captioning/inference/consensus.py, docs/models.md). FILE:
+                      a pooled features pickle holding the training images (with --ids, those
+                      images too); photos are embedded by the backbone FILE records, else the
+                      model's. --consensus-data DIR: the prepare_text.py folder whose
+                      splits.json and descriptions.txt give the training images' captions.
 Writes: nothing but stdout, except with --attention-map OUT.png (attention/transformer models):
     a PNG per image, one panel per word: the picture lit where the model looked while choosing
     that word (captioning/inference/attention_maps.py). One image: OUT.png; several: OUT-<name>.png each.
@@ -43,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.inference import attention_maps, decoding, ensemble
+from captioning.inference import attention_maps, consensus, decoding, ensemble
 from captioning.inference.captioner import DATA_DIR, PRETRAINED_DIR, WEIGHTS
 from captioning.inference.decoding import ALPHA, BEAM
 from captioning.data.images import expand_paths, open_rgb
@@ -51,6 +58,7 @@ from captioning.models.finetune import file_ids
 from captioning.utils import HelpFormatter, PipelineError, atomic_write, run_cli
 
 MODEL_DIR = PRETRAINED_DIR  # the shipped captioner
+CONSENSUS_DATA = "data"     # prepare_text.py's folder, as in README's commands
 IMAGES_PER_CHUNK = 64    # images decoded and captioned together (bounds memory for big folders)
 
 
@@ -72,7 +80,8 @@ def parse_args(argv):
     parser.add_argument("--data-dir", default=DATA_DIR,
                         help="prepare_text.py output folder (default: the tokenizer in the model "
                              "folder, else the data_dir recorded in model.json)")
-    parser.add_argument("--beam", type=int, default=BEAM, help="beam width (1 = greedy)")
+    parser.add_argument("--beam", type=int, default=None,
+                        help=f"beam width (1 = greedy; default {BEAM}, {consensus.BEAM} with --consensus)")
     parser.add_argument("--alpha", type=float, default=ALPHA,
                         help="beam length normalisation exponent, for --beam >= 2 only "
                              "(beam 1 is the plain argmax loop)")
@@ -82,10 +91,27 @@ def parse_args(argv):
     parser.add_argument("--ids", nargs="*", default=[], help="image ids to caption from --features")
     parser.add_argument("--attention-map", type=Path, default=None, metavar="OUT.png",
                         help="write each image's per-word attention panels (grid models)")
+    parser.add_argument("--consensus", default=None, metavar="FEATURES",
+                        help="re-rank each beam's captions by agreement with the nearest training "
+                             "images' captions, found in this pooled features pickle")
+    parser.add_argument("--consensus-data", default=CONSENSUS_DATA, metavar="DIR",
+                        help="prepare_text.py folder of the training captions (--consensus)")
+    parser.add_argument("--consensus-k", type=int, default=consensus.K,
+                        help="training images whose captions vote (--consensus)")
+    parser.add_argument("--consensus-weight", type=float, default=consensus.WEIGHT,
+                        help="W: the model score's share, 0..1 (--consensus; 1 = the beam's own choice)")
     args = parser.parse_args(argv)
     args.model = args.model or [MODEL_DIR]
+    if args.beam is None:
+        args.beam = consensus.BEAM if args.consensus else BEAM
     if args.beam < 1:
         parser.error("--beam must be >= 1")
+    if args.consensus and args.beam < 2:
+        parser.error("--consensus chooses among a beam's captions: give --beam 2 or more")
+    if args.consensus_k < 1:
+        parser.error("--consensus-k must be >= 1")
+    if not 0.0 <= args.consensus_weight <= 1.0:
+        parser.error("--consensus-weight must be between 0 and 1")
     if not args.images and not args.ids:
         parser.error("give image files/folders, or --features FILE --ids ID ...")
     if args.ids and not args.features:
@@ -117,6 +143,8 @@ def main(argv=None):
     if not found and not paths:
         return 1
     ensembled = len(args.model) > 1
+    reranker = (consensus.Consensus.from_files(args.consensus, args.consensus_data, args.consensus_k,
+                                               args.consensus_weight) if args.consensus else None)
     captioner = ensemble.load_captioner(args.model, args.data_dir)
     if not ensembled:
         captioner.encode = captioner.default_encoder(args.weights)   # the model's own backbone
@@ -128,8 +156,8 @@ def main(argv=None):
         inputs, _ = ensemble.member_features(captioner.members if ensembled else [captioner],
                                              args.features, args.model,
                                              lambda member, path: member.read_features(path, found)[1])
-        caption_and_map(captioner, found, [None] * len(found),
-                        inputs if ensembled else inputs[0], args, many)
+        caption_and_map(captioner, found, [None] * len(found), inputs if ensembled else inputs[0],
+                        args, many, reranker, reranker.query_vectors(found) if reranker else None, found)
     if paths:
         try:
             if ensembled:
@@ -139,6 +167,8 @@ def main(argv=None):
         except PipelineError as exc:
             raise PipelineError(f"{exc}; caption cached features of the same kind with "
                                 f"--features FILE --ids ID ... instead") from None
+        model_backbone = (captioner.members[0] if ensembled else captioner).backbone
+        query_encoder = consensus.photo_encoder(reranker, model_backbone, args.weights) if reranker else None
     for start in range(0, len(paths), IMAGES_PER_CHUNK):
         names, images = [], []
         for path in paths[start:start + IMAGES_PER_CHUNK]:
@@ -149,7 +179,9 @@ def main(argv=None):
                 report([(path, str(exc))])
                 failures.append((path, str(exc)))
         if images:
-            caption_and_map(captioner, names, images, captioner.encode_images(images), args, many)
+            queries = np.asarray(query_encoder(images), np.float32) if reranker else None
+            caption_and_map(captioner, names, images, captioner.encode_images(images), args, many,
+                            reranker, queries)
     return 1 if failures else 0
 
 
@@ -158,9 +190,15 @@ def map_path(out, name, many):
     return out.with_name(f"{out.stem}-{Path(name).stem}{out.suffix}") if many else out
 
 
-def caption_and_map(captioner, names, pictures, features, args, many):
-    """Print `name<TAB>caption` per image; with --attention-map also write its panels."""
-    id_lists = captioner.caption_ids(features, args.beam, args.alpha)
+def caption_and_map(captioner, names, pictures, features, args, many, reranker=None, queries=None,
+                    ids=None):
+    """Print `name<TAB>caption` per image; with --attention-map also write its panels. With a
+    reranker, each caption is chosen from the beam's by consensus (queries: the images' vectors
+    for it; ids: their image ids, if known)."""
+    if reranker is None:
+        id_lists = captioner.caption_ids(features, args.beam, args.alpha)
+    else:
+        id_lists = consensus.caption_ids(captioner, features, reranker, queries, args.beam, args.alpha, ids)[0]
     maps = captioner.attention_maps(features, id_lists) if args.attention_map else None
     for k, (name, ids) in enumerate(zip(names, id_lists)):
         words = captioner.words(ids)

@@ -142,3 +142,41 @@ def test_help_states_each_default_once(script, capsys):
     for block in options:
         assert block.count("default") <= 1, block
     assert "for --beam >= 2 only" in " ".join(text.split()) or script == "train"
+
+
+def test_cli_consensus_on_cached_features(tmp_path, capsys):
+    import keras
+    from captioning.data import text
+    from captioning.data.features import load_features
+    from captioning.inference import consensus
+    from captioning.inference.captioner import Captioner
+    data_dir, model_dir, features, ids = make_tiny_run(tmp_path)
+    # flatter distributions and a raised endseq bias: the random model's beams finish at
+    # several lengths (tests/test_evaluate_bleu.py does the same)
+    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+    kernel, bias = model.get_layer("output").get_weights()
+    bias[Captioner(model_dir, data_dir).end_id] = 2.0
+    model.get_layer("output").set_weights([kernel * 0.2, bias])
+    model.save(model_dir / "model.keras")
+    test_ids = text.load_splits(data_dir)["test"][:12]
+    base = ["--model", str(model_dir), "--data-dir", str(data_dir), "--features", str(features),
+            "--ids", *test_ids, "--consensus", str(features), "--consensus-data", str(data_dir)]
+
+    def captions(argv):
+        assert gc.main(argv) == 0
+        return [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+
+    plain = captions(["--model", str(model_dir), "--data-dir", str(data_dir), "--features", str(features),
+                      "--ids", *test_ids, "--beam", "5"])
+    assert captions(base + ["--consensus-weight", "1"]) == plain
+    chosen = captions(base + ["--consensus-weight", "0", "--consensus-k", "4"])
+    captioner = Captioner(model_dir, data_dir)
+    reranker = consensus.Consensus.from_files(features, data_dir, 4, 0.0)
+    table = load_features(features)
+    id_lists, n_best, picks = consensus.caption_ids(captioner, np.stack([table[i] for i in test_ids]), reranker,
+                                                    reranker.query_vectors(test_ids), 5, decoding.ALPHA, test_ids)
+    assert chosen == [" ".join(captioner.words(x)) for x in id_lists] and chosen != plain
+    assert any(p != 0 for p in picks) and any(len(o) > 1 for o in n_best)
+    with pytest.raises(SystemExit):
+        gc.parse_args(base + ["--beam", "1"])
+    assert "--consensus chooses among a beam's captions" in capsys.readouterr().err

@@ -100,3 +100,21 @@ def test_search_images_finds_the_dog_with_the_default_model(flickr8k_dir, tmp_pa
     assert [row[0] for row in rows] == ["1", "2", "3"]
     assert rows[0][2].endswith(f"{SWIMMING_DOG}.jpg")
     assert float(rows[0][1]) > float(rows[1][1])
+
+
+@pytest.mark.slow
+def test_the_default_model_with_consensus_on_a_photo(flickr8k_dir, tmp_path, capsys):
+    """Photos embedded by the backbone of the features file (Lite0; the shared reference pickle
+    records none, so the model's), the full Flickr8k training captions voting."""
+    from captioning.data import text
+    outputs, _ = text.prepare(flickr8k_dir / "Flickr8k_text")
+    text.write_outputs(tmp_path / "data", outputs)
+    photo = str(flickr8k_dir / "Flicker8k_Dataset" / f"{DOG}.jpg")
+    consensus = ["--consensus", str(flickr8k_dir / "features_efficientnet_lite0.pkl"),
+                 "--consensus-data", str(tmp_path / "data")]
+    assert gc.main([photo, "--beam", "5"]) == 0
+    plain = capsys.readouterr().out
+    assert gc.main([photo, *consensus, "--consensus-weight", "1"]) == 0
+    assert capsys.readouterr().out == plain
+    assert gc.main([photo, *consensus]) == 0
+    assert {"dog", "dogs"} & set(capsys.readouterr().out.split("\t")[1].split())

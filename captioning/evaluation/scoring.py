@@ -39,7 +39,7 @@ from captioning.data import text
 from captioning.data.features import read_rows
 from captioning.evaluation import coco_metrics, metrics
 from captioning.evaluation.gallery import attention_data_uri, gallery_html, thumbnail_data_uri, write_captions_tsv
-from captioning.inference import ensemble
+from captioning.inference import consensus as reranking, ensemble
 from captioning.inference.decoding import ALPHA, BEAM
 from captioning.utils import PipelineError, atomic_write, write_json
 
@@ -88,8 +88,6 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
     consensus: a captioning.inference.consensus.Consensus: each image's caption is chosen from
     its beam's finished captions by agreement with its nearest training images (beam >= 2).
     """
-    if consensus is not None and beam < 2:
-        raise PipelineError(f"consensus re-ranking chooses among a beam's captions: it needs beam >= 2 (got {beam})")
     started = time.time()
     folder = Path(data_dir)
     models = [model] if isinstance(model, (str, Path)) else list(model)
@@ -111,11 +109,8 @@ def evaluate_split(model, data_dir, features, split=SPLIT, beam=BEAM, alpha=ALPH
         id_lists = captioner.caption_ids(inputs if ensembled else inputs[0], beam, alpha, progress=True)
     else:
         queries = consensus.query_vectors(ids)      # before decoding: a missing vector fails at once
-        n_best = captioner.caption_ids(inputs if ensembled else inputs[0], beam, alpha, progress=True,
-                                       candidates=True)
-        picks, _ = consensus.choose(queries, [[(captioner.words(c), score) for c, score in options]
-                                              for options in n_best], ids)
-        id_lists = [options[pick][0] for options, pick in zip(n_best, picks)]
+        id_lists, n_best, picks = reranking.caption_ids(captioner, inputs if ensembled else inputs[0],
+                                                        consensus, queries, beam, alpha, ids, progress=True)
     decode_seconds = time.time() - decode_started
     generated = [captioner.words(x) for x in id_lists]
     finished = [bool(x) and x[-1] == captioner.end_id for x in id_lists]

@@ -12,6 +12,10 @@ Owns
                    candidates=True): the argmax of W * z(model score) + (1 - W) * z(consensus),
                    z standardising over the image's candidates. W 1 keeps the model's choice;
                    a list of one candidate keeps it at any W.
+  caption_ids      a Captioner's or an Ensemble's n-best lists, then the choice: what
+                   evaluate_bleu.py and generate_caption.py decode with --consensus.
+  photo_encoder    new photos' query vectors: the pooled encoder of the backbone the features
+                   file records (else the captioner's), as extract_features.py computes them.
 Reads a features pickle (pooled vectors of the training images and of the images to caption,
 with the restricted unpickler) and prepare_text.py's descriptions.txt and splits.json.
 
@@ -24,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from captioning.data import text
-from captioning.data.features import load_features
+from captioning.data.features import file_backbone, load_features
 from captioning.evaluation.coco_metrics import CiderD
+from captioning.inference.captioner import WEIGHTS, backbone_encoder
 from captioning.utils import PipelineError
 
 K = 20          # nearest training images whose captions vote (dev: 10-60 all help; 20 best)
@@ -37,7 +42,8 @@ class Consensus:
     """vectors: {image_id: (D,) pooled vector}, at least every training image's; captions:
     {image_id: [cleaned caption, ...]}; train_ids: the images whose captions vote."""
 
-    def __init__(self, vectors, captions, train_ids, k=K, weight=WEIGHT, source="the vectors"):
+    def __init__(self, vectors, captions, train_ids, k=K, weight=WEIGHT, source="the vectors",
+                 backbone=None):
         if k < 1:
             raise PipelineError(f"consensus needs at least one neighbour (k {k})")
         if not 0.0 <= weight <= 1.0:
@@ -49,7 +55,7 @@ class Consensus:
                                 f"({len(missing)} of {len(train_ids)} missing)")
         if not train_ids:
             raise PipelineError("consensus needs training images with captions; none found")
-        self.vectors, self.source = vectors, source
+        self.vectors, self.source, self.backbone = vectors, source, backbone
         self.k, self.weight = min(k, len(train_ids)), weight
         self.train_ids = train_ids
         self.train = self._normalised(np.stack([vectors[i] for i in train_ids]))
@@ -57,10 +63,12 @@ class Consensus:
 
     @classmethod
     def from_files(cls, features, data_dir, k=K, weight=WEIGHT):
-        """The training side from a features pickle and prepare_text.py's folder."""
+        """The training side from a features pickle and prepare_text.py's folder (backbone:
+        the one the file records, else None)."""
         data_dir = Path(data_dir)
         return cls(load_features(features), text.load_descriptions(data_dir / "descriptions.txt"),
-                   list(text.load_splits(data_dir)["train"]), k, weight, str(features))
+                   list(text.load_splits(data_dir)["train"]), k, weight, str(features),
+                   file_backbone(features))
 
     @staticmethod
     def _normalised(matrix):
@@ -113,6 +121,33 @@ class Consensus:
             picks.append(int(np.argmax(combined)))      # ties: the first, the model's order
             agreements.append(agree)
         return picks, agreements
+
+
+def caption_ids(captioner, features, reranker, queries, beam, alpha, ids=None, progress=False):
+    """captioner: a Captioner, or an Ensemble with one feature array per member; queries: the
+    images' (N, D) vectors for `reranker`; ids: their image ids, if known -> (N chosen id
+    lists, N n-best lists [(ids, score)], N picks)."""
+    if beam < 2:
+        raise PipelineError(f"consensus re-ranking chooses among a beam's captions: it needs beam >= 2 (got {beam})")
+    n_best = captioner.caption_ids(features, beam, alpha, progress=progress, candidates=True)
+    picks, _ = reranker.choose(queries, [[(captioner.words(c), score) for c, score in options]
+                                         for options in n_best], ids)
+    return [options[pick][0] for options, pick in zip(n_best, picks)], n_best, picks
+
+
+def photo_encoder(reranker, model_backbone, weights=WEIGHTS):
+    """PIL images -> (N, D) query vectors: the pooled encoder of the backbone the reranker's
+    file records, else of `model_backbone` (the captioner's); its width must be the file's."""
+    backbone = reranker.backbone or model_backbone
+    if not backbone or backbone == "unknown":
+        raise PipelineError(f"{reranker.source} records no backbone and the model's is unknown: "
+                            f"cannot embed photos for consensus re-ranking")
+    encoder = backbone_encoder(backbone, weights, "pooled")
+    width = getattr(encoder, "width", None)
+    if width is not None and width != reranker.train.shape[1]:
+        raise PipelineError(f"the {backbone} encoder gives {width}-d vectors but {reranker.source} "
+                            f"holds {reranker.train.shape[1]}-d ones")
+    return encoder
 
 
 def _z(values):
