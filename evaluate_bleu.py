@@ -87,30 +87,15 @@ def parse_args(argv):
     parser.add_argument("--gallery", type=int, default=GALLERY_IMAGES, help="images in the gallery")
     parser.add_argument("--java", default="auto", choices=list(JAVA),
                         help="COCO metrics: Java for METEOR and the PTB tokenizer (auto = if present)")
-    parser.add_argument("--consensus", default=None, metavar="FEATURES",
-                        help="re-rank each beam's captions by agreement with the nearest training "
-                             "images' captions, found in this pooled features pickle")
-    parser.add_argument("--consensus-k", type=int, default=consensus.K,
-                        help="training images whose captions vote (--consensus)")
-    parser.add_argument("--consensus-weight", type=float, default=consensus.WEIGHT,
-                        help="W: the model score's share, 0..1 (--consensus; 1 = the beam's own choice)")
     parser.add_argument("--limit", type=int, default=None,
                         help="score only the first N images of the split (quick checks)")
+    consensus.add_options(parser)
     args = parser.parse_args(argv)
     args.model = args.model or [MODEL_DIR]
     args.features = args.features or [FEATURES]
     if args.average_into and len(args.model) < 2:
         parser.error("--average-into needs two or more --model")
-    if args.beam is None:
-        args.beam = consensus.BEAM if args.consensus else BEAM
-    if args.beam < 1:
-        parser.error("--beam must be >= 1")
-    if args.consensus and args.beam < 2:
-        parser.error("--consensus chooses among a beam's captions: give --beam 2 or more")
-    if args.consensus_k < 1:
-        parser.error("--consensus-k must be >= 1")
-    if not 0.0 <= args.consensus_weight <= 1.0:
-        parser.error("--consensus-weight must be between 0 and 1")
+    consensus.check_options(parser, args, BEAM)
     if args.limit is not None and args.limit < 1:
         raise PipelineError(f"--limit must be at least 1 (got {args.limit})")
     return args

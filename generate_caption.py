@@ -91,27 +91,12 @@ def parse_args(argv):
     parser.add_argument("--ids", nargs="*", default=[], help="image ids to caption from --features")
     parser.add_argument("--attention-map", type=Path, default=None, metavar="OUT.png",
                         help="write each image's per-word attention panels (grid models)")
-    parser.add_argument("--consensus", default=None, metavar="FEATURES",
-                        help="re-rank each beam's captions by agreement with the nearest training "
-                             "images' captions, found in this pooled features pickle")
+    consensus.add_options(parser)
     parser.add_argument("--consensus-data", default=CONSENSUS_DATA, metavar="DIR",
                         help="prepare_text.py folder of the training captions (--consensus)")
-    parser.add_argument("--consensus-k", type=int, default=consensus.K,
-                        help="training images whose captions vote (--consensus)")
-    parser.add_argument("--consensus-weight", type=float, default=consensus.WEIGHT,
-                        help="W: the model score's share, 0..1 (--consensus; 1 = the beam's own choice)")
     args = parser.parse_args(argv)
     args.model = args.model or [MODEL_DIR]
-    if args.beam is None:
-        args.beam = consensus.BEAM if args.consensus else BEAM
-    if args.beam < 1:
-        parser.error("--beam must be >= 1")
-    if args.consensus and args.beam < 2:
-        parser.error("--consensus chooses among a beam's captions: give --beam 2 or more")
-    if args.consensus_k < 1:
-        parser.error("--consensus-k must be >= 1")
-    if not 0.0 <= args.consensus_weight <= 1.0:
-        parser.error("--consensus-weight must be between 0 and 1")
+    consensus.check_options(parser, args, BEAM)
     if not args.images and not args.ids:
         parser.error("give image files/folders, or --features FILE --ids ID ...")
     if args.ids and not args.features:

@@ -1,8 +1,9 @@
 """Helpers shared by several test files (the tests import them from here, never from each other).
 
-  tiny captioners    random_captioner (a merge/inject network with random, peaked weights) and
+  tiny captioners    random_captioner (a merge/inject network with random, peaked weights),
                      make_tiny_run (data/sample's text prepared, a random merge model saved as
-                     train.py would, random features for every captioned image).
+                     train.py would, random features for every captioned image) and
+                     make_beams_finish (that model changed so its beams finish at several lengths).
   the table          a hand-written next-word probability table and its step function, for the
                      decoders: exact captions follow from the table by hand.
   legacy pickles     a torch-free writer of legacy PyTorch checkpoints (the opcodes torch.save emits).
@@ -72,6 +73,18 @@ def make_tiny_run(root, feature_dim=16):
     save_features(features, {i: rng.normal(size=feature_dim).astype(np.float32)
                                               for i in ids})
     return data_dir, model_dir, features, ids
+
+
+def make_beams_finish(model_dir, end_id):
+    """Flatter next-word distributions and a raised endseq bias in make_tiny_run's model, so its
+    beams finish at several lengths (with its own peaked weights almost nothing finishes within
+    max_length): n-best lists of more than one caption, for consensus re-ranking."""
+    import keras
+    model = keras.saving.load_model(model_dir / registry.MODEL_FILE, compile=False)
+    kernel, bias = model.get_layer("output").get_weights()
+    bias[end_id] = 2.0
+    model.get_layer("output").set_weights([kernel * 0.2, bias])
+    model.save(model_dir / registry.MODEL_FILE)
 
 
 # ---- a hand-written next-word table -----------------------------------------------------------

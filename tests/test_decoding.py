@@ -101,18 +101,22 @@ def test_batched_images_decode_independently():
         assert together == alone
 
 
-def test_beam1_equals_greedy_on_random_tables():
-    rng = np.random.default_rng(0)
-    vocab = 12
+def random_tables(seed, vocab=12, captions=40):
+    """(step_fn, states): a random bigram model mixed with a per-caption bias carried in the
+    state, for 40 captions; ids 1 and 2 serve as start and end, 0 is banned."""
+    rng = np.random.default_rng(seed)
     weights = rng.normal(size=(vocab, vocab)) * 3
 
     def step(states, last_ids):
-        # a random bigram model mixed with a per-caption bias carried in the state
         logits = weights[last_ids] + states
         logits = logits - logits.max(axis=1, keepdims=True)
         return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)), states
 
-    states = rng.normal(size=(40, vocab))
+    return step, rng.normal(size=(captions, vocab))
+
+
+def test_beam1_equals_greedy_on_random_tables():
+    step, states = random_tables(0)
     greedy = decoding.greedy_decode(step, states, 1, 2, 9, [0])
     beam1 = decoding.beam_search(step, states, 1, 2, 9, beam=1, banned_ids=[0])
     assert greedy == beam1
@@ -142,16 +146,7 @@ def test_beam_candidates_of_the_table_by_hand():
 
 
 def test_beam_candidates_start_with_the_plain_result_on_random_tables():
-    rng = np.random.default_rng(1)
-    vocab = 12
-    weights = rng.normal(size=(vocab, vocab)) * 3
-
-    def step(states, last_ids):
-        logits = weights[last_ids] + states
-        logits = logits - logits.max(axis=1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)), states
-
-    states = rng.normal(size=(40, vocab))
+    step, states = random_tables(1)
     for beam, alpha in [(2, 0.0), (3, 0.7), (5, 0.7)]:
         plain = decoding.beam_search(step, states, 1, 2, 9, beam, alpha, [0])
         n_best = decoding.beam_search(step, states, 1, 2, 9, beam, alpha, [0], candidates=True)

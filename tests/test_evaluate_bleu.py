@@ -172,21 +172,14 @@ def test_main_writes_results_captions_and_gallery(tmp_path, capsys):
 def test_consensus_reranking_chooses_from_the_beam(tmp_path, capsys):
     import json
     import numpy as np
-    from helpers import make_tiny_run
+    from helpers import make_beams_finish, make_tiny_run
     from captioning.data import text
     from captioning.data.features import load_features, save_features
     from captioning.inference.captioner import Captioner
     from captioning.inference.consensus import Consensus
     from captioning.utils import run_cli
-    import keras
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path)
-    # flatter next-word distributions and a raised endseq bias, so the random model's beams
-    # finish at several lengths (with its own weights nothing finishes within max_length)
-    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
-    kernel, bias = model.get_layer("output").get_weights()
-    bias[Captioner(model_dir, data_dir).end_id] = 2.0
-    model.get_layer("output").set_weights([kernel * 0.2, bias])
-    model.save(model_dir / "model.keras")
+    make_beams_finish(model_dir, Captioner(model_dir, data_dir).end_id)
     base = ["--features", str(features), "--data-dir", str(data_dir), "--model", str(model_dir),
             "--split", "test", "--java", "no"]
 

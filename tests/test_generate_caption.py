@@ -8,7 +8,7 @@ import pytest
 
 import generate_caption as gc
 from captioning.inference import decoding
-from helpers import SAMPLE, make_tiny_run, random_captioner
+from helpers import SAMPLE, make_beams_finish, make_tiny_run, random_captioner
 
 
 @pytest.mark.parametrize("variant", ["merge", "inject"])
@@ -145,19 +145,12 @@ def test_help_states_each_default_once(script, capsys):
 
 
 def test_cli_consensus_on_cached_features(tmp_path, capsys):
-    import keras
     from captioning.data import text
     from captioning.data.features import load_features
     from captioning.inference import consensus
     from captioning.inference.captioner import Captioner
     data_dir, model_dir, features, ids = make_tiny_run(tmp_path)
-    # flatter distributions and a raised endseq bias: the random model's beams finish at
-    # several lengths (tests/test_evaluate_bleu.py does the same)
-    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
-    kernel, bias = model.get_layer("output").get_weights()
-    bias[Captioner(model_dir, data_dir).end_id] = 2.0
-    model.get_layer("output").set_weights([kernel * 0.2, bias])
-    model.save(model_dir / "model.keras")
+    make_beams_finish(model_dir, Captioner(model_dir, data_dir).end_id)
     test_ids = text.load_splits(data_dir)["test"][:12]
     base = ["--model", str(model_dir), "--data-dir", str(data_dir), "--features", str(features),
             "--ids", *test_ids, "--consensus", str(features), "--consensus-data", str(data_dir)]

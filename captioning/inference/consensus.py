@@ -16,6 +16,7 @@ Owns
                    evaluate_bleu.py and generate_caption.py decode with --consensus.
   photo_encoder    new photos' query vectors: the pooled encoder of the backbone the features
                    file records (else the captioner's), as extract_features.py computes them.
+  add_options, check_options   the scripts' --consensus options and their checks.
 Reads a features pickle (pooled vectors of the training images and of the images to caption,
 with the restricted unpickler) and prepare_text.py's descriptions.txt and splits.json.
 
@@ -121,6 +122,33 @@ class Consensus:
             picks.append(int(np.argmax(combined)))      # ties: the first, the model's order
             agreements.append(agree)
         return picks, agreements
+
+
+def add_options(parser):
+    """--consensus, --consensus-k and --consensus-weight: evaluate_bleu.py's and
+    generate_caption.py's (their --beam must default to None: check_options fills it)."""
+    parser.add_argument("--consensus", default=None, metavar="FEATURES",
+                        help="re-rank each beam's captions by agreement with the nearest training "
+                             "images' captions, found in this pooled features pickle")
+    parser.add_argument("--consensus-k", type=int, default=K,
+                        help="training images whose captions vote (--consensus)")
+    parser.add_argument("--consensus-weight", type=float, default=WEIGHT,
+                        help="W: the model score's share, 0..1 (--consensus; 1 = the beam's own choice)")
+
+
+def check_options(parser, args, beam):
+    """args.beam: `beam` unless given, BEAM with --consensus; then parser.error (exit 2) for a
+    beam below 1, greedy with --consensus, or a K or W out of range."""
+    if args.beam is None:
+        args.beam = BEAM if args.consensus else beam
+    if args.beam < 1:
+        parser.error("--beam must be >= 1")
+    if args.consensus and args.beam < 2:
+        parser.error("--consensus chooses among a beam's captions: give --beam 2 or more")
+    if args.consensus_k < 1:
+        parser.error("--consensus-k must be >= 1")
+    if not 0.0 <= args.consensus_weight <= 1.0:
+        parser.error("--consensus-weight must be between 0 and 1")
 
 
 def caption_ids(captioner, features, reranker, queries, beam, alpha, ids=None, progress=False):
