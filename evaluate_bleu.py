@@ -105,8 +105,7 @@ def main(argv=None):
     args = parse_args(argv)
     models = args.model
     # read and checked before anything is written or decoded
-    reranker = (consensus.Consensus.from_files(args.consensus, args.data_dir, args.consensus_k,
-                                               args.consensus_weight) if args.consensus else None)
+    reranker = consensus.from_options(args, args.data_dir)
     if args.average_into:
         models = [str(save_average(args.model, args.average_into))]
         print(f"averaged {len(args.model)} models -> {args.average_into}")

@@ -128,8 +128,7 @@ def main(argv=None):
     if not found and not paths:
         return 1
     ensembled = len(args.model) > 1
-    reranker = (consensus.Consensus.from_files(args.consensus, args.consensus_data, args.consensus_k,
-                                               args.consensus_weight) if args.consensus else None)
+    reranker = consensus.from_options(args, args.consensus_data)
     captioner = ensemble.load_captioner(args.model, args.data_dir)
     if not ensembled:
         captioner.encode = captioner.default_encoder(args.weights)   # the model's own backbone

@@ -16,7 +16,7 @@ Owns
                    evaluate_bleu.py and generate_caption.py decode with --consensus.
   photo_encoder    new photos' query vectors: the pooled encoder of the backbone the features
                    file records (else the captioner's), as extract_features.py computes them.
-  add_options, check_options   the scripts' --consensus options and their checks.
+  add_options, check_options, from_options   the scripts' --consensus options.
 Reads a features pickle (pooled vectors of the training images and of the images to caption,
 with the restricted unpickler) and prepare_text.py's descriptions.txt and splits.json.
 
@@ -59,6 +59,7 @@ class Consensus:
         self.vectors, self.source, self.backbone = vectors, source, backbone
         self.k, self.weight = min(k, len(train_ids)), weight
         self.train_ids = train_ids
+        self.row_of = {image_id: row for row, image_id in enumerate(train_ids)}
         self.train = self._normalised(np.stack([vectors[i] for i in train_ids]))
         self.cider = CiderD({i: [c.split() for c in captions[i]] for i in train_ids})
 
@@ -93,11 +94,9 @@ class Consensus:
             raise PipelineError(f"query vectors are {queries.shape[1]}-d but {self.source} holds "
                                 f"{self.train.shape[1]}-d vectors")
         similarity = queries @ self.train.T
-        if ids is not None:
-            row_of = {image_id: row for row, image_id in enumerate(self.train_ids)}
-            for q, image_id in enumerate(ids):
-                if image_id in row_of:
-                    similarity[q, row_of[image_id]] = -np.inf
+        for q, image_id in enumerate(() if ids is None else ids):
+            if image_id in self.row_of:
+                similarity[q, self.row_of[image_id]] = -np.inf
         top = np.argpartition(-similarity, self.k - 1, axis=1)[:, :self.k]
         order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1, kind="stable")
         return np.take_along_axis(top, order, axis=1)
@@ -149,6 +148,14 @@ def check_options(parser, args, beam):
         parser.error("--consensus-k must be >= 1")
     if not 0.0 <= args.consensus_weight <= 1.0:
         parser.error("--consensus-weight must be between 0 and 1")
+
+
+def from_options(args, data_dir):
+    """The scripts' Consensus from --consensus, --consensus-k and --consensus-weight and the
+    prepare_text.py folder `data_dir`; None without --consensus."""
+    if not args.consensus:
+        return None
+    return Consensus.from_files(args.consensus, data_dir, args.consensus_k, args.consensus_weight)
 
 
 def caption_ids(captioner, features, reranker, queries, beam, alpha, ids=None, progress=False):

@@ -124,11 +124,12 @@ def beam_search(step_fn, states, start_id, end_id, max_length, beam=3, alpha=0.0
         for i, j in zip(*np.nonzero(is_end)):
             score = flat[i, top[i, j]] / norm
             image = active[i]
+            ids = [int(x) for x in tokens[i, top[i, j] // vocab]] + [end_id]
             if candidates:
-                finished[image].append(([int(x) for x in tokens[i, top[i, j] // vocab]] + [end_id], float(score)))
+                finished[image].append((ids, float(score)))
             if score > best_score[image]:
                 best_score[image] = score
-                best[image] = list(tokens[i, top[i, j] // vocab]) + [end_id]
+                best[image] = ids
         # live: the top k non-end extensions, best first
         live_flat = flat.copy()
         live_flat[:, end_id::vocab] = -np.inf
@@ -157,7 +158,7 @@ def beam_search(step_fn, states, start_id, end_id, max_length, beam=3, alpha=0.0
         last = word[keep].reshape(-1)
         active = active[keep]
         rows_per = k
-    plain = [[int(x) for x in b] if b is not None else [] for b in best]
+    plain = [[int(x) for x in b] if b is not None else [] for b in best]     # truncated ones: numpy ints
     if not candidates:
         return plain
     # stable sort: of equal scores the earlier finished (shorter) comes first, as in `best`
